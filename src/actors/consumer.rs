@@ -1,0 +1,662 @@
+//! `ConsumerActor`: one per group member.
+//!
+//! The actor is thin: it owns the member's mailbox, runs [`member_loop`] and
+//! carries a drop guard that tells the supervisor when it stops, however it
+//! stops (a panic in the actor's own code included, RELIABILITY.md P25).
+//!
+//! The loop, per member:
+//!
+//! 1. opens the member's own reader connection;
+//! 2. reads its own pending entries first (`0`, paged, never blocking),
+//!    skipping those waiting for a retry, then new ones (`>`, blocking);
+//! 3. runs up to `in_flight` handlers at once, each under `catch_unwind`;
+//! 4. reports finished entries to the supervisor in batches (it decides);
+//! 5. extends its claim on entries running longer than the heartbeat
+//!    interval, and drops the handler of any entry it finds it lost;
+//! 6. on a stop, a read error or a handler panic: stops reading, lets running
+//!    handlers finish by the deadline, reports, and returns why it stopped.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::WeakRecipient;
+use actix::prelude::*;
+use futures_util::FutureExt;
+use futures_util::future::{AbortHandle, Abortable, Aborted, BoxFuture};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use super::{
+    ConsumerStopped, Deliver, EntriesHandled, EntryResult, Exit, GroupRuntime, Payload, SetPaused,
+    StopConsumer,
+};
+use crate::broker::{EntryState, FROM_START, GroupReader, ReadFrom};
+use crate::entry::{Entry, RawEntry};
+use crate::error::{Error, Result};
+use crate::handler::{self, MemberInfo, Meta, Ownership, Verdict};
+use crate::outcome::Outcome;
+
+/// Orders from the actor to its loop.
+enum Control {
+    Pause(bool),
+    Stop {
+        deadline: Instant,
+        done: oneshot::Sender<Vec<String>>,
+    },
+}
+
+/// Tells the supervisor the consumer stopped, from `Drop`, so that a panic
+/// anywhere in the actor is reported too. A death notice cannot wait for
+/// mailbox room, so it is the one `do_send` on the supervision path.
+struct DeathNotice {
+    supervisor: WeakRecipient<ConsumerStopped>,
+    member: usize,
+    generation: u64,
+    exit: Option<Exit>,
+}
+
+impl Drop for DeathNotice {
+    fn drop(&mut self) {
+        let exit = if std::thread::panicking() {
+            Exit::Crashed
+        } else {
+            self.exit.take().unwrap_or(Exit::Crashed)
+        };
+        if let Some(supervisor) = self.supervisor.upgrade() {
+            supervisor.do_send(ConsumerStopped {
+                member: self.member,
+                generation: self.generation,
+                exit,
+            });
+        }
+    }
+}
+
+/// What the loop needs, taken by `started`.
+struct LoopParts {
+    runtime: Arc<GroupRuntime>,
+    member: usize,
+    report_to: WeakRecipient<EntriesHandled>,
+    control: mpsc::UnboundedReceiver<Control>,
+    deliveries: mpsc::Receiver<Vec<(RawEntry, u32)>>,
+}
+
+/// The actor of one group member.
+pub(crate) struct ConsumerActor {
+    parts: Option<LoopParts>,
+    control: mpsc::UnboundedSender<Control>,
+    deliveries: mpsc::Sender<Vec<(RawEntry, u32)>>,
+    notice: DeathNotice,
+}
+
+impl ConsumerActor {
+    pub(crate) fn new(
+        runtime: Arc<GroupRuntime>,
+        member: usize,
+        generation: u64,
+        report_to: WeakRecipient<EntriesHandled>,
+        supervisor: WeakRecipient<ConsumerStopped>,
+    ) -> Self {
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        // One batch at a time: the supervisor (and behind it the reclaimer)
+        // waits until the member has room, so claimed entries never pile up
+        // in memory.
+        let (deliver_tx, deliver_rx) = mpsc::channel(1);
+        ConsumerActor {
+            parts: Some(LoopParts {
+                runtime,
+                member,
+                report_to,
+                control: control_rx,
+                deliveries: deliver_rx,
+            }),
+            control: control_tx,
+            deliveries: deliver_tx,
+            notice: DeathNotice {
+                supervisor,
+                member,
+                generation,
+                exit: None,
+            },
+        }
+    }
+}
+
+impl Actor for ConsumerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let Some(parts) = self.parts.take() else {
+            ctx.stop();
+            return;
+        };
+        let run = member_loop(parts);
+        ctx.spawn(run.into_actor(self).map(|exit, act, ctx| {
+            act.notice.exit = Some(exit);
+            ctx.stop();
+        }));
+    }
+}
+
+impl Handler<Deliver> for ConsumerActor {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, msg: Deliver, _ctx: &mut Self::Context) -> Self::Result {
+        let tx = self.deliveries.clone();
+        Box::pin(async move { tx.send(msg.entries).await.is_ok() })
+    }
+}
+
+impl Handler<StopConsumer> for ConsumerActor {
+    type Result = ResponseFuture<Vec<String>>;
+
+    fn handle(&mut self, msg: StopConsumer, _ctx: &mut Self::Context) -> Self::Result {
+        let (done, rx) = oneshot::channel();
+        let sent = self.control.send(Control::Stop {
+            deadline: msg.deadline,
+            done,
+        });
+        Box::pin(async move {
+            if sent.is_err() {
+                return Vec::new();
+            }
+            rx.await.unwrap_or_default()
+        })
+    }
+}
+
+impl Handler<SetPaused> for ConsumerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetPaused, _ctx: &mut Self::Context) {
+        let _ = self.control.send(Control::Pause(msg.0));
+    }
+}
+
+/// Bookkeeping for an entry this member holds (running or queued).
+struct Held {
+    /// Set while its handler runs.
+    abort: Option<AbortHandle>,
+    /// When it was read or last heartbeated.
+    since: Instant,
+    ownership: Ownership,
+}
+
+type Finished = (String, std::result::Result<EntryResult, Aborted>);
+type ReadOutput = (
+    Box<dyn GroupReader>,
+    ReadFrom,
+    Result<Vec<(RawEntry, EntryState)>>,
+);
+
+/// The member's working state between loop turns.
+struct Member {
+    runtime: Arc<GroupRuntime>,
+    info: Arc<MemberInfo>,
+    running: FuturesUnordered<BoxFuture<'static, Finished>>,
+    held: HashMap<String, Held>,
+    queued: VecDeque<(RawEntry, u32)>,
+    done: Vec<EntryResult>,
+    /// Ids taken over while the pending list is being re-read, so that the
+    /// re-read does not start them a second time.
+    seen_in_history: HashSet<String>,
+    /// Ids whose ownership a heartbeat found lost.
+    lost: HashSet<String>,
+    unfinished: Vec<String>,
+    source: ReadFrom,
+    panic: Option<String>,
+}
+
+impl Member {
+    fn capacity(&self) -> usize {
+        self.runtime.options.in_flight
+    }
+
+    fn free(&self) -> usize {
+        self.capacity()
+            .saturating_sub(self.running.len() + self.queued.len())
+    }
+
+    /// Whether to issue a read now: enough room for a worthwhile batch.
+    fn wants_read(&self) -> bool {
+        let opts = &self.runtime.options;
+        let low_water = (opts.count.min(opts.in_flight) / 2).max(1);
+        self.free() >= low_water || (self.running.is_empty() && self.queued.is_empty())
+    }
+
+    /// Starts queued entries while there is room.
+    fn fill(&mut self) {
+        while self.running.len() < self.capacity() {
+            let Some((raw, attempts)) = self.queued.pop_front() else {
+                break;
+            };
+            self.held.remove(&raw.id);
+            self.admit(raw, attempts);
+        }
+    }
+
+    /// Takes an entry delivered by the supervisor (reclaimed or due).
+    fn deliver(&mut self, raw: RawEntry, attempts: u32) {
+        if self.held.contains_key(&raw.id) {
+            return;
+        }
+        if matches!(self.source, ReadFrom::PendingAfter(_)) {
+            self.seen_in_history.insert(raw.id.clone());
+        }
+        self.held.insert(
+            raw.id.clone(),
+            Held {
+                abort: None,
+                since: Instant::now(),
+                ownership: Ownership::default(),
+            },
+        );
+        self.queued.push_back((raw, attempts));
+    }
+
+    /// Decodes and starts an entry, or reports at once why it cannot run.
+    fn admit(&mut self, raw: RawEntry, prior_attempts: u32) {
+        if self.held.contains_key(&raw.id) {
+            return;
+        }
+        if prior_attempts >= self.runtime.options.retry.max_attempts {
+            self.done.push(EntryResult {
+                id: raw.id,
+                payload: Payload::Raw(raw.fields),
+                prior_attempts,
+                verdict: Verdict::Exhausted,
+            });
+            return;
+        }
+        match Entry::decode(raw) {
+            Ok(entry) => self.start(Arc::new(entry), prior_attempts),
+            Err((raw, error)) => self.done.push(EntryResult {
+                id: raw.id,
+                payload: Payload::Raw(raw.fields),
+                prior_attempts,
+                verdict: Verdict::Undecodable(error),
+            }),
+        }
+    }
+
+    fn start(&mut self, entry: Arc<Entry>, prior_attempts: u32) {
+        let ownership = Ownership::default();
+        let meta = Meta::new(
+            Arc::clone(&entry),
+            Arc::clone(&self.info),
+            prior_attempts + 1,
+            ownership.clone(),
+        );
+        let span = tracing::info_span!(
+            "redstream.entry",
+            stream = %self.info.stream,
+            group = %self.info.group,
+            member = %self.info.member,
+            entry_id = %entry.id(),
+            event_type = entry.event_type().unwrap_or(""),
+            attempt = prior_attempts + 1,
+            outcome = tracing::field::Empty,
+        );
+        let (abort, registration) = AbortHandle::new_pair();
+        let handler = Arc::clone(&self.runtime.handler);
+        let id = entry.id().to_owned();
+        self.held.insert(
+            id.clone(),
+            Held {
+                abort: Some(abort),
+                since: Instant::now(),
+                ownership,
+            },
+        );
+        let work = async move {
+            let verdict = handler::run(handler.as_ref(), meta).await;
+            tracing::Span::current().record("outcome", verdict_name(&verdict));
+            verdict
+        }
+        .instrument(span);
+        let id_out = id.clone();
+        self.running.push(Box::pin(async move {
+            let result = Abortable::new(work, registration)
+                .await
+                .map(|verdict| EntryResult {
+                    id,
+                    payload: Payload::Decoded(entry),
+                    prior_attempts,
+                    verdict,
+                });
+            (id_out, result)
+        }));
+    }
+
+    fn finish(&mut self, (id, result): Finished) {
+        self.held.remove(&id);
+        match result {
+            Ok(result) => {
+                if let Verdict::Failed {
+                    panicked: true,
+                    error,
+                } = &result.verdict
+                {
+                    tracing::error!(
+                        stream = %self.info.stream, group = %self.info.group,
+                        member = %self.info.member, entry_id = %id,
+                        "handler panicked: {error}; the member restarts",
+                    );
+                    self.panic.get_or_insert_with(|| error.clone());
+                }
+                self.done.push(result);
+            }
+            Err(Aborted) => {
+                if !self.lost.remove(&id) {
+                    self.unfinished.push(id);
+                }
+            }
+        }
+    }
+
+    /// Handles a read's entries.
+    fn on_read(&mut self, from: ReadFrom, entries: Vec<(RawEntry, EntryState)>) {
+        match from {
+            ReadFrom::New => {
+                for (raw, _) in entries {
+                    self.admit(raw, 0);
+                }
+            }
+            ReadFrom::PendingAfter(_) => {
+                let Some((last, _)) = entries.last() else {
+                    // The member's own pending list is done: on to new entries.
+                    self.source = ReadFrom::New;
+                    self.seen_in_history.clear();
+                    return;
+                };
+                self.source = ReadFrom::PendingAfter(last.id.clone());
+                for (raw, state) in entries {
+                    // Entries waiting for a retry belong to the schedule.
+                    if state.retry_at_ms.is_some() || self.seen_in_history.contains(&raw.id) {
+                        continue;
+                    }
+                    self.admit(raw, state.attempts);
+                }
+            }
+        }
+    }
+
+    /// Entries held longer than the heartbeat interval.
+    fn due_for_heartbeat(&mut self) -> Vec<String> {
+        let interval = self.runtime.options.heartbeat;
+        let now = Instant::now();
+        self.held
+            .iter_mut()
+            .filter(|(_, h)| now.duration_since(h.since) >= interval)
+            .map(|(id, h)| {
+                h.since = now;
+                id.clone()
+            })
+            .collect()
+    }
+
+    /// Another member took these over: drop their handlers, report nothing.
+    fn lose(&mut self, ids: Vec<String>) {
+        for id in ids {
+            tracing::warn!(
+                stream = %self.info.stream, group = %self.info.group,
+                member = %self.info.member, entry_id = %id,
+                "entry was taken over by another member; dropping its handler before it commits",
+            );
+            if let Some(held) = self.held.remove(&id) {
+                held.ownership.mark_lost();
+                match held.abort {
+                    Some(abort) => {
+                        abort.abort();
+                        self.lost.insert(id);
+                    }
+                    None => self.queued.retain(|(raw, _)| raw.id != id),
+                }
+            }
+        }
+    }
+
+    /// The deadline passed: abort what still runs, give back what waits.
+    fn abandon_all(&mut self) {
+        for held in self.held.values() {
+            if let Some(abort) = &held.abort {
+                abort.abort();
+            }
+        }
+        for (raw, _) in self.queued.drain(..) {
+            self.held.remove(&raw.id);
+            self.unfinished.push(raw.id);
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.running.is_empty() && self.queued.is_empty() && self.done.is_empty()
+    }
+}
+
+fn verdict_name(v: &Verdict) -> &'static str {
+    match v {
+        Verdict::Decided(Outcome::Ack) => "ack",
+        Verdict::Decided(Outcome::Retry(_)) => "retry",
+        Verdict::Decided(Outcome::DeadLetter(_)) => "dead_letter",
+        Verdict::Failed { panicked: true, .. } => "panic",
+        Verdict::Failed { .. } => "error",
+        Verdict::Undecodable(_) => "undecodable",
+        Verdict::Exhausted => "exhausted",
+    }
+}
+
+fn exit_for(error: &Error) -> Exit {
+    Exit::Failed {
+        error: error.to_string(),
+        code: error.redis_code().map(str::to_owned),
+    }
+}
+
+/// One read, with the durable state of history entries looked up in the
+/// same step.
+async fn read_once(
+    runtime: Arc<GroupRuntime>,
+    mut reader: Box<dyn GroupReader>,
+    from: ReadFrom,
+    count: usize,
+) -> ReadOutput {
+    let result = async {
+        let entries = reader.read(&from, count).await?;
+        if from == ReadFrom::New || entries.is_empty() {
+            return Ok(entries
+                .into_iter()
+                .map(|e| (e, EntryState::default()))
+                .collect());
+        }
+        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        let states = runtime
+            .broker
+            .entry_states(&runtime.stream, &runtime.group, &ids)
+            .await?;
+        Ok(entries.into_iter().zip(states).collect())
+    }
+    .await;
+    (reader, from, result)
+}
+
+/// The member's read-run-report loop. Returns why it ended.
+async fn member_loop(parts: LoopParts) -> Exit {
+    let LoopParts {
+        runtime,
+        member: index,
+        report_to,
+        mut control,
+        mut deliveries,
+    } = parts;
+    let opts = runtime.options.clone();
+    let info = Arc::new(MemberInfo {
+        stream: Arc::clone(&runtime.stream),
+        group: Arc::clone(&runtime.group),
+        member: Arc::clone(&opts.member_names[index]),
+    });
+    let reader = match runtime
+        .broker
+        .open_reader(&runtime.stream, &runtime.group, &info.member, opts.block)
+        .await
+    {
+        Ok(reader) => reader,
+        Err(e) => return exit_for(&e),
+    };
+    let unblock_token = reader.unblock_token();
+    let mut reader = Some(reader);
+    let mut member = Member {
+        runtime: Arc::clone(&runtime),
+        info: Arc::clone(&info),
+        running: FuturesUnordered::new(),
+        held: HashMap::new(),
+        queued: VecDeque::new(),
+        done: Vec::new(),
+        seen_in_history: HashSet::new(),
+        lost: HashSet::new(),
+        unfinished: Vec::new(),
+        source: ReadFrom::PendingAfter(FROM_START.to_owned()),
+        panic: None,
+    };
+    let mut read_fut: Option<BoxFuture<'static, ReadOutput>> = None;
+    let mut heartbeat_fut: Option<BoxFuture<'static, Result<Vec<String>>>> = None;
+    let mut heartbeat = tokio::time::interval(opts.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paused = false;
+    let mut deadline: Option<Instant> = None;
+    let mut stop_reply: Option<oneshot::Sender<Vec<String>>> = None;
+    let mut failure: Option<Exit> = None;
+
+    loop {
+        member.fill();
+        let stopping = deadline.is_some();
+        if read_fut.is_none()
+            && !stopping
+            && !paused
+            && member.wants_read()
+            && let Some(r) = reader.take()
+        {
+            let count = member.free().clamp(1, opts.count);
+            let from = member.source.clone();
+            read_fut = Some(Box::pin(read_once(Arc::clone(&runtime), r, from, count)));
+        }
+        if stopping && read_fut.is_none() && member.idle() {
+            break;
+        }
+        let far = Instant::now() + std::time::Duration::from_secs(86_400 * 365);
+        let stop_at = tokio::time::Instant::from_std(deadline.unwrap_or(far));
+
+        tokio::select! {
+            Some(order) = control.recv() => match order {
+                Control::Pause(p) => paused = p,
+                Control::Stop { deadline: at, done } => {
+                    deadline = Some(deadline.map_or(at, |d| d.min(at)));
+                    stop_reply = Some(done);
+                    if read_fut.is_some()
+                        && let Some(token) = unblock_token
+                    {
+                        // The blocked read returns empty at once.
+                        let _ = runtime.broker.unblock(token).await;
+                    }
+                }
+            },
+            Some(batch) = deliveries.recv(), if !stopping && member.queued.is_empty() => {
+                for (raw, attempts) in batch {
+                    member.deliver(raw, attempts);
+                }
+            }
+            Some(finished) = member.running.next(), if !member.running.is_empty() => {
+                member.finish(finished);
+                while let Some(Some(more)) = member.running.next().now_or_never() {
+                    member.finish(more);
+                }
+            }
+            (r, from, result) = async { match read_fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if read_fut.is_some() => {
+                read_fut = None;
+                reader = Some(r);
+                match result {
+                    Ok(entries) if stopping => {
+                        // Read just before the stop took effect: give back.
+                        member.unfinished.extend(entries.into_iter().map(|(e, _)| e.id));
+                    }
+                    Ok(entries) => member.on_read(from, entries),
+                    Err(e) => {
+                        if !stopping {
+                            tracing::warn!(
+                                stream = %info.stream, group = %info.group, member = %info.member,
+                                "read failed: {e}; finishing running handlers, then restarting",
+                            );
+                            failure = Some(exit_for(&e));
+                            deadline = Some(Instant::now() + opts.shutdown_deadline);
+                        }
+                        reader = None;
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                if heartbeat_fut.is_none() {
+                    let ids = member.due_for_heartbeat();
+                    if !ids.is_empty() {
+                        let rt = Arc::clone(&runtime);
+                        let name = Arc::clone(&info.member);
+                        heartbeat_fut = Some(Box::pin(async move {
+                            rt.broker.heartbeat(&rt.stream, &rt.group, &name, &ids).await
+                        }));
+                    }
+                }
+            }
+            lost = async { match heartbeat_fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if heartbeat_fut.is_some() => {
+                heartbeat_fut = None;
+                match lost {
+                    Ok(ids) => member.lose(ids),
+                    Err(e) => tracing::warn!(
+                        stream = %info.stream, group = %info.group, member = %info.member,
+                        "heartbeat failed: {e}; will try again",
+                    ),
+                }
+            }
+            _ = tokio::time::sleep_until(stop_at), if stopping => {
+                member.abandon_all();
+                // A read still blocked after the unblock is dropped with its
+                // connection; anything it was handed stays pending for us.
+                read_fut = None;
+                deadline = Some(far);
+            }
+        }
+
+        if let Some(error) = member.panic.take() {
+            if deadline.is_none() {
+                deadline = Some(Instant::now() + opts.shutdown_deadline);
+            }
+            failure.get_or_insert(Exit::HandlerPanicked(error));
+        }
+        if !member.done.is_empty() {
+            let results = std::mem::take(&mut member.done);
+            let Some(supervisor) = report_to.upgrade() else {
+                return Exit::Failed {
+                    error: "supervisor is gone".to_owned(),
+                    code: None,
+                };
+            };
+            let sent = supervisor
+                .send(EntriesHandled {
+                    member: index,
+                    results,
+                })
+                .await;
+            if sent.is_err() {
+                return Exit::Failed {
+                    error: "supervisor is gone".to_owned(),
+                    code: None,
+                };
+            }
+        }
+    }
+
+    if let Some(reply) = stop_reply {
+        let _ = reply.send(std::mem::take(&mut member.unfinished));
+    }
+    failure.unwrap_or(Exit::Stopped)
+}

@@ -1,0 +1,168 @@
+//! The actors and the messages between them.
+//!
+//! ```text
+//! Processor (handle) ── owns ──▶ ProducerActor
+//!                     └─ owns ──▶ GroupSupervisor (per stream, group)
+//!                                   ├─ owns ──▶ ConsumerActor × members
+//!                                   └─ owns ──▶ ReclaimerActor
+//! ```
+//!
+//! Messages are facts, one struct each. Consumers and the reclaimer report
+//! what happened ([`EntriesHandled`], [`ConsumerStopped`],
+//! [`EntriesClaimed`]); only the [`GroupSupervisor`](group::GroupSupervisor)
+//! decides an entry's fate (ack, retry, dead letter) and a member's (restart).
+//! Children hold weak references to their parent, so there are no cycles.
+//!
+//! The actors own state, connections and timers only: the work on an entry
+//! is the plain async function [`crate::handler::run`], and the member's
+//! read loop is the plain async function [`consumer::member_loop`].
+
+pub(crate) mod consumer;
+pub(crate) mod group;
+pub(crate) mod producer;
+pub(crate) mod reclaimer;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Message;
+
+use crate::broker::{Broker, EntryState};
+use crate::entry::{Entry, RawEntry};
+use crate::handler::{DynHandler, Verdict};
+use crate::outcome::RetryPolicy;
+use crate::settings::{MissingGroupPolicy, StartFrom};
+
+/// Everything the actors of one group share.
+pub(crate) struct GroupRuntime {
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) handler: Arc<dyn DynHandler>,
+    pub(crate) stream: Arc<str>,
+    pub(crate) group: Arc<str>,
+    pub(crate) options: GroupOptions,
+}
+
+/// A group's settings after defaults and overrides are resolved.
+#[derive(Clone, Debug)]
+pub(crate) struct GroupOptions {
+    pub(crate) member_names: Vec<Arc<str>>,
+    pub(crate) count: usize,
+    pub(crate) in_flight: usize,
+    pub(crate) block: Duration,
+    pub(crate) max_pending: u64,
+    pub(crate) pending_check: Duration,
+    pub(crate) start_from: StartFrom,
+    pub(crate) on_missing_group: MissingGroupPolicy,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) min_idle: Duration,
+    pub(crate) reclaim_interval: Duration,
+    pub(crate) reclaim_count: usize,
+    pub(crate) retry_poll: Duration,
+    pub(crate) heartbeat: Duration,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) restart_min: Duration,
+    pub(crate) restart_max: Duration,
+    pub(crate) shutdown_deadline: Duration,
+}
+
+/// The payload an entry arrived with, kept for its dead letter.
+#[derive(Clone, Debug)]
+pub(crate) enum Payload {
+    /// Decoded (the fields are inside).
+    Decoded(Arc<Entry>),
+    /// Not decodable; the raw fields (`None`: trimmed away).
+    Raw(Option<Vec<(Vec<u8>, Vec<u8>)>>),
+}
+
+impl Payload {
+    pub(crate) fn fields(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        match self {
+            Payload::Decoded(entry) => entry.fields().to_vec(),
+            Payload::Raw(fields) => fields.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// What happened to one entry at a member.
+#[derive(Debug)]
+pub(crate) struct EntryResult {
+    pub(crate) id: String,
+    pub(crate) payload: Payload,
+    /// Failed attempts before this delivery.
+    pub(crate) prior_attempts: u32,
+    pub(crate) verdict: Verdict,
+}
+
+/// A member finished entries (consumer → supervisor).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub(crate) struct EntriesHandled {
+    pub(crate) member: usize,
+    pub(crate) results: Vec<EntryResult>,
+}
+
+/// Why a member's consumer stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// Asked to stop, and did.
+    Stopped,
+    /// Its connection or a command failed; `code` is the Redis error code.
+    Failed { error: String, code: Option<String> },
+    /// A handler panicked (the panic was caught; the consumer restarts
+    /// fresh, as supervision asks).
+    HandlerPanicked(String),
+    /// The consumer's own code panicked (a bug): its drop guard reports it.
+    Crashed,
+}
+
+/// A member's consumer stopped (its drop guard → supervisor).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub(crate) struct ConsumerStopped {
+    pub(crate) member: usize,
+    pub(crate) generation: u64,
+    pub(crate) exit: Exit,
+}
+
+/// Entries now owned by a member, for it to run (supervisor → consumer).
+/// Answers whether the member took them.
+#[derive(Message, Debug)]
+#[rtype(result = "bool")]
+pub(crate) struct Deliver {
+    pub(crate) entries: Vec<(RawEntry, u32)>,
+}
+
+/// Stop reading, finish running handlers by the deadline, report
+/// (supervisor → consumer). Answers with the ids left unfinished.
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<String>")]
+pub(crate) struct StopConsumer {
+    pub(crate) deadline: Instant,
+}
+
+/// Pause or resume reading new entries (supervisor → consumer).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub(crate) struct SetPaused(pub(crate) bool);
+
+/// The reclaimer took entries over for a member (reclaimer → supervisor).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub(crate) struct EntriesClaimed {
+    pub(crate) member: usize,
+    /// Entries with their durable state.
+    pub(crate) entries: Vec<(RawEntry, EntryState)>,
+    /// Ids whose payload was trimmed away while pending.
+    pub(crate) trimmed: Vec<String>,
+}
+
+/// A retry falls due at this time (supervisor → reclaimer), so short delays
+/// are met without waiting for the next poll.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub(crate) struct RetryDueAt(pub(crate) Instant);
+
+/// Stop the reclaimer's timers (supervisor → reclaimer).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub(crate) struct StopReclaimer;

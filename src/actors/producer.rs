@@ -1,0 +1,254 @@
+//! `ProducerActor`: batches publishes and writes each batch in one pipelined
+//! round trip.
+//!
+//! A batch is written when it reaches `producer.batch_size`, when its oldest
+//! entry has waited `producer.linger_ms`, or as soon as the previous batch is
+//! written (whichever comes first). One batch is in flight at a time, so
+//! entries keep their publish order unless a write has to be retried. A
+//! write that fails on a transient error is retried with backoff up to
+//! `producer.publish_attempts` times; then every publisher of the batch gets
+//! the error. Nothing is dropped silently.
+//!
+//! The buffer is bounded by the [`Producer`](crate::Producer) handle: a
+//! publisher holds one permit per event until its entry is written, so at
+//! most `producer.buffer` events are accepted and unwritten at any time.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+
+use crate::broker::{Broker, PublishItem};
+use crate::error::{Error, Result};
+use crate::outcome::Backoff;
+
+/// The id and entry id of a published event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Published {
+    /// The stream entry id Redis assigned.
+    pub entry_id: String,
+    /// The event id (the idempotency key).
+    pub event_id: String,
+}
+
+/// Collects the results of one publish call (one or many events) and hands
+/// them over when the last is known.
+pub(crate) struct Collector {
+    results: Mutex<Vec<Option<Result<Published>>>>,
+    remaining: Mutex<usize>,
+    done: Mutex<Option<oneshot::Sender<Vec<Result<Published>>>>>,
+}
+
+impl Collector {
+    pub(crate) fn new(n: usize) -> (Arc<Self>, oneshot::Receiver<Vec<Result<Published>>>) {
+        let (tx, rx) = oneshot::channel();
+        let collector = Collector {
+            results: Mutex::new((0..n).map(|_| None).collect()),
+            remaining: Mutex::new(n),
+            done: Mutex::new(Some(tx)),
+        };
+        (Arc::new(collector), rx)
+    }
+
+    fn set(&self, index: usize, result: Result<Published>) {
+        let Ok(mut results) = self.results.lock() else {
+            return;
+        };
+        if let Some(slot) = results.get_mut(index) {
+            *slot = Some(result);
+        }
+        let Ok(mut remaining) = self.remaining.lock() else {
+            return;
+        };
+        *remaining = remaining.saturating_sub(1);
+        if *remaining == 0 {
+            let all = results
+                .drain(..)
+                .map(|r| r.unwrap_or(Err(Error::Stopped)))
+                .collect();
+            if let Some(tx) = self.done.lock().ok().and_then(|mut d| d.take()) {
+                let _ = tx.send(all);
+            }
+        }
+    }
+}
+
+/// One event waiting to be written.
+pub(crate) struct Queued {
+    pub(crate) item: PublishItem,
+    pub(crate) collector: Arc<Collector>,
+    pub(crate) index: usize,
+    /// Released when the entry is written (or given up on).
+    pub(crate) _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Queue events for writing (producer handle → actor).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Publish(pub(crate) Vec<Queued>);
+
+/// Write everything buffered, then answer (used at shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Flush;
+
+/// How the producer writes.
+#[derive(Clone, Debug)]
+pub(crate) struct ProducerOptions {
+    pub(crate) batch_size: usize,
+    pub(crate) linger: Duration,
+    pub(crate) attempts: u32,
+    pub(crate) retry_min: Duration,
+    pub(crate) retry_max: Duration,
+}
+
+/// The batching producer.
+pub(crate) struct ProducerActor {
+    broker: Arc<dyn Broker>,
+    options: ProducerOptions,
+    buffer: Vec<Queued>,
+    writing: bool,
+    linger_armed: bool,
+    flush_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl ProducerActor {
+    pub(crate) fn new(broker: Arc<dyn Broker>, options: ProducerOptions) -> Self {
+        ProducerActor {
+            broker,
+            options,
+            buffer: Vec::new(),
+            writing: false,
+            linger_armed: false,
+            flush_waiters: Vec::new(),
+        }
+    }
+
+    fn write_next(&mut self, ctx: &mut Context<Self>) {
+        if self.writing {
+            return;
+        }
+        if self.buffer.is_empty() {
+            for waiter in self.flush_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+            return;
+        }
+        let n = self.buffer.len().min(self.options.batch_size);
+        let batch: Vec<Queued> = self.buffer.drain(..n).collect();
+        self.writing = true;
+        let broker = Arc::clone(&self.broker);
+        let options = self.options.clone();
+        ctx.spawn(
+            write_batch(broker, options, batch)
+                .into_actor(self)
+                .map(|(), act, ctx| {
+                    act.writing = false;
+                    act.write_next(ctx);
+                }),
+        );
+    }
+}
+
+/// Writes a batch, retrying what failed transiently, and answers each
+/// publisher.
+async fn write_batch(broker: Arc<dyn Broker>, options: ProducerOptions, batch: Vec<Queued>) {
+    let mut pending = batch;
+    let mut backoff = Backoff::new(options.retry_min, options.retry_max);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let items: Vec<PublishItem> = pending.iter().map(|q| q.item.clone()).collect();
+        let last_try = attempt >= options.attempts;
+        let mut retry = Vec::new();
+        match broker.publish(&items).await {
+            Ok(results) => {
+                for (queued, result) in pending.into_iter().zip(results) {
+                    match result {
+                        Ok(entry_id) => {
+                            let published = Published {
+                                entry_id,
+                                event_id: queued.item.entry.event_id.clone(),
+                            };
+                            queued.collector.set(queued.index, Ok(published));
+                        }
+                        Err(e) if e.is_transient() && !last_try => retry.push(queued),
+                        Err(e) => fail(queued, attempt, &e),
+                    }
+                }
+            }
+            // The whole round trip failed: outcome unknown. Writing again
+            // may duplicate entries, which carry the same event id.
+            Err(e) if e.is_transient() && !last_try => {
+                tracing::warn!(
+                    count = pending.len(),
+                    attempt,
+                    "publish failed: {e}; retrying"
+                );
+                retry = pending;
+            }
+            Err(e) => {
+                for queued in pending {
+                    fail(queued, attempt, &e);
+                }
+            }
+        }
+        if retry.is_empty() {
+            return;
+        }
+        pending = retry;
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+fn fail(queued: Queued, attempts: u32, error: &Error) {
+    tracing::error!(stream = %queued.item.stream, attempts, "publish failed: {error}");
+    let e = Error::PublishFailed {
+        stream: queued.item.stream.to_string(),
+        attempts,
+        last_error: error.to_string(),
+    };
+    queued.collector.set(queued.index, Err(e));
+}
+
+impl Actor for ProducerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Permits bound what is buffered; the mailbox only needs to keep
+        // publishers from waiting on each other.
+        ctx.set_mailbox_capacity(1024);
+    }
+}
+
+impl Handler<Publish> for ProducerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
+        self.buffer.extend(msg.0);
+        if self.buffer.len() >= self.options.batch_size || self.options.linger.is_zero() {
+            self.write_next(ctx);
+        } else if !self.linger_armed && !self.writing {
+            self.linger_armed = true;
+            ctx.run_later(self.options.linger, |act, ctx| {
+                act.linger_armed = false;
+                act.write_next(ctx);
+            });
+        }
+    }
+}
+
+impl Handler<Flush> for ProducerActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: Flush, ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.flush_waiters.push(tx);
+        self.write_next(ctx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}

@@ -1,0 +1,247 @@
+//! `ReclaimerActor`: one per group. Takes entries back from the pending list
+//! for redelivery, and reports them to the supervisor; it never decides
+//! their fate.
+//!
+//! Two passes, each never overlapping itself:
+//!
+//! - **idle scan**, every `reclaim.interval_ms`: XAUTOCLAIM of entries idle
+//!   longer than `min_idle` (their member died or stalled without a
+//!   heartbeat), carrying the cursor from call to call until it wraps to
+//!   `0-0`, so a pending list larger than one call examines is covered
+//!   (RELIABILITY.md P8). Ids whose payload was trimmed away come back in
+//!   XAUTOCLAIM's deleted list and are reported for the dead-letter stream
+//!   (P5, P6).
+//! - **due retries**, every `reclaim.retry_poll_ms` and at the due time of
+//!   each retry this process scheduled: entries whose retry time has come
+//!   are taken from the schedule and claimed in one atomic step.
+//!
+//! Claimed entries go to the group's members in turn. The next step waits
+//! until the member took them, so a large backlog is reclaimed at the pace it
+//! is processed, not into memory.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::WeakRecipient;
+use actix::prelude::*;
+
+use super::{EntriesClaimed, GroupRuntime, RetryDueAt, StopReclaimer};
+use crate::broker::{CURSOR_START, EntryState};
+use crate::entry::now_ms;
+
+/// The reclaimer of one group.
+pub(crate) struct ReclaimerActor {
+    runtime: Arc<GroupRuntime>,
+    supervisor: WeakRecipient<EntriesClaimed>,
+    cursor: String,
+    next_member: usize,
+    scanning: bool,
+    polling: bool,
+    stopped: bool,
+}
+
+impl ReclaimerActor {
+    pub(crate) fn new(
+        runtime: Arc<GroupRuntime>,
+        supervisor: WeakRecipient<EntriesClaimed>,
+    ) -> Self {
+        ReclaimerActor {
+            runtime,
+            supervisor,
+            cursor: CURSOR_START.to_owned(),
+            next_member: 0,
+            scanning: false,
+            polling: false,
+            stopped: false,
+        }
+    }
+
+    fn scan(&mut self, ctx: &mut Context<Self>) {
+        if self.scanning || self.stopped {
+            return;
+        }
+        self.scanning = true;
+        let fut = idle_scan(
+            Arc::clone(&self.runtime),
+            self.supervisor.clone(),
+            self.cursor.clone(),
+            self.next_member,
+        );
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|(cursor, next_member), act, _ctx| {
+                    act.scanning = false;
+                    act.cursor = cursor;
+                    act.next_member = next_member;
+                }),
+        );
+    }
+
+    fn poll_due(&mut self, ctx: &mut Context<Self>) {
+        if self.polling || self.stopped {
+            return;
+        }
+        self.polling = true;
+        let fut = due_pass(
+            Arc::clone(&self.runtime),
+            self.supervisor.clone(),
+            self.next_member,
+        );
+        ctx.spawn(fut.into_actor(self).map(|next_member, act, _ctx| {
+            act.polling = false;
+            act.next_member = next_member;
+        }));
+    }
+}
+
+impl Actor for ReclaimerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let opts = &self.runtime.options;
+        ctx.run_interval(opts.reclaim_interval, |act, ctx| act.scan(ctx));
+        ctx.run_interval(opts.retry_poll, |act, ctx| act.poll_due(ctx));
+        self.poll_due(ctx);
+    }
+}
+
+impl Handler<RetryDueAt> for ReclaimerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RetryDueAt, ctx: &mut Self::Context) {
+        let wait = msg.0.saturating_duration_since(Instant::now());
+        ctx.run_later(wait, |act, ctx| act.poll_due(ctx));
+    }
+}
+
+impl Handler<StopReclaimer> for ReclaimerActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: StopReclaimer, ctx: &mut Self::Context) {
+        self.stopped = true;
+        ctx.stop();
+    }
+}
+
+/// Reports claimed entries and waits until a member took them. Returns
+/// false when the supervisor is gone.
+async fn report(supervisor: &WeakRecipient<EntriesClaimed>, msg: EntriesClaimed) -> bool {
+    match supervisor.upgrade() {
+        Some(s) => s.send(msg).await.is_ok(),
+        None => false,
+    }
+}
+
+/// One idle scan, from `cursor` until the cursor wraps. Returns where to
+/// start next time and the next member in turn.
+async fn idle_scan(
+    rt: Arc<GroupRuntime>,
+    supervisor: WeakRecipient<EntriesClaimed>,
+    mut cursor: String,
+    mut member: usize,
+) -> (String, usize) {
+    let opts = &rt.options;
+    let members = opts.member_names.len();
+    loop {
+        let index = member % members;
+        let step = async {
+            let reply = rt
+                .broker
+                .claim_idle(
+                    &rt.stream,
+                    &rt.group,
+                    &opts.member_names[index],
+                    opts.min_idle,
+                    &cursor,
+                    opts.reclaim_count,
+                )
+                .await?;
+            let ids: Vec<String> = reply.claimed.iter().map(|e| e.id.clone()).collect();
+            let states = rt.broker.entry_states(&rt.stream, &rt.group, &ids).await?;
+            Ok::<_, crate::error::Error>((reply, states))
+        };
+        let (reply, states) = match step.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(stream = %rt.stream, group = %rt.group, "reclaim step failed: {e}");
+                return (cursor, member);
+            }
+        };
+        if !reply.claimed.is_empty() || !reply.deleted.is_empty() {
+            tracing::info!(
+                stream = %rt.stream, group = %rt.group, member = %opts.member_names[index],
+                claimed = reply.claimed.len(), trimmed = reply.deleted.len(),
+                "reclaimed idle entries",
+            );
+            let msg = EntriesClaimed {
+                member: index,
+                entries: reply.claimed.into_iter().zip(states).collect(),
+                trimmed: reply.deleted,
+            };
+            if !report(&supervisor, msg).await {
+                return (reply.next_cursor, member);
+            }
+            member += 1;
+        }
+        cursor = reply.next_cursor;
+        if cursor == CURSOR_START {
+            return (cursor, member);
+        }
+    }
+}
+
+/// Claims due retries until none is left. Returns the next member in turn.
+async fn due_pass(
+    rt: Arc<GroupRuntime>,
+    supervisor: WeakRecipient<EntriesClaimed>,
+    mut member: usize,
+) -> usize {
+    let opts = &rt.options;
+    let members = opts.member_names.len();
+    loop {
+        let index = member % members;
+        let reply = match rt
+            .broker
+            .claim_due(
+                &rt.stream,
+                &rt.group,
+                &opts.member_names[index],
+                now_ms(),
+                opts.reclaim_count,
+            )
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::debug!(stream = %rt.stream, group = %rt.group, "retry poll failed: {e}");
+                return member;
+            }
+        };
+        let n = reply.claimed.len();
+        if n == 0 {
+            return member;
+        }
+        let msg = EntriesClaimed {
+            member: index,
+            entries: reply
+                .claimed
+                .into_iter()
+                .map(|(raw, attempts)| {
+                    let state = EntryState {
+                        attempts,
+                        retry_at_ms: None,
+                    };
+                    (raw, state)
+                })
+                .collect(),
+            trimmed: Vec::new(),
+        };
+        if !report(&supervisor, msg).await {
+            return member;
+        }
+        member += 1;
+        if n < opts.reclaim_count {
+            return member;
+        }
+    }
+}

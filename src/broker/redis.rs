@@ -1,0 +1,895 @@
+//! [`Broker`] for Redis Streams (Redis 7.0+). Every Redis command the crate
+//! sends is in this file.
+//!
+//! Connections: one shared, auto-reconnecting multiplexed connection
+//! (redis-rs `ConnectionManager`) for every non-blocking command, and one
+//! dedicated connection per member for its blocking XREADGROUP, whose
+//! response timeout is longer than the block time (redis-rs defaults every
+//! async connection to 500 ms, which would break `BLOCK`). Replies are
+//! decoded from raw `redis::Value`, one entry at a time, so a malformed
+//! entry cannot fail the batch it arrived in.
+//!
+//! Keys, all derived from the stream name (so a stream named `{orders}`
+//! keeps everything in one cluster slot):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `<stream>:dlq` | stream | dead letters |
+//! | `<stream>:retry:<group>` | sorted set | entry id → not-before time (ms) |
+//! | `<stream>:attempts:<group>` | hash | entry id → failed attempts |
+//! | `<stream>:lease:<group>:<member>` | string | lease token of the process using the member name |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Script, Value};
+
+use super::{
+    Broker, ClaimReply, DeadLetter, DueReply, EntryState, GroupReader, PendingSummary, PublishItem,
+    ReadFrom, RetrySchedule, ServerReport,
+};
+use crate::entry::{RawEntry, dead_letter_fields, dead_letter_stream};
+use crate::error::{Error, Result};
+use crate::settings::{RedisSettings, StartFrom};
+
+/// The id of the first entry of a stream, for `XGROUP CREATE … 0`.
+const STREAM_START: &str = "0";
+/// The id meaning "entries added after now", for `XGROUP CREATE … $`.
+const STREAM_END: &str = "$";
+/// The id meaning "never delivered to this group", for `XREADGROUP … >`.
+const UNDELIVERED: &str = ">";
+/// The id that lets Redis assign one, for `XADD … *`.
+const AUTO_ID: &str = "*";
+
+fn retry_key(stream: &str, group: &str) -> String {
+    format!("{stream}:retry:{group}")
+}
+
+fn attempts_key(stream: &str, group: &str) -> String {
+    format!("{stream}:attempts:{group}")
+}
+
+/// Makes a string safe for `CLIENT SETNAME` (no spaces or control bytes).
+fn client_name(parts: &[&str]) -> String {
+    parts
+        .join(":")
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .collect()
+}
+
+/// Extends a member's claim on entries it still owns (RELIABILITY.md P2).
+/// A bare `XCLAIM … 0` would steal entries another member reclaimed, so
+/// ownership is checked first, in the same atomic step.
+const HEARTBEAT_LUA: &str = r#"
+local lost = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p == 0 or p[1][2] ~= ARGV[2] then
+    table.insert(lost, id)
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  end
+end
+return lost
+"#;
+
+/// Takes entries whose retry time has come out of the schedule and claims
+/// them for a member, atomically. Stale schedule items (no longer pending)
+/// are dropped. Returns `{id, attempts, fields}`, or `{id, attempts}` when the
+/// payload was trimmed away (XCLAIM removes such ids from the pending list).
+const CLAIM_DUE_LUA: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+local out = {}
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[2], id)
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p > 0 then
+    local attempts = redis.call('HGET', KEYS[3], id) or '0'
+    local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+    if #c > 0 and c[1] and c[1][2] then
+      table.insert(out, {id, attempts, c[1][2]})
+    else
+      table.insert(out, {id, attempts})
+    end
+  end
+end
+return out
+"#;
+
+/// Takes or renews leases: `SET NX` when free, `PEXPIRE` when already ours.
+const LEASE_ACQUIRE_LUA: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local ok = redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2])
+  if ok then
+    out[i] = 1
+  elseif redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
+/// Deletes leases only where they still hold our token.
+const LEASE_RELEASE_LUA: &str = r#"
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('DEL', key)
+  end
+end
+return 1
+"#;
+
+struct Scripts {
+    heartbeat: Script,
+    claim_due: Script,
+    lease_acquire: Script,
+    lease_release: Script,
+}
+
+struct Inner {
+    client: Client,
+    conn: ConnectionManager,
+    connect_timeout: Duration,
+    instance: String,
+    scripts: Scripts,
+}
+
+/// The Redis Streams broker.
+///
+/// ```no_run
+/// # async fn demo() -> redstream::Result<()> {
+/// use redstream::{Broker, RedisBroker, Settings, StartFrom};
+///
+/// let settings = Settings::default();
+/// let broker = RedisBroker::connect(&settings.redis, "my-service").await?;
+/// broker.ensure_group("orders", "billing", StartFrom::Beginning).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("instance", &self.inner.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// Connects the shared command connection and names it
+    /// `redstream:<instance>:cmd`.
+    pub async fn connect(settings: &RedisSettings, instance: &str) -> Result<Self> {
+        let client = Client::open(settings.url.expose())?;
+        let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(Duration::from_millis(settings.command_timeout_ms)))
+            .set_number_of_retries(6)
+            .set_max_delay(Duration::from_secs(2));
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let _: () = redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(client_name(&["redstream", instance, "cmd"]))
+            .query_async(&mut conn)
+            .await?;
+        Ok(RedisBroker {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                connect_timeout,
+                instance: instance.to_owned(),
+                scripts: Scripts {
+                    heartbeat: Script::new(HEARTBEAT_LUA),
+                    claim_due: Script::new(CLAIM_DUE_LUA),
+                    lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
+                    lease_release: Script::new(LEASE_RELEASE_LUA),
+                },
+            }),
+        })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+}
+
+/// A member's reader: its own connection, named after the member.
+struct RedisReader {
+    conn: MultiplexedConnection,
+    stream: String,
+    group: String,
+    member: String,
+    block_ms: u64,
+    client_id: Option<i64>,
+}
+
+#[async_trait]
+impl GroupReader for RedisReader {
+    async fn read(&mut self, from: &ReadFrom, count: usize) -> Result<Vec<RawEntry>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.member)
+            .arg("COUNT")
+            .arg(count.max(1));
+        let id = match from {
+            ReadFrom::New => {
+                cmd.arg("BLOCK").arg(self.block_ms);
+                UNDELIVERED
+            }
+            ReadFrom::PendingAfter(after) => after.as_str(),
+        };
+        cmd.arg("STREAMS").arg(&self.stream).arg(id);
+        let reply: Value = cmd.query_async(&mut self.conn).await?;
+        parse_read_reply(reply)
+    }
+
+    fn unblock_token(&self) -> Option<i64> {
+        self.client_id
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<bool> {
+        let id = match start {
+            StartFrom::Beginning => STREAM_START,
+            StartFrom::Latest => STREAM_END,
+        };
+        let result: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg(id)
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn publish(&self, items: &[PublishItem]) -> Result<Vec<Result<String>>> {
+        let mut pipe = redis::pipe();
+        for item in items {
+            let cmd = pipe.cmd("XADD").arg(&*item.stream);
+            if let Some(n) = item.max_len {
+                cmd.arg("MAXLEN").arg("~").arg(n);
+            }
+            cmd.arg(AUTO_ID);
+            for (name, value) in &item.entry.fields {
+                cmd.arg(name.as_bytes()).arg(value.as_slice());
+            }
+        }
+        pipe.ignore_errors();
+        let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(&mut self.conn()).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r {
+                Ok(v) => text(&v).ok_or_else(|| unexpected("XADD", "no entry id")),
+                Err(e) => Err(e.into()),
+            })
+            .collect())
+    }
+
+    async fn open_reader(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        block: Duration,
+    ) -> Result<Box<dyn GroupReader>> {
+        // A server woken for an entry another member took re-blocks with a
+        // fresh timeout (redis/redis#12998), so allow twice the block time.
+        let response_timeout = block * 2 + Duration::from_secs(1);
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.inner.connect_timeout))
+            .set_response_timeout(Some(response_timeout));
+        let mut conn = self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let (_, client_id): ((), i64) = redis::pipe()
+            .cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(client_name(&["redstream", group, member, "read"]))
+            .cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await?;
+        Ok(Box::new(RedisReader {
+            conn,
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            member: member.to_owned(),
+            block_ms: block.as_millis() as u64,
+            client_id: Some(client_id),
+        }))
+    }
+
+    async fn unblock(&self, token: i64) -> Result<()> {
+        let _: Value = redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(token)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn ack(
+        &self,
+        stream: &str,
+        group: &str,
+        ids: &[String],
+        forget: &[String],
+    ) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK").arg(stream).arg(group).arg(ids);
+        if !forget.is_empty() {
+            pipe.cmd("HDEL")
+                .arg(attempts_key(stream, group))
+                .arg(forget)
+                .ignore();
+        }
+        let (acked,): (u64,) = pipe.query_async(&mut self.conn()).await?;
+        Ok(acked)
+    }
+
+    async fn entry_states(
+        &self,
+        stream: &str,
+        group: &str,
+        ids: &[String],
+    ) -> Result<Vec<EntryState>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (attempts, scores): (Vec<Option<u32>>, Vec<Option<f64>>) = redis::pipe()
+            .cmd("HMGET")
+            .arg(attempts_key(stream, group))
+            .arg(ids)
+            .cmd("ZMSCORE")
+            .arg(retry_key(stream, group))
+            .arg(ids)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(attempts
+            .into_iter()
+            .zip(scores)
+            .map(|(a, s)| EntryState {
+                attempts: a.unwrap_or(0),
+                retry_at_ms: s.map(|ms| ms as u64),
+            })
+            .collect())
+    }
+
+    async fn schedule_retries(
+        &self,
+        stream: &str,
+        group: &str,
+        retries: &[RetrySchedule],
+    ) -> Result<()> {
+        if retries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let hset = pipe.cmd("HSET").arg(attempts_key(stream, group));
+        for r in retries {
+            hset.arg(&r.id).arg(r.attempts);
+        }
+        let zadd = pipe.cmd("ZADD").arg(retry_key(stream, group));
+        for r in retries {
+            zadd.arg(r.retry_at_ms).arg(&r.id);
+        }
+        pipe.exec_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, stream: &str, group: &str, letters: &[DeadLetter]) -> Result<()> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let dlq = dead_letter_stream(stream);
+        let ids: Vec<&str> = letters.iter().map(|l| l.origin_id.as_str()).collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for letter in letters {
+            let cmd = pipe.cmd("XADD").arg(&dlq).arg(AUTO_ID);
+            for (name, value) in dead_letter_fields(letter, group) {
+                cmd.arg(name).arg(value);
+            }
+        }
+        pipe.cmd("XACK").arg(stream).arg(group).arg(&ids);
+        pipe.cmd("HDEL").arg(attempts_key(stream, group)).arg(&ids);
+        pipe.cmd("ZREM").arg(retry_key(stream, group)).arg(&ids);
+        pipe.exec_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn claim_idle(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+    ) -> Result<ClaimReply> {
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(member)
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut self.conn())
+            .await?;
+        let Value::Array(mut parts) = reply else {
+            return Err(unexpected("XAUTOCLAIM", "not an array"));
+        };
+        if parts.len() < 2 {
+            return Err(unexpected("XAUTOCLAIM", "fewer than 2 elements"));
+        }
+        let deleted = match parts.get(2) {
+            Some(Value::Array(ids)) => ids.iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        };
+        let claimed = parse_entries(std::mem::take(&mut parts[1]))?;
+        let next_cursor = text(&parts[0]).ok_or_else(|| unexpected("XAUTOCLAIM", "no cursor"))?;
+        Ok(ClaimReply {
+            next_cursor,
+            claimed,
+            deleted,
+        })
+    }
+
+    async fn claim_due(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        now_ms: u64,
+        count: usize,
+    ) -> Result<DueReply> {
+        let reply: Value = self
+            .inner
+            .scripts
+            .claim_due
+            .key(stream)
+            .key(retry_key(stream, group))
+            .key(attempts_key(stream, group))
+            .arg(group)
+            .arg(member)
+            .arg(now_ms)
+            .arg(count.max(1))
+            .invoke_async(&mut self.conn())
+            .await?;
+        let Value::Array(items) = reply else {
+            return Ok(DueReply::default());
+        };
+        let mut claimed = Vec::with_capacity(items.len());
+        for item in items {
+            let Value::Array(mut parts) = item else {
+                return Err(unexpected("claim_due", "item is not an array"));
+            };
+            let id = parts
+                .first()
+                .and_then(text)
+                .ok_or_else(|| unexpected("claim_due", "no id"))?;
+            let attempts = parts
+                .get(1)
+                .and_then(text)
+                .and_then(|a| a.parse::<u32>().ok())
+                .unwrap_or(0);
+            let fields = match parts.get_mut(2) {
+                Some(v) => parse_fields(std::mem::take(v))?,
+                None => None,
+            };
+            claimed.push((RawEntry { id, fields }, attempts));
+        }
+        Ok(DueReply { claimed })
+    }
+
+    async fn heartbeat(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lost: Vec<String> = self
+            .inner
+            .scripts
+            .heartbeat
+            .key(stream)
+            .arg(group)
+            .arg(member)
+            .arg(ids)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(lost)
+    }
+
+    async fn release(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        ids: &[String],
+        idle: Duration,
+    ) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(member)
+            .arg(0)
+            .arg(ids)
+            .arg("IDLE")
+            .arg(idle.as_millis() as u64)
+            .arg("JUSTID")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn pending_of(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        count: usize,
+    ) -> Result<Vec<String>> {
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(count.max(1))
+            .arg(member)
+            .query_async(&mut self.conn())
+            .await?;
+        let Value::Array(rows) = reply else {
+            return Ok(Vec::new());
+        };
+        Ok(rows
+            .iter()
+            .filter_map(|row| match row {
+                Value::Array(cols) => cols.first().and_then(text),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn pending_summary(&self, stream: &str, group: &str) -> Result<PendingSummary> {
+        let (summary, waiting_retry): (Value, u64) = redis::pipe()
+            .cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .cmd("ZCARD")
+            .arg(retry_key(stream, group))
+            .query_async(&mut self.conn())
+            .await?;
+        let Value::Array(parts) = summary else {
+            return Err(unexpected("XPENDING", "not an array"));
+        };
+        let pending = parts.first().and_then(int).unwrap_or(0);
+        let oldest_id = parts.get(1).and_then(text);
+        let per_member = match parts.get(3) {
+            Some(Value::Array(rows)) => rows
+                .iter()
+                .filter_map(|row| match row {
+                    Value::Array(cols) => Some((
+                        cols.first().and_then(text)?,
+                        cols.get(1).and_then(int).unwrap_or(0),
+                    )),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(PendingSummary {
+            pending,
+            waiting_retry,
+            oldest_id,
+            per_member,
+        })
+    }
+
+    async fn acquire_leases(
+        &self,
+        keys: &[String],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Vec<bool>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.inner.scripts.lease_acquire.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation.arg(token).arg(ttl.as_millis() as u64);
+        let held: Vec<i64> = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(held.into_iter().map(|h| h == 1).collect())
+    }
+
+    async fn release_leases(&self, keys: &[String], token: &str) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.inner.scripts.lease_release.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation.arg(token);
+        let _: Value = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    fn lease_key(&self, stream: &str, group: &str, member: &str) -> String {
+        format!("{stream}:lease:{group}:{member}")
+    }
+
+    async fn server_report(&self) -> Result<ServerReport> {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.conn())
+            .await?;
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .unwrap_or("unknown")
+            .trim()
+            .to_owned();
+        let mut warnings = Vec::new();
+        if major_version(&version).is_some_and(|major| major < 7) {
+            warnings.push(format!(
+                "Redis {version} is older than 7.0; XAUTOCLAIM's deleted-id report and group lag need 7.0+"
+            ));
+        }
+        let config: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .arg("appendfsync")
+            .arg("maxmemory-policy")
+            .query_async(&mut self.conn())
+            .await;
+        match config {
+            Ok(pairs) => {
+                let get = |name: &str| {
+                    pairs
+                        .chunks(2)
+                        .find(|kv| kv[0] == name)
+                        .and_then(|kv| kv.get(1).cloned())
+                        .unwrap_or_default()
+                };
+                if get("appendonly") != "yes" {
+                    warnings.push(
+                        "appendonly is `no`: a Redis restart loses every write since the last RDB snapshot (entries, acks, retry state)".to_owned(),
+                    );
+                } else if get("appendfsync") != "always" {
+                    warnings.push(format!(
+                        "appendfsync is `{}`, not `always`: a crash of the Redis host can lose up to about a second of acknowledged writes",
+                        get("appendfsync")
+                    ));
+                }
+                let policy = get("maxmemory-policy");
+                if policy.starts_with("allkeys-") {
+                    warnings.push(format!(
+                        "maxmemory-policy is `{policy}`: Redis may evict stream keys, losing events and their pending lists; use `noeviction` or a `volatile-*` policy"
+                    ));
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "could not read the persistence settings (CONFIG GET: {}); check appendonly, appendfsync and maxmemory-policy by hand",
+                e.code().unwrap_or("error")
+            )),
+        }
+        Ok(ServerReport { version, warnings })
+    }
+}
+
+fn major_version(version: &str) -> Option<u32> {
+    version.split('.').next()?.parse().ok()
+}
+
+fn unexpected(command: &'static str, detail: &str) -> Error {
+    Error::UnexpectedReply {
+        command,
+        detail: detail.to_owned(),
+    }
+}
+
+/// A bulk or simple string as UTF-8 text.
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// Raw bytes of a bulk string, taken out of the value.
+fn take_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// Field names and values of one entry.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// An entry's field list: a flat array of name, value, … (RESP2) or a map
+/// (RESP3); nil when the payload was deleted.
+fn parse_fields(v: Value) -> Result<Option<Fields>> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::Array(flat) => {
+            if flat.len() % 2 != 0 {
+                return Err(unexpected("XREADGROUP", "odd number of field items"));
+            }
+            let mut fields = Vec::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                match (take_bytes(k), take_bytes(v)) {
+                    (Some(k), Some(v)) => fields.push((k, v)),
+                    _ => return Err(unexpected("XREADGROUP", "field is not a string")),
+                }
+            }
+            Ok(Some(fields))
+        }
+        Value::Map(pairs) => {
+            let mut fields = Vec::with_capacity(pairs.len());
+            for (k, v) in pairs {
+                match (take_bytes(k), take_bytes(v)) {
+                    (Some(k), Some(v)) => fields.push((k, v)),
+                    _ => return Err(unexpected("XREADGROUP", "field is not a string")),
+                }
+            }
+            Ok(Some(fields))
+        }
+        _ => Err(unexpected("XREADGROUP", "fields are neither array nor nil")),
+    }
+}
+
+/// One `[id, fields]` pair.
+fn parse_entry(v: Value) -> Result<RawEntry> {
+    let Value::Array(mut pair) = v else {
+        return Err(unexpected("XREADGROUP", "entry is not an array"));
+    };
+    if pair.is_empty() {
+        return Err(unexpected("XREADGROUP", "empty entry"));
+    }
+    let fields = match pair.len() {
+        1 => None,
+        _ => parse_fields(std::mem::take(&mut pair[1]))?,
+    };
+    let id = text(&pair[0]).ok_or_else(|| unexpected("XREADGROUP", "entry id is not a string"))?;
+    Ok(RawEntry { id, fields })
+}
+
+fn parse_entries(v: Value) -> Result<Vec<RawEntry>> {
+    match v {
+        Value::Array(items) => items.into_iter().map(parse_entry).collect(),
+        Value::Nil => Ok(Vec::new()),
+        _ => Err(unexpected("XREADGROUP", "entries are not an array")),
+    }
+}
+
+/// `XREADGROUP` for one stream: nil on timeout, else `[[stream, entries]]`
+/// (RESP2) or `{stream: entries}` (RESP3).
+fn parse_read_reply(v: Value) -> Result<Vec<RawEntry>> {
+    match v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(streams) => {
+            let mut out = Vec::new();
+            for s in streams {
+                let Value::Array(mut pair) = s else {
+                    return Err(unexpected("XREADGROUP", "stream reply is not an array"));
+                };
+                if pair.len() != 2 {
+                    return Err(unexpected("XREADGROUP", "stream reply is not a pair"));
+                }
+                out.extend(parse_entries(pair.pop().unwrap_or(Value::Nil))?);
+            }
+            Ok(out)
+        }
+        Value::Map(streams) => {
+            let mut out = Vec::new();
+            for (_, entries) in streams {
+                out.extend(parse_entries(entries)?);
+            }
+            Ok(out)
+        }
+        _ => Err(unexpected(
+            "XREADGROUP",
+            "reply is neither array, map nor nil",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &[u8]) -> Value {
+        Value::BulkString(s.to_vec())
+    }
+
+    #[test]
+    fn read_reply_keeps_bad_entries_apart() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk(b"orders"),
+            Value::Array(vec![
+                Value::Array(vec![
+                    bulk(b"1-0"),
+                    Value::Array(vec![bulk(b"\xff"), bulk(b"x")]),
+                ]),
+                Value::Array(vec![bulk(b"2-0"), Value::Nil]),
+                Value::Array(vec![
+                    bulk(b"3-0"),
+                    Value::Array(vec![bulk(b"a"), bulk(b"1"), bulk(b"a"), bulk(b"2")]),
+                ]),
+            ]),
+        ])]);
+        let entries = parse_read_reply(reply).expect("parses");
+        assert_eq!(entries.len(), 3);
+        assert_eq!(
+            entries[0].fields,
+            Some(vec![(b"\xff".to_vec(), b"x".to_vec())])
+        );
+        assert_eq!(entries[1].fields, None);
+        assert_eq!(entries[2].fields.as_ref().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn timeout_is_empty() {
+        assert_eq!(parse_read_reply(Value::Nil).expect("nil"), vec![]);
+    }
+
+    #[test]
+    fn client_names_have_no_spaces() {
+        assert_eq!(
+            client_name(&["redstream", "my group", "m-0"]),
+            "redstream:my_group:m-0"
+        );
+    }
+}

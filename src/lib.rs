@@ -1,0 +1,112 @@
+//! # redstream
+//!
+//! Process events from Redis Streams consumer groups with supervised actix
+//! actors: consumer groups, at-least-once delivery, durable retries with
+//! backoff, dead letters, reclaim of abandoned entries, backpressure and
+//! graceful shutdown, on the Redis you already run.
+//!
+//! ## One event, end to end
+//!
+//! 1. **Publish.** [`Producer::publish`] hands an [`Event`] to the
+//!    `ProducerActor`, which gives it an id (ULID or UUIDv7), batches it with
+//!    others and writes the batch with one pipelined round trip of `XADD`s.
+//!    The buffer is bounded: publishers wait when it is full.
+//! 2. **Read.** Each group member is a `ConsumerActor` with its own
+//!    connection. After (re)start it first re-reads its own pending entries,
+//!    then blocks on `XREADGROUP … >` for new ones.
+//! 3. **Handle.** The entry is decoded (per entry: a bad one never fails its
+//!    batch) into your [`Handler`]'s event type, and the handler runs under
+//!    `catch_unwind`, at most `in_flight` at a time per member.
+//! 4. **Decide.** The handler's [`Outcome`] goes to the group's
+//!    `GroupSupervisor`, the one place where an entry's fate is decided:
+//!    - `Ack` → `XACK`, batched into one multi-id call;
+//!    - `Retry` / `Err` / panic → the attempt is recorded and the entry is
+//!      scheduled for redelivery after an exponential backoff; after
+//!      `max_attempts` it is dead-lettered;
+//!    - `DeadLetter(reason)` → written to `<stream>:dlq` with the reason,
+//!      then acked, atomically.
+//! 5. **Reclaim.** The group's `ReclaimerActor` takes over entries whose
+//!    member stopped (idle longer than `min_idle`, found with `XAUTOCLAIM`)
+//!    and redelivers retries when they fall due.
+//!
+//! Failed consumers (a lost connection, a handler panic) are restarted by
+//! their supervisor with backoff, under the same member name; their siblings
+//! keep running. See `docs/semantics.md` for the guarantees.
+//!
+//! ```no_run
+//! use redstream::prelude::*;
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct OrderCreated { order_id: String }
+//!
+//! struct Orders;
+//!
+//! impl Handler for Orders {
+//!     type Event = OrderCreated;
+//!     async fn handle(&self, order: OrderCreated, meta: Meta) -> HandlerResult {
+//!         println!("order {} (entry {})", order.order_id, meta.entry_id());
+//!         Ok(Outcome::Ack)
+//!     }
+//! }
+//!
+//! #[actix::main]
+//! async fn main() -> redstream::Result<()> {
+//!     let processor = Processor::builder(Settings::load()?)
+//!         .group(Group::new("orders", "order-processing", Orders).with_members(4))
+//!         .start()
+//!         .await?;
+//!     let order = OrderCreated { order_id: "o-1".into() };
+//!     processor.producer().publish("orders", Event::new("order.created", &order)?).await?;
+//!     processor.run_until_signal().await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## Map of the crate
+//!
+//! | module | concept |
+//! |---|---|
+//! | [`settings`] | typed settings: defaults, `settings/*.toml`, `REDSTREAM__…` env |
+//! | `entry` | the wire format: [`Event`] out, [`Entry`] in, dead-letter fields |
+//! | `handler` | [`Handler`], [`handler_fn`], [`Meta`], [`Schema`] upcasters |
+//! | `outcome` | [`Outcome`], [`RetryPolicy`] |
+//! | [`broker`] | the [`Broker`] trait and [`RedisBroker`]: every Redis command |
+//! | `actors` | producer, group supervisor, consumer, reclaimer |
+//! | `processor` | [`Processor`] (the root), [`Group`] |
+//! | `producer` | [`Producer`], the publishing handle |
+//! | `status` | [`GroupStatus`] |
+//! | `error` | [`Error`], [`Result`] |
+//!
+//! The library installs no global tracing subscriber, metrics recorder or
+//! panic hook: the host application owns those.
+
+mod actors;
+pub mod broker;
+mod entry;
+mod error;
+mod handler;
+mod outcome;
+mod processor;
+mod producer;
+pub mod settings;
+mod status;
+
+pub use broker::{Broker, RedisBroker};
+pub use entry::{
+    DecodeError, Entry, Event, RawEntry, dead_letter_field, dead_letter_stream, field,
+};
+pub use error::{BoxError, Error, Result};
+pub use handler::{FnHandler, Handler, HandlerResult, Meta, OwnershipLost, Schema, handler_fn};
+pub use outcome::{Outcome, RetryPolicy};
+pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};
+pub use producer::{Producer, Published};
+pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};
+pub use status::{GroupStatus, MemberStatus};
+
+/// The names most programs need: `use redstream::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Event, Group, Handler, HandlerResult, Meta, Outcome, Processor, Producer, RetryPolicy,
+        Schema, Settings, handler_fn,
+    };
+}

@@ -1,0 +1,580 @@
+//! The root: builds and starts the actor system, and stops it in order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use crate::actors::group::{GetStatus, GroupStopReport, GroupSupervisor, Lease, StopGroup};
+use crate::actors::producer::{Flush, ProducerActor, ProducerOptions};
+use crate::actors::{GroupOptions, GroupRuntime};
+use crate::broker::{Broker, RedisBroker, ServerReport};
+use crate::error::{Error, Result};
+use crate::handler::{DynHandler, Handler, erase};
+use crate::outcome::RetryPolicy;
+use crate::producer::{Producer, new_event_id};
+use crate::settings::{IdFormat, Settings, StartFrom};
+use crate::status::GroupStatus;
+
+/// A consumer group to run in this process: a stream, a group name and the
+/// handler for its entries, with optional overrides of the `[consumer]` and
+/// `[retry]` settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use redstream::{handler_fn, Group, Meta, Outcome, RetryPolicy};
+///
+/// let group = Group::new("orders", "billing", handler_fn(|_: serde_json::Value, _: Meta| async {
+///     Ok(Outcome::Ack)
+/// }))
+/// .with_members(4)
+/// .with_retry(RetryPolicy::default().with_max_attempts(8).with_initial_delay(Duration::from_secs(2)));
+/// # let _ = group;
+/// ```
+pub struct Group {
+    stream: String,
+    group: String,
+    handler: Arc<dyn DynHandler>,
+    members: Option<usize>,
+    in_flight: Option<usize>,
+    count: Option<usize>,
+    max_pending: Option<u64>,
+    start_from: Option<StartFrom>,
+    retry: Option<RetryPolicy>,
+    min_idle: Option<Duration>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("stream", &self.stream)
+            .field("group", &self.group)
+            .field("members", &self.members)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Group {
+    /// A group named `group` reading `stream` with `handler`.
+    pub fn new<H: Handler>(
+        stream: impl Into<String>,
+        group: impl Into<String>,
+        handler: H,
+    ) -> Self {
+        Group {
+            stream: stream.into(),
+            group: group.into(),
+            handler: erase(handler),
+            members: None,
+            in_flight: None,
+            count: None,
+            max_pending: None,
+            start_from: None,
+            retry: None,
+            min_idle: None,
+        }
+    }
+
+    /// Members in this process (default `consumer.members`).
+    pub fn with_members(mut self, n: usize) -> Self {
+        self.members = Some(n);
+        self
+    }
+
+    /// Handlers running at once per member (default `consumer.in_flight`).
+    pub fn with_in_flight(mut self, n: usize) -> Self {
+        self.in_flight = Some(n);
+        self
+    }
+
+    /// Entries per read (default `consumer.count`).
+    pub fn with_count(mut self, n: usize) -> Self {
+        self.count = Some(n);
+        self
+    }
+
+    /// Pending bound above which reading pauses, 0 for none (default
+    /// `consumer.max_pending`).
+    pub fn with_max_pending(mut self, n: u64) -> Self {
+        self.max_pending = Some(n);
+        self
+    }
+
+    /// Where the group starts if it does not exist (default
+    /// `consumer.start_from`).
+    pub fn with_start_from(mut self, start: StartFrom) -> Self {
+        self.start_from = Some(start);
+        self
+    }
+
+    /// Retry and dead-letter policy (default from `[retry]`).
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Idle time after which entries are reclaimed (default
+    /// `reclaim.min_idle_ms`). Heartbeats run at a third of it at most.
+    pub fn with_min_idle(mut self, d: Duration) -> Self {
+        self.min_idle = Some(d);
+        self
+    }
+
+    /// The stream.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The group name.
+    pub fn name(&self) -> &str {
+        &self.group
+    }
+
+    fn resolve(&self, s: &Settings, instance: &str) -> Result<GroupOptions> {
+        let key = |k: &str| format!("group `{}` on `{}`: {k}", self.group, self.stream);
+        let members = self.members.unwrap_or(s.consumer.members);
+        let in_flight = self.in_flight.unwrap_or(s.consumer.in_flight);
+        let count = self.count.unwrap_or(s.consumer.count);
+        for (name, value) in [
+            ("members", members),
+            ("in_flight", in_flight),
+            ("count", count),
+        ] {
+            if value == 0 {
+                return Err(Error::settings(key(name), "must be at least 1"));
+            }
+        }
+        if self.stream.is_empty() || self.group.is_empty() {
+            return Err(Error::settings(
+                key("name"),
+                "stream and group must not be empty",
+            ));
+        }
+        let min_idle = self
+            .min_idle
+            .unwrap_or(Duration::from_millis(s.reclaim.min_idle_ms));
+        let mut heartbeat = Duration::from_millis(s.reclaim.heartbeat_ms);
+        if heartbeat * 2 > min_idle {
+            heartbeat = min_idle / 3;
+        }
+        Ok(GroupOptions {
+            member_names: (0..members)
+                .map(|i| Arc::from(format!("{instance}-{i}")))
+                .collect(),
+            count,
+            in_flight,
+            block: Duration::from_millis(s.consumer.block_ms),
+            max_pending: self.max_pending.unwrap_or(s.consumer.max_pending),
+            pending_check: Duration::from_millis(s.consumer.pending_check_ms),
+            start_from: self.start_from.unwrap_or(s.consumer.start_from),
+            on_missing_group: s.consumer.on_missing_group,
+            retry: self
+                .retry
+                .clone()
+                .unwrap_or_else(|| RetryPolicy::from(&s.retry)),
+            min_idle,
+            reclaim_interval: Duration::from_millis(s.reclaim.interval_ms),
+            reclaim_count: s.reclaim.count,
+            retry_poll: Duration::from_millis(s.reclaim.retry_poll_ms),
+            heartbeat,
+            lease_ttl: Duration::from_millis(s.reclaim.lease_ttl_ms),
+            restart_min: Duration::from_millis(s.supervision.restart_min_ms),
+            restart_max: Duration::from_millis(s.supervision.restart_max_ms),
+            shutdown_deadline: Duration::from_millis(s.shutdown.deadline_ms),
+        })
+    }
+}
+
+/// Builds a [`Processor`].
+pub struct ProcessorBuilder {
+    settings: Settings,
+    groups: Vec<Group>,
+    max_lens: HashMap<String, u64>,
+    broker: Option<Arc<dyn Broker>>,
+}
+
+impl std::fmt::Debug for ProcessorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorBuilder")
+            .field("groups", &self.groups)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProcessorBuilder {
+    /// Adds a consumer group.
+    pub fn group(mut self, group: Group) -> Self {
+        self.groups.push(group);
+        self
+    }
+
+    /// Trims `stream` to about `max_len` entries on every publish (`MAXLEN
+    /// ~`), overriding `producer.max_len`. Only safe when a single group
+    /// reads the stream, or all keep up; see the README on retention.
+    pub fn stream_max_len(mut self, stream: impl Into<String>, max_len: u64) -> Self {
+        self.max_lens.insert(stream.into(), max_len);
+        self
+    }
+
+    /// Uses this broker instead of connecting to `redis.url`.
+    pub fn broker(mut self, broker: Arc<dyn Broker>) -> Self {
+        self.broker = Some(broker);
+        self
+    }
+
+    /// Validates settings, connects, creates every group (before anything
+    /// is published, so nothing is skipped), takes the member leases, and
+    /// starts the actors. Must be called inside an actix `System`
+    /// (`#[actix::main]`, `#[actix_web::main]`, `#[actix_rt::test]`).
+    pub async fn start(self) -> Result<Processor> {
+        if System::try_current().is_none() {
+            return Err(Error::NoActixSystem);
+        }
+        let settings = self.settings;
+        settings.validate()?;
+        let instance = settings.instance.resolved_name();
+        let broker: Arc<dyn Broker> = match self.broker {
+            Some(b) => b,
+            None => Arc::new(RedisBroker::connect(&settings.redis, &instance).await?),
+        };
+        let server = broker.server_report().await?;
+        for warning in &server.warnings {
+            tracing::warn!(redis_version = %server.version, "{warning}");
+        }
+
+        let mut seen = std::collections::HashSet::new();
+        let mut runtimes = Vec::with_capacity(self.groups.len());
+        for group in &self.groups {
+            if !seen.insert((group.stream.clone(), group.group.clone())) {
+                return Err(Error::settings(
+                    "groups",
+                    format!(
+                        "group `{}` on stream `{}` is added twice",
+                        group.group, group.stream
+                    ),
+                ));
+            }
+            let options = group.resolve(&settings, &instance)?;
+            let created = broker
+                .ensure_group(&group.stream, &group.group, options.start_from)
+                .await?;
+            if created {
+                tracing::info!(stream = %group.stream, group = %group.group, "created consumer group");
+            }
+            runtimes.push(Arc::new(GroupRuntime {
+                broker: Arc::clone(&broker),
+                handler: Arc::clone(&group.handler),
+                stream: Arc::from(group.stream.as_str()),
+                group: Arc::from(group.group.as_str()),
+                options,
+            }));
+        }
+
+        let token: Arc<str> = Arc::from(new_event_id(IdFormat::Ulid));
+        let mut leases = Vec::with_capacity(runtimes.len());
+        for rt in &runtimes {
+            let keys: Vec<String> = rt
+                .options
+                .member_names
+                .iter()
+                .map(|m| broker.lease_key(&rt.stream, &rt.group, m))
+                .collect();
+            leases.push(Lease {
+                token: Arc::clone(&token),
+                keys,
+            });
+        }
+        let wait = Duration::from_millis(settings.reclaim.lease_wait_ms);
+        let ttl = Duration::from_millis(settings.reclaim.lease_ttl_ms);
+        acquire_all(&broker, &runtimes, &leases, ttl, wait).await?;
+
+        let workers = match settings.consumer.workers {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(4),
+            n => n,
+        };
+        let arbiters: Vec<Arbiter> = (0..workers).map(|_| Arbiter::new()).collect();
+        let handles: Arc<[ArbiterHandle]> = arbiters.iter().map(Arbiter::handle).collect();
+
+        let p = &settings.producer;
+        let producer_actor = ProducerActor::new(
+            Arc::clone(&broker),
+            ProducerOptions {
+                batch_size: p.batch_size,
+                linger: Duration::from_millis(p.linger_ms),
+                attempts: p.publish_attempts,
+                retry_min: Duration::from_millis(p.retry_initial_ms),
+                retry_max: Duration::from_millis(p.retry_max_ms),
+            },
+        )
+        .start();
+        let producer = Producer::new(
+            producer_actor,
+            p.buffer,
+            p.max_payload_bytes,
+            p.id_format,
+            (p.max_len > 0).then_some(p.max_len),
+            self.max_lens,
+        );
+
+        let mut offset = 0;
+        let mut groups = Vec::with_capacity(runtimes.len());
+        for (rt, lease) in runtimes.into_iter().zip(leases) {
+            let members = rt.options.member_names.len();
+            let supervisor =
+                GroupSupervisor::new(Arc::clone(&rt), Arc::clone(&handles), offset, lease).start();
+            offset += members;
+            groups.push(GroupHandle {
+                stream: Arc::clone(&rt.stream),
+                group: Arc::clone(&rt.group),
+                addr: supervisor,
+            });
+        }
+        tracing::info!(
+            instance = %instance, groups = groups.len(), workers,
+            redis_version = %server.version, "redstream processor started",
+        );
+        Ok(Processor {
+            producer,
+            groups,
+            arbiters,
+            settings,
+            server,
+            instance,
+        })
+    }
+}
+
+/// Takes every member lease, waiting up to `wait` for leases another
+/// process holds (it may have been killed a moment ago).
+async fn acquire_all(
+    broker: &Arc<dyn Broker>,
+    runtimes: &[Arc<GroupRuntime>],
+    leases: &[Lease],
+    ttl: Duration,
+    wait: Duration,
+) -> Result<()> {
+    let give_up = Instant::now() + wait;
+    let mut announced = false;
+    for (rt, lease) in runtimes.iter().zip(leases) {
+        loop {
+            let held = broker
+                .acquire_leases(&lease.keys, &lease.token, ttl)
+                .await?;
+            let Some(missing) = held.iter().position(|h| !h) else {
+                break;
+            };
+            if Instant::now() >= give_up {
+                let all: Vec<String> = leases.iter().flat_map(|l| l.keys.clone()).collect();
+                let _ = broker.release_leases(&all, &lease.token).await;
+                return Err(Error::LeaseHeld {
+                    stream: rt.stream.to_string(),
+                    group: rt.group.to_string(),
+                    member: rt.options.member_names[missing].to_string(),
+                    key: lease.keys[missing].clone(),
+                });
+            }
+            if !announced {
+                tracing::warn!(
+                    stream = %rt.stream, group = %rt.group,
+                    member = %rt.options.member_names[missing],
+                    "member name is leased by another process; waiting up to {wait:?} for it to expire",
+                );
+                announced = true;
+            }
+            tokio::time::sleep(
+                (ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500)),
+            )
+            .await;
+        }
+    }
+    Ok(())
+}
+
+struct GroupHandle {
+    stream: Arc<str>,
+    group: Arc<str>,
+    addr: Addr<GroupSupervisor>,
+}
+
+/// What a graceful stop did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Entries still running at the deadline: not acked, released at once
+    /// to other processes.
+    pub released: usize,
+    /// Whether every ack, retry and dead-letter decision was written.
+    pub settled: bool,
+    /// How long the stop took.
+    pub took: Duration,
+}
+
+/// The running actor system: the producer and one supervisor per group.
+/// The one handle to start ([`Processor::builder`]) and stop
+/// ([`Processor::shutdown`]).
+///
+/// ```no_run
+/// use redstream::{handler_fn, Event, Group, Meta, Outcome, Processor, Settings};
+///
+/// #[actix::main]
+/// async fn main() -> redstream::Result<()> {
+///     let settings = Settings::load()?;
+///     let orders = handler_fn(|order: serde_json::Value, meta: Meta| async move {
+///         println!("{} attempt {}: {order}", meta.entry_id(), meta.attempt());
+///         Ok(Outcome::Ack)
+///     });
+///     let processor = Processor::builder(settings)
+///         .group(Group::new("orders", "order-processing", orders).with_members(4))
+///         .start()
+///         .await?;
+///     processor
+///         .producer()
+///         .publish("orders", Event::new("order.created", &serde_json::json!({"order_id": "o-1"}))?)
+///         .await?;
+///     processor.run_until_signal().await?;
+///     Ok(())
+/// }
+/// ```
+pub struct Processor {
+    producer: Producer,
+    groups: Vec<GroupHandle>,
+    arbiters: Vec<Arbiter>,
+    settings: Settings,
+    server: ServerReport,
+    instance: String,
+}
+
+impl std::fmt::Debug for Processor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Processor")
+            .field("instance", &self.instance)
+            .field("groups", &self.groups.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Processor {
+    /// Starts building a processor from settings.
+    pub fn builder(settings: Settings) -> ProcessorBuilder {
+        ProcessorBuilder {
+            settings,
+            groups: Vec::new(),
+            max_lens: HashMap::new(),
+            broker: None,
+        }
+    }
+
+    /// The publishing handle.
+    pub fn producer(&self) -> Producer {
+        self.producer.clone()
+    }
+
+    /// This process's instance name (member names are `<instance>-<i>`).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The Redis server's version and data-loss warnings, read at start.
+    pub fn server(&self) -> &ServerReport {
+        &self.server
+    }
+
+    /// The status of every group.
+    pub async fn status(&self) -> Result<Vec<GroupStatus>> {
+        let mut out = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            out.push(g.addr.send(GetStatus).await.map_err(|_| Error::Stopped)?);
+        }
+        Ok(out)
+    }
+
+    /// The status of one group.
+    pub async fn group_status(&self, stream: &str, group: &str) -> Result<GroupStatus> {
+        let handle = self
+            .groups
+            .iter()
+            .find(|g| &*g.stream == stream && &*g.group == group)
+            .ok_or(Error::Stopped)?;
+        handle
+            .addr
+            .send(GetStatus)
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// Stops in order: members stop reading and finish running handlers by
+    /// `shutdown.deadline_ms`; their acks, retries and dead letters are
+    /// written; entries still running at the deadline are released (not
+    /// acked); then the producer writes what it holds and refuses more.
+    pub async fn shutdown(self) -> Result<ShutdownReport> {
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.settings.shutdown.deadline_ms);
+        let stops = self
+            .groups
+            .iter()
+            .map(|g| g.addr.send(StopGroup { deadline }));
+        let reports: Vec<GroupStopReport> = futures_util::future::join_all(stops)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or(GroupStopReport {
+                    released: 0,
+                    settled: false,
+                })
+            })
+            .collect();
+        self.producer.close();
+        let flush_for = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+        let flushed = tokio::time::timeout(flush_for, self.producer.actor().send(Flush))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !flushed {
+            tracing::error!("the producer did not finish writing before the deadline");
+        }
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+        let report = ShutdownReport {
+            released: reports.iter().map(|r| r.released).sum(),
+            settled: flushed && reports.iter().all(|r| r.settled),
+            took: started.elapsed(),
+        };
+        tracing::info!(
+            released = report.released, settled = report.settled, took = ?report.took,
+            "redstream processor stopped",
+        );
+        Ok(report)
+    }
+
+    /// Runs until SIGINT or SIGTERM, then [`Processor::shutdown`].
+    pub async fn run_until_signal(self) -> Result<ShutdownReport> {
+        wait_for_signal().await;
+        tracing::info!("stop signal received; shutting down");
+        self.shutdown().await
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,234 @@
+//! The publishing handle.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::Addr;
+use tokio::sync::Semaphore;
+
+pub use crate::actors::producer::Published;
+use crate::actors::producer::{Collector, ProducerActor, Publish, Queued};
+use crate::broker::PublishItem;
+use crate::entry::{Event, OutgoingEntry};
+use crate::error::{Error, Result};
+use crate::settings::IdFormat;
+
+/// Publishes events. Cheap to clone; share it (for example through
+/// actix-web's `web::Data`).
+///
+/// The producer's buffer is bounded (`producer.buffer` events accepted and
+/// not yet written): [`Producer::publish`] waits while it is full, and
+/// [`Producer::try_publish`] fails at once with [`Error::BufferFull`] instead
+/// (an HTTP handler turns that into `503`).
+///
+/// ```no_run
+/// # async fn demo(processor: redstream::Processor) -> redstream::Result<()> {
+/// use redstream::Event;
+///
+/// let producer = processor.producer();
+/// let receipt = producer
+///     .publish("orders", Event::new("order.created", &serde_json::json!({"order_id": "o-1"}))?)
+///     .await?;
+/// println!("written as {} with event id {}", receipt.entry_id, receipt.event_id);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: Addr<ProducerActor>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    max_payload: usize,
+    id_format: IdFormat,
+    default_max_len: Option<u64>,
+    max_lens: HashMap<String, u64>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("capacity", &self.inner.capacity)
+            .field("buffered", &self.buffered())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes a new event id.
+pub(crate) fn new_event_id(format: IdFormat) -> String {
+    match format {
+        IdFormat::Ulid => ulid::Ulid::new().to_string(),
+        IdFormat::Uuidv7 => uuid::Uuid::now_v7().to_string(),
+    }
+}
+
+impl Producer {
+    pub(crate) fn new(
+        addr: Addr<ProducerActor>,
+        capacity: usize,
+        max_payload: usize,
+        id_format: IdFormat,
+        default_max_len: Option<u64>,
+        max_lens: HashMap<String, u64>,
+    ) -> Self {
+        Producer {
+            inner: Arc::new(Inner {
+                addr,
+                permits: Arc::new(Semaphore::new(capacity)),
+                capacity,
+                max_payload,
+                id_format,
+                default_max_len,
+                max_lens,
+            }),
+        }
+    }
+
+    /// How many events are accepted and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.inner
+            .capacity
+            .saturating_sub(self.inner.permits.available_permits())
+    }
+
+    /// The buffer's size (`producer.buffer`).
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// Checks and encodes an event for `stream`.
+    fn prepare(&self, stream: &Arc<str>, event: Event) -> Result<PublishItem> {
+        let format = self.inner.id_format;
+        let entry: OutgoingEntry = event.into_outgoing(|| new_event_id(format))?;
+        let actual = entry.encoded_len();
+        if actual > self.inner.max_payload {
+            return Err(Error::PayloadTooLarge {
+                actual,
+                limit: self.inner.max_payload,
+            });
+        }
+        let max_len = self
+            .inner
+            .max_lens
+            .get(&**stream)
+            .copied()
+            .or(self.inner.default_max_len);
+        Ok(PublishItem {
+            stream: Arc::clone(stream),
+            entry,
+            max_len,
+        })
+    }
+
+    /// Publishes one event and waits until it is written. Waits first while
+    /// the buffer is full. The event gets an id unless it has one.
+    pub async fn publish(&self, stream: &str, event: Event) -> Result<Published> {
+        let stream: Arc<str> = Arc::from(stream);
+        let item = self.prepare(&stream, event)?;
+        let permit = Arc::clone(&self.inner.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Stopped)?;
+        self.send_one(item, permit).await
+    }
+
+    /// Like [`Producer::publish`], but fails at once with
+    /// [`Error::BufferFull`] when the buffer is full.
+    pub async fn try_publish(&self, stream: &str, event: Event) -> Result<Published> {
+        let stream: Arc<str> = Arc::from(stream);
+        let item = self.prepare(&stream, event)?;
+        let permit = Arc::clone(&self.inner.permits)
+            .try_acquire_owned()
+            .map_err(|_| Error::BufferFull {
+                capacity: self.inner.capacity,
+            })?;
+        self.send_one(item, permit).await
+    }
+
+    async fn send_one(
+        &self,
+        item: PublishItem,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Published> {
+        let (collector, done) = Collector::new(1);
+        let queued = Queued {
+            item,
+            collector,
+            index: 0,
+            _permit: Some(permit),
+        };
+        self.inner
+            .addr
+            .send(Publish(vec![queued]))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        let mut results = done.await.map_err(|_| Error::Stopped)?;
+        results.pop().unwrap_or(Err(Error::Stopped))
+    }
+
+    /// Publishes many events to one stream with one message to the
+    /// producer per chunk; returns one result per event, in order. Invalid
+    /// events (too large, reserved header) fail alone.
+    pub async fn publish_batch(
+        &self,
+        stream: &str,
+        events: Vec<Event>,
+    ) -> Result<Vec<Result<Published>>> {
+        let stream: Arc<str> = Arc::from(stream);
+        let total = events.len();
+        let mut results: Vec<Option<Result<Published>>> = (0..total).map(|_| None).collect();
+        let mut valid = Vec::with_capacity(total);
+        for (i, event) in events.into_iter().enumerate() {
+            match self.prepare(&stream, event) {
+                Ok(item) => valid.push((i, item)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        // Chunks of at most half the buffer, so two batches can overlap.
+        let chunk = (self.inner.capacity / 2).max(1);
+        let mut rest = valid.into_iter().peekable();
+        while rest.peek().is_some() {
+            let part: Vec<(usize, PublishItem)> = rest.by_ref().take(chunk).collect();
+            let mut permits = Arc::clone(&self.inner.permits)
+                .acquire_many_owned(part.len() as u32)
+                .await
+                .map_err(|_| Error::Stopped)?;
+            let (collector, done) = Collector::new(part.len());
+            let mut positions = Vec::with_capacity(part.len());
+            let mut queued = Vec::with_capacity(part.len());
+            for (k, (i, item)) in part.into_iter().enumerate() {
+                positions.push(i);
+                queued.push(Queued {
+                    item,
+                    collector: Arc::clone(&collector),
+                    index: k,
+                    _permit: permits.split(1),
+                });
+            }
+            self.inner
+                .addr
+                .send(Publish(queued))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            let written = done.await.map_err(|_| Error::Stopped)?;
+            for (i, r) in positions.into_iter().zip(written) {
+                results[i] = Some(r);
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Error::Stopped)))
+            .collect())
+    }
+
+    pub(crate) fn actor(&self) -> &Addr<ProducerActor> {
+        &self.inner.addr
+    }
+
+    /// Refuses new publishes (they fail with [`Error::Stopped`]).
+    pub(crate) fn close(&self) {
+        self.inner.permits.close();
+    }
+}

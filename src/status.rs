@@ -1,0 +1,56 @@
+//! What a running processor can tell about itself: per group, its members,
+//! their restarts and the outcomes handled so far.
+
+/// The state of one consumer group in this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupStatus {
+    /// The stream.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// Its members in this process.
+    pub members: Vec<MemberStatus>,
+    /// Entries acknowledged.
+    pub acked: u64,
+    /// Retries scheduled.
+    pub retried: u64,
+    /// Entries written to the dead-letter stream.
+    pub dead_lettered: u64,
+    /// Whether reading is paused because too many entries are pending.
+    pub paused: bool,
+    /// Whether the group has given up (its Redis group disappeared and the
+    /// policy is `fail`).
+    pub failed: bool,
+    /// Pending entries at the last check (including those waiting for a
+    /// retry).
+    pub pending: Option<u64>,
+    /// Of those, entries waiting for a retry.
+    pub waiting_retry: Option<u64>,
+}
+
+impl GroupStatus {
+    /// Consumer restarts, all members together.
+    pub fn restarts(&self) -> u64 {
+        self.members.iter().map(|m| m.restarts).sum()
+    }
+
+    /// Whether every member's consumer is running.
+    pub fn all_alive(&self) -> bool {
+        self.members.iter().all(|m| m.alive)
+    }
+}
+
+/// The state of one member (consumer actor).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemberStatus {
+    /// The member (consumer) name.
+    pub name: String,
+    /// Whether its consumer is running now.
+    pub alive: bool,
+    /// How many times it was restarted.
+    pub restarts: u64,
+    /// Why it last stopped, if it did.
+    pub last_error: Option<String>,
+}

@@ -1,0 +1,15 @@
+//! Integration tests against a real Redis. One binary, one module per
+//! concern; each test isolates itself with a unique key prefix
+//! (`support::TestContext`) and cleans up. Tests that hurt every client of a
+//! server start their own (`support::RedisServer`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs
+)]
+
+mod core;
+mod support;

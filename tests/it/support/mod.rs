@@ -1,0 +1,195 @@
+//! Shared test harness: isolation per test, waiting for conditions, and
+//! test-owned Redis servers for faults that hit every client.
+
+#![allow(dead_code)]
+
+pub mod redis_server;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use redstream::Settings;
+
+pub use redis_server::RedisServer;
+
+/// The shared Redis used by tests that do not break it.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// Whether the tests run in CI, where a missing service is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Installs a test log subscriber once (RUST_LOG to see it).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// One test's isolation: a unique key prefix on the shared Redis, and every
+/// key under it deleted on drop.
+pub struct TestContext {
+    pub prefix: String,
+    pub url: String,
+    client: redis::Client,
+}
+
+impl TestContext {
+    /// A context on the shared Redis; `None` (test skipped, with a printed
+    /// reason) when it does not answer outside CI.
+    pub fn new() -> Option<Self> {
+        Self::with_url(&redis_url())
+    }
+
+    /// A context on a given Redis (a test-owned server).
+    pub fn with_url(url: &str) -> Option<Self> {
+        init_tracing();
+        let client = redis::Client::open(url).expect("valid REDIS_URL");
+        let reachable = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok();
+        if !reachable {
+            assert!(!in_ci(), "Redis at {url} does not answer, and CI=true");
+            eprintln!("SKIPPED: Redis at {url} does not answer; run scripts/test.sh to start one");
+            return None;
+        }
+        let prefix = format!("rstest:{}", ulid::Ulid::new().to_string().to_lowercase());
+        Some(TestContext {
+            prefix,
+            url: url.to_owned(),
+            client,
+        })
+    }
+
+    /// A stream name unique to this test.
+    pub fn stream(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    /// Settings for fast tests: short blocks, timers and backoffs, a unique
+    /// instance name.
+    pub fn settings(&self) -> Settings {
+        let mut s = Settings::default();
+        s.redis.url = self.url.parse().expect("valid url");
+        s.instance.name = format!("t{}", &self.prefix[self.prefix.len() - 6..]);
+        s.consumer.block_ms = 200;
+        s.consumer.pending_check_ms = 100;
+        s.consumer.workers = 2;
+        s.retry.initial_delay_ms = 50;
+        s.retry.max_delay_ms = 1_000;
+        s.reclaim.min_idle_ms = 2_000;
+        s.reclaim.interval_ms = 200;
+        s.reclaim.retry_poll_ms = 50;
+        s.reclaim.heartbeat_ms = 500;
+        s.reclaim.lease_ttl_ms = 2_000;
+        s.reclaim.lease_wait_ms = 5_000;
+        s.supervision.restart_min_ms = 20;
+        s.supervision.restart_max_ms = 500;
+        s.shutdown.deadline_ms = 5_000;
+        s
+    }
+
+    /// A plain redis-rs connection, for checking and for writing entries the
+    /// way other clients do.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to Redis")
+    }
+
+    /// XPENDING count of a group.
+    pub async fn pending(&self, stream: &str, group: &str) -> u64 {
+        let mut c = self.conn().await;
+        let reply: redis::Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .query_async(&mut c)
+            .await
+            .expect("XPENDING");
+        match reply {
+            redis::Value::Array(parts) => match parts.first() {
+                Some(redis::Value::Int(n)) => *n as u64,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    /// XLEN of a stream.
+    pub async fn xlen(&self, stream: &str) -> u64 {
+        let mut c = self.conn().await;
+        c.xlen(stream).await.expect("XLEN")
+    }
+
+    /// All entries of a stream as (id, fields as strings).
+    pub async fn entries(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let mut c = self.conn().await;
+        let reply: redis::streams::StreamRangeReply = c.xrange_all(stream).await.expect("XRANGE");
+        reply
+            .ids
+            .into_iter()
+            .map(|id| {
+                let mut fields: Vec<(String, String)> = id
+                    .map
+                    .iter()
+                    .map(|(k, v)| {
+                        let v: String = redis::from_redis_value_ref(v).unwrap_or_default();
+                        (k.clone(), v)
+                    })
+                    .collect();
+                fields.sort();
+                (id.id, fields)
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestContext {
+    fn drop(&mut self) {
+        let Ok(mut c) = self
+            .client
+            .get_connection_with_timeout(Duration::from_secs(2))
+        else {
+            return;
+        };
+        let keys: Vec<String> = match redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query(&mut c)
+        {
+            Ok(keys) => keys,
+            Err(_) => return,
+        };
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut c);
+        }
+    }
+}
+
+/// Waits until `check` returns true, polling every 20 ms; panics with
+/// `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

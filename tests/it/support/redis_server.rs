@@ -1,0 +1,169 @@
+//! A redis-server owned by one test: free loopback port, its own temporary
+//! directory, AOF `always` by default, restartable on the same data, killed
+//! on drop. Faults that hit every client run only against these.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+/// How to stop the server before a restart.
+#[derive(Clone, Copy, Debug)]
+pub enum Stop {
+    /// SHUTDOWN (writes what it has).
+    Clean,
+    /// SIGKILL.
+    Kill9,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl RedisServer {
+    /// Starts a server with AOF `always`.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `--name value` arguments (which override
+    /// the defaults).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = RedisServer {
+            port: free_port(),
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    fn spawn(&mut self) {
+        let mut args: Vec<String> = [
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--enable-debug-command",
+            "local",
+            "--maxmemory-policy",
+            "noeviction",
+            "--daemonize",
+            "no",
+            "--dir",
+            &self.dir.path().display().to_string(),
+            "--logfile",
+            "redis.log",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(self.extra.iter().cloned());
+        let child = Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let client = redis::Client::open(self.url()).expect("url");
+        let start = Instant::now();
+        loop {
+            let ok = client
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok();
+            if ok {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "test redis-server on port {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server.
+    pub fn stop(&mut self, how: Stop) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        match how {
+            Stop::Kill9 => {
+                let _ = child.kill();
+            }
+            Stop::Clean => {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+            }
+        }
+        let _ = child.wait();
+    }
+
+    /// Stops and starts again on the same port and data directory.
+    pub fn restart(&mut self, how: Stop) {
+        self.stop(how);
+        self.spawn();
+    }
+
+    /// Sends a signal (e.g. "STOP", "CONT") to the server process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Runs a command on the server (faults: CLIENT KILL, DEBUG, CONFIG…).
+    pub fn cmd(&self, args: &[&str]) -> redis::Value {
+        let client = redis::Client::open(self.url()).expect("url");
+        let mut c = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .expect("connect to test redis");
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c).expect("command on test redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop(Stop::Kill9);
+    }
+}
