@@ -78,6 +78,20 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// A shared handler: keep an `Arc` to read the handler's state (counters,
+/// caches) while the processor runs it.
+impl<H: Handler> Handler for Arc<H> {
+    type Event = H::Event;
+
+    fn handle(&self, event: Self::Event, meta: Meta) -> impl Future<Output = HandlerResult> + Send {
+        H::handle(self, event, meta)
+    }
+
+    fn schema(&self) -> Schema {
+        H::schema(self)
+    }
+}
+
 /// A handler made from a closure; see [`handler_fn`].
 pub struct FnHandler<T, F> {
     f: F,
@@ -135,14 +149,14 @@ type Upcaster = Arc<dyn Fn(serde_json::Value) -> Result<serde_json::Value, BoxEr
 /// with reason `unknown_schema_version`.
 ///
 /// ```
-/// use redstream::Schema;
+/// use redstream::{BoxError, Schema};
 /// use serde_json::{json, Value};
 ///
 /// // v1 had `amount` in euros; v2 has `amount_cents`.
 /// let schema = Schema::new(2).upcast(1, |mut v: Value| {
 ///     let euros = v["amount"].as_f64().ok_or("amount missing")?;
 ///     v["amount_cents"] = json!((euros * 100.0).round() as i64);
-///     Ok(v)
+///     Ok::<_, BoxError>(v)
 /// });
 /// assert_eq!(schema.current(), 2);
 /// ```

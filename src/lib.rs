@@ -99,7 +99,7 @@ pub use error::{BoxError, Error, Result};
 pub use handler::{FnHandler, Handler, HandlerResult, Meta, OwnershipLost, Schema, handler_fn};
 pub use outcome::{Outcome, RetryPolicy};
 pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};
-pub use producer::{Producer, Published};
+pub use producer::{Producer, ProducerStats, Published};
 pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};
 pub use status::{GroupStatus, MemberStatus};
 
@@ -110,3 +110,8 @@ pub mod prelude {
         Schema, Settings, handler_fn,
     };
 }
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::actors::group::{GetStatus, GroupStopReport, GroupSupervisor, Lease, StopGroup};
-use crate::actors::producer::{Flush, ProducerActor, ProducerOptions};
+use crate::actors::producer::{Flush, ProducerActor, ProducerOptions, StatCounters};
 use crate::actors::{GroupOptions, GroupRuntime};
 use crate::broker::{Broker, RedisBroker, ServerReport};
 use crate::error::{Error, Result};
@@ -300,6 +300,7 @@ impl ProcessorBuilder {
         let handles: Arc<[ArbiterHandle]> = arbiters.iter().map(Arbiter::handle).collect();
 
         let p = &settings.producer;
+        let stats = Arc::new(StatCounters::default());
         let producer_actor = ProducerActor::new(
             Arc::clone(&broker),
             ProducerOptions {
@@ -309,10 +310,12 @@ impl ProcessorBuilder {
                 retry_min: Duration::from_millis(p.retry_initial_ms),
                 retry_max: Duration::from_millis(p.retry_max_ms),
             },
+            Arc::clone(&stats),
         )
         .start();
         let producer = Producer::new(
             producer_actor,
+            stats,
             p.buffer,
             p.max_payload_bytes,
             p.id_format,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use actix::Addr;
 use tokio::sync::Semaphore;
 
-pub use crate::actors::producer::Published;
-use crate::actors::producer::{Collector, ProducerActor, Publish, Queued};
+use crate::actors::producer::{Collector, ProducerActor, Publish, Queued, StatCounters};
+pub use crate::actors::producer::{ProducerStats, Published};
 use crate::broker::PublishItem;
 use crate::entry::{Event, OutgoingEntry};
 use crate::error::{Error, Result};
@@ -39,6 +39,7 @@ pub struct Producer {
 
 struct Inner {
     addr: Addr<ProducerActor>,
+    stats: Arc<StatCounters>,
     permits: Arc<Semaphore>,
     capacity: usize,
     max_payload: usize,
@@ -67,6 +68,7 @@ pub(crate) fn new_event_id(format: IdFormat) -> String {
 impl Producer {
     pub(crate) fn new(
         addr: Addr<ProducerActor>,
+        stats: Arc<StatCounters>,
         capacity: usize,
         max_payload: usize,
         id_format: IdFormat,
@@ -76,6 +78,7 @@ impl Producer {
         Producer {
             inner: Arc::new(Inner {
                 addr,
+                stats,
                 permits: Arc::new(Semaphore::new(capacity)),
                 capacity,
                 max_payload,
@@ -91,6 +94,11 @@ impl Producer {
         self.inner
             .capacity
             .saturating_sub(self.inner.permits.available_permits())
+    }
+
+    /// What the producer has written so far.
+    pub fn stats(&self) -> ProducerStats {
+        self.inner.stats.snapshot()
     }
 
     /// The buffer's size (`producer.buffer`).

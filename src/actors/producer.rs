@@ -94,6 +94,37 @@ pub(crate) struct Publish(pub(crate) Vec<Queued>);
 #[rtype(result = "()")]
 pub(crate) struct Flush;
 
+/// Counts of what the producer wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProducerStats {
+    /// Events written.
+    pub written: u64,
+    /// Events given up on (their publishers got an error).
+    pub failed: u64,
+    /// Pipelined round trips made (batches, retries included).
+    pub round_trips: u64,
+}
+
+/// Shared counters, updated by the writing task.
+#[derive(Debug, Default)]
+pub(crate) struct StatCounters {
+    written: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    round_trips: std::sync::atomic::AtomicU64,
+}
+
+impl StatCounters {
+    pub(crate) fn snapshot(&self) -> ProducerStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        ProducerStats {
+            written: self.written.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            round_trips: self.round_trips.load(Relaxed),
+        }
+    }
+}
+
 /// How the producer writes.
 #[derive(Clone, Debug)]
 pub(crate) struct ProducerOptions {
@@ -108,6 +139,7 @@ pub(crate) struct ProducerOptions {
 pub(crate) struct ProducerActor {
     broker: Arc<dyn Broker>,
     options: ProducerOptions,
+    stats: Arc<StatCounters>,
     buffer: Vec<Queued>,
     writing: bool,
     linger_armed: bool,
@@ -115,10 +147,15 @@ pub(crate) struct ProducerActor {
 }
 
 impl ProducerActor {
-    pub(crate) fn new(broker: Arc<dyn Broker>, options: ProducerOptions) -> Self {
+    pub(crate) fn new(
+        broker: Arc<dyn Broker>,
+        options: ProducerOptions,
+        stats: Arc<StatCounters>,
+    ) -> Self {
         ProducerActor {
             broker,
             options,
+            stats,
             buffer: Vec::new(),
             writing: false,
             linger_armed: false,
@@ -141,8 +178,9 @@ impl ProducerActor {
         self.writing = true;
         let broker = Arc::clone(&self.broker);
         let options = self.options.clone();
+        let stats = Arc::clone(&self.stats);
         ctx.spawn(
-            write_batch(broker, options, batch)
+            write_batch(broker, options, stats, batch)
                 .into_actor(self)
                 .map(|(), act, ctx| {
                     act.writing = false;
@@ -154,7 +192,13 @@ impl ProducerActor {
 
 /// Writes a batch, retrying what failed transiently, and answers each
 /// publisher.
-async fn write_batch(broker: Arc<dyn Broker>, options: ProducerOptions, batch: Vec<Queued>) {
+async fn write_batch(
+    broker: Arc<dyn Broker>,
+    options: ProducerOptions,
+    stats: Arc<StatCounters>,
+    batch: Vec<Queued>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut pending = batch;
     let mut backoff = Backoff::new(options.retry_min, options.retry_max);
     let mut attempt = 0;
@@ -163,6 +207,7 @@ async fn write_batch(broker: Arc<dyn Broker>, options: ProducerOptions, batch: V
         let items: Vec<PublishItem> = pending.iter().map(|q| q.item.clone()).collect();
         let last_try = attempt >= options.attempts;
         let mut retry = Vec::new();
+        stats.round_trips.fetch_add(1, Relaxed);
         match broker.publish(&items).await {
             Ok(results) => {
                 for (queued, result) in pending.into_iter().zip(results) {
@@ -173,9 +218,13 @@ async fn write_batch(broker: Arc<dyn Broker>, options: ProducerOptions, batch: V
                                 event_id: queued.item.entry.event_id.clone(),
                             };
                             queued.collector.set(queued.index, Ok(published));
+                            stats.written.fetch_add(1, Relaxed);
                         }
                         Err(e) if e.is_transient() && !last_try => retry.push(queued),
-                        Err(e) => fail(queued, attempt, &e),
+                        Err(e) => {
+                            stats.failed.fetch_add(1, Relaxed);
+                            fail(queued, attempt, &e);
+                        }
                     }
                 }
             }
@@ -190,6 +239,7 @@ async fn write_batch(broker: Arc<dyn Broker>, options: ProducerOptions, batch: V
                 retry = pending;
             }
             Err(e) => {
+                stats.failed.fetch_add(pending.len() as u64, Relaxed);
                 for queued in pending {
                     fail(queued, attempt, &e);
                 }

@@ -1,8 +1,11 @@
-//! The happy path: publish, read, handle, ack.
+//! The happy path: publish, read, handle, ack; typed and untyped handlers;
+//! entries written by other clients; several groups on one stream.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use redis::AsyncCommands;
 use redstream::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -14,26 +17,47 @@ struct OrderCreated {
     total_cents: i64,
 }
 
+/// What a handler saw of one delivery.
+#[derive(Clone, Debug)]
+struct Seen {
+    order: OrderCreated,
+    event_id: Option<String>,
+    event_type: Option<String>,
+    attempt: u32,
+}
+
+fn recording_handler() -> (Arc<Mutex<Vec<Seen>>>, impl Handler<Event = OrderCreated>) {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let handler = handler_fn(move |order: OrderCreated, meta: Meta| {
+        let sink = Arc::clone(&sink);
+        async move {
+            sink.lock().unwrap().push(Seen {
+                order,
+                event_id: meta.event_id().map(str::to_owned),
+                event_type: meta.event_type().map(str::to_owned),
+                attempt: meta.attempt(),
+            });
+            Ok(Outcome::Ack)
+        }
+    });
+    (seen, handler)
+}
+
+fn order(i: i64) -> OrderCreated {
+    OrderCreated {
+        order_id: format!("o-{i}"),
+        total_cents: i * 100,
+    }
+}
+
 #[actix_rt::test]
 async fn round_trip_delivers_every_event_once_and_acks_it() {
     let Some(ctx) = TestContext::new() else {
         return;
     };
     let stream = ctx.stream("orders");
-    let seen: Arc<Mutex<Vec<(OrderCreated, String, Option<String>, u32)>>> = Arc::default();
-    let sink = Arc::clone(&seen);
-    let handler = handler_fn(move |order: OrderCreated, meta: Meta| {
-        let sink = Arc::clone(&sink);
-        async move {
-            sink.lock().unwrap().push((
-                order,
-                meta.event_id().unwrap_or_default().to_owned(),
-                meta.event_type().map(str::to_owned),
-                meta.attempt(),
-            ));
-            Ok(Outcome::Ack)
-        }
-    });
+    let (seen, handler) = recording_handler();
     let processor = Processor::builder(ctx.settings())
         .group(Group::new(&stream, "billing", handler).with_members(2))
         .start()
@@ -42,33 +66,271 @@ async fn round_trip_delivers_every_event_once_and_acks_it() {
     let producer = processor.producer();
     let mut receipts = Vec::new();
     for i in 0..50 {
-        let order = OrderCreated {
-            order_id: format!("o-{i}"),
-            total_cents: i * 100,
-        };
-        let event = Event::new("order.created", &order).unwrap();
+        let event = Event::new("order.created", &order(i)).unwrap();
         receipts.push(producer.publish(&stream, event).await.expect("publish"));
     }
-    eventually(Duration::from_secs(10), "all 50 handled", || async {
-        seen.lock().unwrap().len() >= 50
-    })
-    .await;
-    eventually(Duration::from_secs(5), "all acked", || async {
-        ctx.pending(&stream, "billing").await == 0
-    })
+    eventually(
+        Duration::from_secs(10),
+        "all 50 handled and acked",
+        || async { seen.lock().unwrap().len() >= 50 && ctx.pending(&stream, "billing").await == 0 },
+    )
     .await;
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 50, "each event exactly once");
     for (i, receipt) in receipts.iter().enumerate() {
-        let (order, event_id, event_type, attempt) = seen
+        let s = seen
             .iter()
-            .find(|(o, ..)| o.order_id == format!("o-{i}"))
+            .find(|s| s.order.order_id == format!("o-{i}"))
             .expect("delivered");
-        assert_eq!(order.total_cents, i as i64 * 100);
-        assert_eq!(event_id, &receipt.event_id);
-        assert_eq!(event_type.as_deref(), Some("order.created"));
-        assert_eq!(*attempt, 1);
+        assert_eq!(s.order, order(i as i64));
+        assert_eq!(s.event_id.as_deref(), Some(receipt.event_id.as_str()));
+        assert_eq!(s.event_type.as_deref(), Some("order.created"));
+        assert_eq!(s.attempt, 1);
     }
+    // The wire format of what was written.
+    let entries = ctx.entries(&stream).await;
+    let (_, fields) = &entries[0];
+    let names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["data", "id", "ts", "type", "v"]);
     let report = processor.shutdown().await.expect("shutdown");
     assert!(report.settled);
+}
+
+#[actix_rt::test]
+async fn typed_and_untyped_handlers_read_the_same_entries() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("orders");
+    let (typed_seen, typed) = recording_handler();
+    let untyped_seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let sink = Arc::clone(&untyped_seen);
+    let untyped = handler_fn(move |value: serde_json::Value, _meta: Meta| {
+        let sink = Arc::clone(&sink);
+        async move {
+            sink.lock().unwrap().push(value);
+            Ok(Outcome::Ack)
+        }
+    });
+    let processor = Processor::builder(ctx.settings())
+        .group(Group::new(&stream, "typed", typed))
+        .group(Group::new(&stream, "untyped", untyped))
+        .start()
+        .await
+        .expect("start");
+    for i in 0..10 {
+        let event = Event::new("order.created", &order(i)).unwrap();
+        processor.producer().publish(&stream, event).await.unwrap();
+    }
+    eventually(
+        Duration::from_secs(10),
+        "both groups handled 10",
+        || async {
+            typed_seen.lock().unwrap().len() == 10 && untyped_seen.lock().unwrap().len() == 10
+        },
+    )
+    .await;
+    let values = untyped_seen.lock().unwrap().clone();
+    assert!(values.contains(&serde_json::json!({"order_id": "o-3", "total_cents": 300})));
+    processor.shutdown().await.unwrap();
+}
+
+/// Any client can write entries: without `data` and `id`, the fields are
+/// the payload, and the idempotency key falls back to stream/entry id.
+#[actix_rt::test]
+async fn entries_written_by_a_plain_client_are_delivered_as_their_fields() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("foreign");
+
+    #[derive(Debug, Deserialize)]
+    struct Restock {
+        sku: String,
+        qty: String,
+    }
+    /// sku, qty, event id, idempotency key, entry id.
+    type Delivery = (String, String, Option<String>, String, String);
+    let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let handler = handler_fn(move |r: Restock, meta: Meta| {
+        let sink = Arc::clone(&sink);
+        async move {
+            sink.lock().unwrap().push((
+                r.sku,
+                r.qty,
+                meta.event_id().map(str::to_owned),
+                meta.idempotency_key(),
+                meta.entry_id().to_owned(),
+            ));
+            Ok(Outcome::Ack)
+        }
+    });
+    let processor = Processor::builder(ctx.settings())
+        .group(Group::new(&stream, "stock", handler))
+        .start()
+        .await
+        .expect("start");
+    let mut c = ctx.conn().await;
+    let id: String = c
+        .xadd(&stream, "*", &[("sku", "A-1"), ("qty", "3")])
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "foreign entry handled", || async {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    let (sku, qty, event_id, key, entry_id) = seen.lock().unwrap()[0].clone();
+    assert_eq!((sku.as_str(), qty.as_str()), ("A-1", "3"));
+    assert_eq!(event_id, None);
+    assert_eq!(entry_id, id);
+    assert_eq!(key, format!("{stream}/{id}"));
+    eventually(Duration::from_secs(5), "acked", || async {
+        ctx.pending(&stream, "stock").await == 0
+    })
+    .await;
+    processor.shutdown().await.unwrap();
+}
+
+/// One bad entry never fails its batch: it goes to the dead-letter stream
+/// with a specific reason, its batch-mates are processed.
+#[actix_rt::test]
+async fn a_malformed_entry_is_dead_lettered_and_its_batch_mates_processed() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("mixed");
+    let (seen, handler) = recording_handler();
+    // Entries are written before the processor starts, so that they arrive
+    // in one read.
+    let mut c = ctx.conn().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("billing")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let good = serde_json::to_string(&order(1)).unwrap();
+    let mut bad_ids = HashMap::new();
+    for (i, data) in [
+        good.as_str(),
+        "{not json",
+        good.as_str(),
+        r#"{"order_id": 5}"#,
+        good.as_str(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let id: String = c
+            .xadd(
+                &stream,
+                "*",
+                &[("id", format!("e{i}").as_str()), ("data", *data)],
+            )
+            .await
+            .unwrap();
+        if i == 1 || i == 3 {
+            bad_ids.insert(id, i);
+        }
+    }
+    // A non-UTF-8 field name, which fails whole batches in other clients.
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(&b"\xff\xfename"[..])
+        .arg("x")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let processor = Processor::builder(ctx.settings())
+        .group(Group::new(&stream, "billing", handler))
+        .start()
+        .await
+        .expect("start");
+    let dlq = redstream::dead_letter_stream(&stream);
+    eventually(
+        Duration::from_secs(10),
+        "3 good handled, 3 dead-lettered",
+        || async { seen.lock().unwrap().len() == 3 && ctx.xlen(&dlq).await == 3 },
+    )
+    .await;
+    eventually(Duration::from_secs(5), "nothing pending", || async {
+        ctx.pending(&stream, "billing").await == 0
+    })
+    .await;
+    let letters = ctx.entries(&dlq).await;
+    let reasons: Vec<String> = letters
+        .iter()
+        .map(|(_, f)| f.iter().find(|(k, _)| k == "reason").unwrap().1.clone())
+        .collect();
+    assert!(
+        reasons.iter().filter(|r| r.starts_with("bad_json")).count() == 2,
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("malformed_field_name")),
+        "{reasons:?}"
+    );
+    for (_, fields) in &letters {
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("group").as_deref(), Some("billing"));
+        assert!(get("origin_id").is_some());
+        assert!(get("failed_at").is_some());
+        if let Some(origin) = get("origin_id")
+            && bad_ids.contains_key(&origin)
+        {
+            // The original fields travel with the letter.
+            assert!(get("data").is_some(), "original data kept: {fields:?}");
+        }
+    }
+    processor.shutdown().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn every_group_on_a_stream_gets_every_event() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("fanout");
+    let mut recorders = Vec::new();
+    let mut builder = Processor::builder(ctx.settings());
+    for name in ["webhooks", "analytics", "notifications"] {
+        let (seen, handler) = recording_handler();
+        recorders.push(seen);
+        builder = builder.group(Group::new(&stream, name, handler).with_members(2));
+    }
+    let processor = builder.start().await.expect("start");
+    let events: Vec<Event> = (0..100)
+        .map(|i| Event::new("order.created", &order(i)).unwrap())
+        .collect();
+    let results = processor
+        .producer()
+        .publish_batch(&stream, events)
+        .await
+        .unwrap();
+    assert!(results.iter().all(Result::is_ok));
+    eventually(
+        Duration::from_secs(10),
+        "each group handled 100",
+        || async { recorders.iter().all(|r| r.lock().unwrap().len() >= 100) },
+    )
+    .await;
+    for seen in &recorders {
+        let mut ids: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.order.order_id.clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 100, "every event, once");
+    }
+    processor.shutdown().await.unwrap();
 }

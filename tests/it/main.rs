@@ -12,4 +12,8 @@
 )]
 
 mod core;
+mod producer;
+mod settings;
+mod shutdown;
+mod supervision;
 mod support;

@@ -131,24 +131,44 @@ impl TestContext {
         c.xlen(stream).await.expect("XLEN")
     }
 
-    /// All entries of a stream as (id, fields as strings).
+    /// All entries of a stream as (id, fields as lossy strings, sorted).
+    /// Parsed from raw values: redis-rs's typed stream replies reject
+    /// non-UTF-8 field names.
     pub async fn entries(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
         let mut c = self.conn().await;
-        let reply: redis::streams::StreamRangeReply = c.xrange_all(stream).await.expect("XRANGE");
-        reply
-            .ids
-            .into_iter()
-            .map(|id| {
-                let mut fields: Vec<(String, String)> = id
-                    .map
-                    .iter()
-                    .map(|(k, v)| {
-                        let v: String = redis::from_redis_value_ref(v).unwrap_or_default();
-                        (k.clone(), v)
-                    })
-                    .collect();
-                fields.sort();
-                (id.id, fields)
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c)
+            .await
+            .expect("XRANGE");
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            redis::Value::SimpleString(s) => s.clone(),
+            other => format!("{other:?}"),
+        };
+        let redis::Value::Array(items) = reply else {
+            return Vec::new();
+        };
+        items
+            .iter()
+            .filter_map(|item| match item {
+                redis::Value::Array(pair) if pair.len() == 2 => {
+                    let fields = match &pair[1] {
+                        redis::Value::Array(flat) => {
+                            let mut f: Vec<(String, String)> = flat
+                                .chunks(2)
+                                .map(|kv| (text(&kv[0]), text(&kv[1])))
+                                .collect();
+                            f.sort();
+                            f
+                        }
+                        _ => Vec::new(),
+                    };
+                    Some((text(&pair[0]), fields))
+                }
+                _ => None,
             })
             .collect()
     }
