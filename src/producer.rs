@@ -240,3 +240,24 @@ impl Producer {
         self.inner.permits.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_in_both_formats_are_unique_and_time_ordered() {
+        let u1 = new_event_id(IdFormat::Uuidv7);
+        let u2 = new_event_id(IdFormat::Uuidv7);
+        let parsed = uuid::Uuid::parse_str(&u1).expect("a UUID");
+        assert_eq!(parsed.get_version_num(), 7);
+        assert!(u1 < u2, "UUIDv7 ids sort by creation: {u1} {u2}");
+
+        let l1 = new_event_id(IdFormat::Ulid);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let l2 = new_event_id(IdFormat::Ulid);
+        assert_eq!(l1.len(), 26);
+        assert!(ulid::Ulid::from_string(&l1).is_ok());
+        assert!(l1 < l2, "ULIDs sort by creation: {l1} {l2}");
+    }
+}

@@ -634,9 +634,19 @@ impl Actor for GroupSupervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        for index in 0..self.members.len() {
-            self.start_member(index, ctx);
-        }
+        // Check the pending list before the first read, so a group already
+        // over its bound starts paused.
+        let rt = Arc::clone(&self.runtime);
+        let first_check = async move { rt.broker.pending_summary(&rt.stream, &rt.group).await };
+        ctx.wait(first_check.into_actor(self).map(|result, act, ctx| {
+            if let Ok(summary) = result {
+                act.apply_backpressure(&summary, ctx);
+                act.last_pending = Some(summary);
+            }
+            for index in 0..act.members.len() {
+                act.start_member(index, ctx);
+            }
+        }));
         let me = ctx.address();
         let reclaimer = ReclaimerActor::new(
             Arc::clone(&self.runtime),

@@ -334,3 +334,89 @@ async fn every_group_on_a_stream_gets_every_event() {
     }
     processor.shutdown().await.unwrap();
 }
+
+/// A group stops reading while too many entries are pending, and resumes
+/// once they are acked.
+#[actix_rt::test]
+async fn reading_pauses_above_the_pending_bound_and_resumes_below_it() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("bounded");
+    let mut c = ctx.conn().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("g")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // Another process read 50 entries and has not acked them yet.
+    for i in 0..50 {
+        let data = serde_json::to_string(&order(i)).unwrap();
+        let _: String = c.xadd(&stream, "*", &[("data", data)]).await.unwrap();
+    }
+    let ghost: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("ghost")
+        .arg("COUNT")
+        .arg(50)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let ghost_ids: Vec<String> = match ghost {
+        redis::Value::Array(streams) => match &streams[0] {
+            redis::Value::Array(pair) => match &pair[1] {
+                redis::Value::Array(entries) => entries
+                    .iter()
+                    .map(|e| match e {
+                        redis::Value::Array(kv) => redis::from_redis_value_ref(&kv[0]).unwrap(),
+                        _ => panic!("entry"),
+                    })
+                    .collect(),
+                _ => panic!("entries"),
+            },
+            _ => panic!("stream"),
+        },
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(ghost_ids.len(), 50);
+
+    let (seen, handler) = recording_handler();
+    let mut settings = ctx.settings();
+    settings.reclaim.min_idle_ms = 600_000;
+    settings.reclaim.heartbeat_ms = 60_000;
+    let processor = Processor::builder(settings)
+        .group(Group::new(&stream, "g", handler).with_max_pending(20))
+        .start()
+        .await
+        .unwrap();
+    assert!(processor.group_status(&stream, "g").await.unwrap().paused);
+    for i in 100..110 {
+        let event = Event::new("order.created", &order(i)).unwrap();
+        processor.producer().publish(&stream, event).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "nothing read while over the bound"
+    );
+    assert_eq!(ctx.pending(&stream, "g").await, 50);
+
+    // The other process acks: the group drops below its bound and resumes.
+    let _: u64 = c.xack(&stream, "g", &ghost_ids).await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "resumed and handled the 10",
+        || async { seen.lock().unwrap().len() == 10 },
+    )
+    .await;
+    assert!(!processor.group_status(&stream, "g").await.unwrap().paused);
+    processor.shutdown().await.unwrap();
+}
