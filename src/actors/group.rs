@@ -314,28 +314,52 @@ impl GroupSupervisor {
         self.writes_in_flight += 1;
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
-            let result =
-                with_tries(|| rt.broker.dead_letter(&rt.stream, &rt.group, &letters)).await;
-            (letters, result)
-        };
-        ctx.spawn(fut.into_actor(self).map(|(letters, result), act, _ctx| {
-            act.writes_in_flight -= 1;
-            let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (&*rt.stream, &*rt.group);
-            match result {
-                Ok(()) => {
-                    act.counters.dead_lettered += letters.len() as u64;
-                    for l in &letters {
-                        tracing::warn!(
-                            stream, group, entry_id = %l.origin_id, attempts = l.attempts,
-                            "dead-lettered: {}", l.reason,
-                        );
+            let mut pending = letters;
+            let mut written = Vec::new();
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+            let mut last_error = String::new();
+            for attempt in 1..=WRITE_TRIES {
+                match rt.broker.dead_letter(&rt.stream, &rt.group, &pending).await {
+                    Ok(failed) => {
+                        let (bad, good): (Vec<DeadLetter>, Vec<DeadLetter>) = pending
+                            .into_iter()
+                            .partition(|l| failed.iter().any(|(id, _)| *id == l.origin_id));
+                        written.extend(good);
+                        pending = bad;
+                        if let Some((_, e)) = failed.first() {
+                            last_error = e.clone();
+                        }
+                    }
+                    Err(e) => {
+                        last_error = e.to_string();
+                        if !e.is_transient() {
+                            break;
+                        }
                     }
                 }
-                Err(e) => tracing::error!(
-                    stream, group, count = letters.len(),
-                    "dead-letter write failed: {e}; the entries stay pending (not acked) and come back through reclaim",
-                ),
+                if pending.is_empty() || attempt == WRITE_TRIES {
+                    break;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            (written, pending, last_error)
+        };
+        ctx.spawn(fut.into_actor(self).map(|(written, failed, error), act, _ctx| {
+            act.writes_in_flight -= 1;
+            act.counters.dead_lettered += written.len() as u64;
+            let rt = Arc::clone(&act.runtime);
+            let (stream, group) = (&*rt.stream, &*rt.group);
+            for l in &written {
+                tracing::warn!(
+                    stream, group, entry_id = %l.origin_id, attempts = l.attempts,
+                    "dead-lettered: {}", l.reason,
+                );
+            }
+            for l in &failed {
+                tracing::error!(
+                    stream, group, entry_id = %l.origin_id,
+                    "dead-letter write failed: {error}; the entry stays pending (not acked) and comes back through reclaim",
+                );
             }
             act.notify_if_settled();
         }));

@@ -195,9 +195,16 @@ pub trait Broker: Send + Sync + 'static {
         retries: &[RetrySchedule],
     ) -> Result<()>;
 
-    /// Writes dead letters to `<stream>:dlq` and acks their originals in one
-    /// atomic step: either both happen or neither does.
-    async fn dead_letter(&self, stream: &str, group: &str, letters: &[DeadLetter]) -> Result<()>;
+    /// Writes dead letters to `<stream>:dlq`, acking each original in the
+    /// same atomic step as its letter: an original is acked only if its
+    /// letter was written. Returns `(id, error)` for letters that could not
+    /// be written; their originals stay pending.
+    async fn dead_letter(
+        &self,
+        stream: &str,
+        group: &str,
+        letters: &[DeadLetter],
+    ) -> Result<Vec<(String, String)>>;
 
     /// One reclaim step: claims for `member` up to `count` entries idle at
     /// least `min_idle`, from `cursor`.

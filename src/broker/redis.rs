@@ -100,6 +100,34 @@ end
 return out
 "#;
 
+/// Writes dead letters and acks each original only if its own letter was
+/// written (a MULTI would ack even when the XADD fails at run time, for
+/// example on a wrong key type). Returns `{id, error}` for each letter that
+/// could not be written; those originals stay pending.
+const DEAD_LETTER_LUA: &str = r#"
+local failed = {}
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local id = ARGV[i]
+  local nfields = tonumber(ARGV[i + 1])
+  i = i + 2
+  local args = {'XADD', KEYS[2], '*'}
+  for _ = 1, nfields * 2 do
+    args[#args + 1] = ARGV[i]
+    i = i + 1
+  end
+  local r = redis.pcall(unpack(args))
+  if type(r) == 'table' and r.err then
+    failed[#failed + 1] = {id, r.err}
+  else
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('ZREM', KEYS[4], id)
+  end
+end
+return failed
+"#;
+
 /// Takes or renews leases: `SET NX` when free, `PEXPIRE` when already ours.
 const LEASE_ACQUIRE_LUA: &str = r#"
 local out = {}
@@ -129,6 +157,7 @@ return 1
 
 struct Scripts {
     heartbeat: Script,
+    dead_letter: Script,
     claim_due: Script,
     lease_acquire: Script,
     lease_release: Script,
@@ -191,6 +220,7 @@ impl RedisBroker {
                 instance: instance.to_owned(),
                 scripts: Scripts {
                     heartbeat: Script::new(HEARTBEAT_LUA),
+                    dead_letter: Script::new(DEAD_LETTER_LUA),
                     claim_due: Script::new(CLAIM_DUE_LUA),
                     lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
                     lease_release: Script::new(LEASE_RELEASE_LUA),
@@ -403,25 +433,32 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn dead_letter(&self, stream: &str, group: &str, letters: &[DeadLetter]) -> Result<()> {
+    async fn dead_letter(
+        &self,
+        stream: &str,
+        group: &str,
+        letters: &[DeadLetter],
+    ) -> Result<Vec<(String, String)>> {
         if letters.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let dlq = dead_letter_stream(stream);
-        let ids: Vec<&str> = letters.iter().map(|l| l.origin_id.as_str()).collect();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut invocation = self.inner.scripts.dead_letter.prepare_invoke();
+        invocation
+            .key(stream)
+            .key(dead_letter_stream(stream))
+            .key(attempts_key(stream, group))
+            .key(retry_key(stream, group))
+            .arg(group)
+            .arg(letters.len());
         for letter in letters {
-            let cmd = pipe.cmd("XADD").arg(&dlq).arg(AUTO_ID);
-            for (name, value) in dead_letter_fields(letter, group) {
-                cmd.arg(name).arg(value);
+            let fields = dead_letter_fields(letter, group);
+            invocation.arg(&letter.origin_id).arg(fields.len());
+            for (name, value) in fields {
+                invocation.arg(name).arg(value);
             }
         }
-        pipe.cmd("XACK").arg(stream).arg(group).arg(&ids);
-        pipe.cmd("HDEL").arg(attempts_key(stream, group)).arg(&ids);
-        pipe.cmd("ZREM").arg(retry_key(stream, group)).arg(&ids);
-        pipe.exec_async(&mut self.conn()).await?;
-        Ok(())
+        let failed: Vec<(String, String)> = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(failed)
     }
 
     async fn claim_idle(
