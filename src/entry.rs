@@ -208,11 +208,29 @@ impl Event {
         &self.data
     }
 
-    /// Checks the event and turns it into the fields of one entry.
-    pub(crate) fn into_outgoing(
-        self,
-        default_id: impl FnOnce() -> String,
-    ) -> Result<OutgoingEntry> {
+    /// The schema version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The ordering key, if set.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The W3C trace context, if set.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
+    }
+
+    /// Extra fields.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    /// Checks what can be checked before writing: no header may use a
+    /// reserved field name.
+    pub(crate) fn check(&self) -> Result<()> {
         if let Some((name, _)) = self
             .headers
             .iter()
@@ -222,6 +240,15 @@ impl Event {
                 reason: format!("header `{name}` uses a reserved field name"),
             });
         }
+        Ok(())
+    }
+
+    /// Checks the event and turns it into the fields of one entry.
+    pub(crate) fn into_outgoing(
+        self,
+        default_id: impl FnOnce() -> String,
+    ) -> Result<OutgoingEntry> {
+        self.check()?;
         let id = match self.id {
             Some(id) if !id.is_empty() => id,
             _ => default_id(),

@@ -190,23 +190,55 @@ fn redis_is_transient(e: &redis::RedisError) -> bool {
     }
 }
 
-fn db_is_transient(e: &sea_orm::DbErr) -> bool {
-    use sea_orm::DbErr;
+/// Whether a database error can go away by itself: the connection or pool
+/// failed, the server is shutting down, or a lock or serialization conflict
+/// (SQLite `BUSY`/`LOCKED`, PostgreSQL class 08, 40001, 40P01, 55P03, 57P0x,
+/// 53300). Constraint violations and bad SQL are not transient.
+pub(crate) fn db_is_transient(e: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
     match e {
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
-        other => {
-            let text = other.to_string().to_ascii_lowercase();
-            [
-                "database is locked",
-                "busy",
-                "connection",
-                "timed out",
-                "broken pipe",
-            ]
-            .iter()
-            .any(|needle| text.contains(needle))
+        DbErr::Exec(RuntimeErr::SqlxError(s)) | DbErr::Query(RuntimeErr::SqlxError(s)) => {
+            sqlx_is_transient(s)
         }
+        _ => false,
     }
+}
+
+fn sqlx_is_transient(e: &sea_orm::sqlx::Error) -> bool {
+    use sea_orm::sqlx::Error as E;
+    match e {
+        E::Io(_)
+        | E::Tls(_)
+        | E::Protocol(_)
+        | E::PoolTimedOut
+        | E::PoolClosed
+        | E::WorkerCrashed
+        | E::BeginFailed => true,
+        E::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || matches!(code, "40001" | "40P01" | "55P03" | "53300")
+                // SQLite primary and extended codes of BUSY (5) and LOCKED (6).
+                || matches!(code, "5" | "6" | "261" | "262" | "517" | "773")
+        }
+        _ => false,
+    }
+}
+
+/// Whether a handler's error is really a transient database failure (a
+/// `sea_orm::DbErr` passed up with `?`), which is retried without using
+/// the entry's attempt budget.
+pub(crate) fn is_transient_db_error(e: &BoxError) -> bool {
+    if let Some(db) = e.downcast_ref::<sea_orm::DbErr>() {
+        return db_is_transient(db);
+    }
+    if let Some(Error::Database(db)) = e.downcast_ref::<Error>() {
+        return db_is_transient(db);
+    }
+    false
 }
 
 #[cfg(test)]

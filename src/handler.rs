@@ -391,6 +391,23 @@ impl Meta {
     }
 }
 
+impl Meta {
+    /// The tracing span of one entry's handling (`outcome` is recorded when
+    /// it ends).
+    pub(crate) fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "redstream.entry",
+            stream = %self.member.stream,
+            group = %self.member.group,
+            member = %self.member.member,
+            entry_id = %self.entry.id(),
+            event_type = self.entry.event_type().unwrap_or(""),
+            attempt = self.attempt,
+            outcome = tracing::field::Empty,
+        )
+    }
+}
+
 /// What running a handler on one entry came to.
 #[derive(Debug)]
 pub(crate) enum Verdict {
@@ -403,12 +420,34 @@ pub(crate) enum Verdict {
     /// Not run: its attempt budget was already spent (an earlier
     /// dead-letter write failed, or the budget was lowered).
     Exhausted,
+    /// Not committed: another member took the entry over. Nothing is
+    /// reported for it.
+    Lost,
 }
 
 /// A handler with its event type erased, as the consumers hold it.
 pub(crate) trait DynHandler: Send + Sync + 'static {
     /// Decodes the entry and starts the handler on it.
     fn start(&self, meta: Meta) -> Result<BoxFuture<'static, HandlerResult>, DecodeError>;
+
+    /// For handlers that process entries in shared transactions: the most
+    /// entries per batch. `None` (the default): one future per entry.
+    fn batch_size(&self) -> Option<usize> {
+        None
+    }
+
+    /// Runs a batch; one verdict per entry, in order. Only called when
+    /// [`DynHandler::batch_size`] is `Some`.
+    fn run_batch(&self, metas: Vec<Meta>) -> BoxFuture<'static, Vec<Verdict>> {
+        let verdicts = metas
+            .into_iter()
+            .map(|_| Verdict::Failed {
+                error: "this handler does not run batches".to_owned(),
+                panicked: false,
+            })
+            .collect();
+        Box::pin(std::future::ready(verdicts))
+    }
 }
 
 struct Erased<H: Handler> {
@@ -433,7 +472,7 @@ pub(crate) fn erase<H: Handler>(handler: H) -> Arc<dyn DynHandler> {
     })
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -75,6 +75,7 @@
 //! | `processor` | [`Processor`] (the root), [`Group`] |
 //! | `producer` | [`Producer`], the publishing handle |
 //! | `status` | [`GroupStatus`] |
+//! | `store` | [`Store`], [`TxHandler`] (exactly one effect), [`enqueue`] (outbox) |
 //! | `error` | [`Error`], [`Result`] |
 //!
 //! The library installs no global tracing subscriber, metrics recorder or
@@ -90,6 +91,7 @@ mod processor;
 mod producer;
 pub mod settings;
 mod status;
+mod store;
 
 pub use broker::{Broker, RedisBroker};
 pub use entry::{
@@ -102,12 +104,13 @@ pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};
 pub use producer::{Producer, ProducerStats, Published};
 pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};
 pub use status::{GroupStatus, MemberStatus};
+pub use store::{Store, StoreStats, TxHandler, enqueue};
 
 /// The names most programs need: `use redstream::prelude::*;`.
 pub mod prelude {
     pub use crate::{
         Event, Group, Handler, HandlerResult, Meta, Outcome, Processor, Producer, RetryPolicy,
-        Schema, Settings, handler_fn,
+        Schema, Settings, Store, TxHandler, enqueue, handler_fn,
     };
 }
 

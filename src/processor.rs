@@ -11,11 +11,12 @@ use crate::actors::producer::{Flush, ProducerActor, ProducerOptions, StatCounter
 use crate::actors::{GroupOptions, GroupRuntime};
 use crate::broker::{Broker, RedisBroker, ServerReport};
 use crate::error::{Error, Result};
-use crate::handler::{DynHandler, Handler, erase};
+use crate::handler::{DynHandler, Handler, erase, handler_fn};
 use crate::outcome::RetryPolicy;
 use crate::producer::{Producer, new_event_id};
 use crate::settings::{IdFormat, Settings, StartFrom};
 use crate::status::GroupStatus;
+use crate::store::{OutboxRelay, RelayOptions, StopRelay, Store, TxHandler, erase_tx};
 
 /// A consumer group to run in this process: a stream, a group name and the
 /// handler for its entries, with optional overrides of the `[consumer]` and
@@ -74,6 +75,24 @@ impl Group {
             retry: None,
             min_idle: None,
         }
+    }
+
+    /// A group whose handler writes through a database transaction, with
+    /// exactly one effect per event (see [`TxHandler`]). Entries of one read
+    /// share a transaction (up to `database.batch_size`).
+    pub fn transactional<H: TxHandler>(
+        stream: impl Into<String>,
+        group: impl Into<String>,
+        store: &Store,
+        handler: H,
+    ) -> Self {
+        let mut g = Group::new(
+            stream,
+            group,
+            handler_fn(|_: serde_json::Value, _: crate::Meta| async { Ok(crate::Outcome::Ack) }),
+        );
+        g.handler = erase_tx(store.clone(), handler);
+        g
     }
 
     /// Members in this process (default `consumer.members`).
@@ -190,6 +209,7 @@ impl Group {
 pub struct ProcessorBuilder {
     settings: Settings,
     groups: Vec<Group>,
+    outbox: Option<Store>,
     max_lens: HashMap<String, u64>,
     broker: Option<Arc<dyn Broker>>,
 }
@@ -214,6 +234,12 @@ impl ProcessorBuilder {
     /// reads the stream, or all keep up; see the README on retention.
     pub fn stream_max_len(mut self, stream: impl Into<String>, max_len: u64) -> Self {
         self.max_lens.insert(stream.into(), max_len);
+        self
+    }
+
+    /// Relays this store's outbox to its streams (see [`enqueue`](crate::enqueue)).
+    pub fn outbox(mut self, store: &Store) -> Self {
+        self.outbox = Some(store.clone());
         self
     }
 
@@ -336,6 +362,19 @@ impl ProcessorBuilder {
                 addr: supervisor,
             });
         }
+        let relay = self.outbox.map(|store| {
+            let o = &settings.outbox;
+            OutboxRelay::new(
+                store,
+                producer.clone(),
+                RelayOptions {
+                    poll: Duration::from_millis(o.poll_ms),
+                    batch: o.batch_size,
+                    lease_ttl: Duration::from_millis(o.lease_ttl_ms),
+                },
+            )
+            .start()
+        });
         tracing::info!(
             instance = %instance, groups = groups.len(), workers,
             redis_version = %server.version, "redstream processor started",
@@ -343,6 +382,7 @@ impl ProcessorBuilder {
         Ok(Processor {
             producer,
             groups,
+            relay,
             arbiters,
             settings,
             server,
@@ -445,6 +485,7 @@ pub struct ShutdownReport {
 pub struct Processor {
     producer: Producer,
     groups: Vec<GroupHandle>,
+    relay: Option<Addr<OutboxRelay>>,
     arbiters: Vec<Arbiter>,
     settings: Settings,
     server: ServerReport,
@@ -466,6 +507,7 @@ impl Processor {
         ProcessorBuilder {
             settings,
             groups: Vec::new(),
+            outbox: None,
             max_lens: HashMap::new(),
             broker: None,
         }
@@ -512,7 +554,8 @@ impl Processor {
     /// Stops in order: members stop reading and finish running handlers by
     /// `shutdown.deadline_ms`; their acks, retries and dead letters are
     /// written; entries still running at the deadline are released (not
-    /// acked); then the producer writes what it holds and refuses more.
+    /// acked); the outbox relay makes a last pass; then the producer writes
+    /// what it holds and refuses more.
     pub async fn shutdown(self) -> Result<ShutdownReport> {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.settings.shutdown.deadline_ms);
@@ -530,6 +573,14 @@ impl Processor {
                 })
             })
             .collect();
+        if let Some(relay) = &self.relay {
+            // A last pass, so rows committed by the handlers just stopped go out.
+            let _ = tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
+                relay.send(StopRelay),
+            )
+            .await;
+        }
         self.producer.close();
         let flush_for = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
         let flushed = tokio::time::timeout(flush_for, self.producer.actor().send(Flush))

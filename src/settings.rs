@@ -48,6 +48,8 @@ pub struct Settings {
     pub redis: RedisSettings,
     /// The database for exactly-once effects and the outbox.
     pub database: DatabaseSettings,
+    /// The transactional outbox relay.
+    pub outbox: OutboxSettings,
     /// This process's identity (member names derive from it).
     pub instance: InstanceSettings,
     /// The batching producer.
@@ -103,6 +105,12 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// How long to wait for a pooled connection. Default 5000.
     pub acquire_timeout_ms: u64,
+    /// Most entries whose effects share one transaction (exactly-once
+    /// handlers). Default 100.
+    pub batch_size: usize,
+    /// SQLite: how long a writer waits for the write lock before the batch
+    /// is retried as "database busy". Default 5000.
+    pub busy_timeout_ms: u64,
 }
 
 impl Default for DatabaseSettings {
@@ -111,6 +119,33 @@ impl Default for DatabaseSettings {
             url: DatabaseUrl::default(),
             max_connections: 8,
             acquire_timeout_ms: 5_000,
+            batch_size: 100,
+            busy_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[outbox]`: relaying the transactional outbox to streams.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct OutboxSettings {
+    /// How often the relay looks for unsent rows when nothing woke it
+    /// (PostgreSQL wakes it at each commit). Default 100.
+    pub poll_ms: u64,
+    /// Most rows relayed per round. Default 500.
+    pub batch_size: usize,
+    /// Lifetime of the lease that makes one process the relay of a
+    /// database. Default 10000.
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        OutboxSettings {
+            poll_ms: 100,
+            batch_size: 500,
+            lease_ttl_ms: 10_000,
         }
     }
 }

@@ -177,14 +177,16 @@ impl Handler<SetPaused> for ConsumerActor {
 
 /// Bookkeeping for an entry this member holds (running or queued).
 struct Held {
-    /// Set while its handler runs.
+    /// Set while its handler runs (shared by the entries of one batch).
     abort: Option<AbortHandle>,
+    /// Runs in a batch: losing it must not abort its batch-mates.
+    in_batch: bool,
     /// When it was read or last heartbeated.
     since: Instant,
     ownership: Ownership,
 }
 
-type Finished = (String, std::result::Result<EntryResult, Aborted>);
+type Finished = Vec<(String, std::result::Result<EntryResult, Aborted>)>;
 type ReadOutput = (
     Box<dyn GroupReader>,
     ReadFrom,
@@ -198,6 +200,8 @@ struct Member {
     running: FuturesUnordered<BoxFuture<'static, Finished>>,
     held: HashMap<String, Held>,
     queued: VecDeque<(RawEntry, u32)>,
+    /// Decoded entries about to start (batched for batch handlers).
+    ready: Vec<(Arc<Entry>, u32)>,
     done: Vec<EntryResult>,
     /// Ids taken over while the pending list is being re-read, so that the
     /// re-read does not start them a second time.
@@ -235,6 +239,7 @@ impl Member {
             self.held.remove(&raw.id);
             self.admit(raw, attempts);
         }
+        self.launch();
     }
 
     /// Takes an entry delivered by the supervisor (reclaimed or due).
@@ -249,6 +254,7 @@ impl Member {
             raw.id.clone(),
             Held {
                 abort: None,
+                in_batch: false,
                 since: Instant::now(),
                 ownership: Ownership::default(),
             },
@@ -270,8 +276,11 @@ impl Member {
             });
             return;
         }
+        if self.ready.iter().any(|(e, _)| e.id() == raw.id) {
+            return;
+        }
         match Entry::decode(raw) {
-            Ok(entry) => self.start(Arc::new(entry), prior_attempts),
+            Ok(entry) => self.ready.push((Arc::new(entry), prior_attempts)),
             Err((raw, error)) => self.done.push(EntryResult {
                 id: raw.id,
                 payload: Payload::Raw(raw.fields),
@@ -281,24 +290,43 @@ impl Member {
         }
     }
 
-    fn start(&mut self, entry: Arc<Entry>, prior_attempts: u32) {
+    fn meta_for(&mut self, entry: &Arc<Entry>, prior_attempts: u32) -> (Meta, Ownership) {
         let ownership = Ownership::default();
         let meta = Meta::new(
-            Arc::clone(&entry),
+            Arc::clone(entry),
             Arc::clone(&self.info),
             prior_attempts + 1,
             ownership.clone(),
         );
-        let span = tracing::info_span!(
-            "redstream.entry",
-            stream = %self.info.stream,
-            group = %self.info.group,
-            member = %self.info.member,
-            entry_id = %entry.id(),
-            event_type = entry.event_type().unwrap_or(""),
-            attempt = prior_attempts + 1,
-            outcome = tracing::field::Empty,
-        );
+        (meta, ownership)
+    }
+
+    /// Starts what `admit` made ready: one future per entry, or one per
+    /// batch for handlers that share a transaction across entries.
+    fn launch(&mut self) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let ready = std::mem::take(&mut self.ready);
+        match self.runtime.handler.batch_size() {
+            None => {
+                for (entry, prior) in ready {
+                    self.start_one(entry, prior);
+                }
+            }
+            Some(size) => {
+                let mut rest = ready.into_iter().peekable();
+                while rest.peek().is_some() {
+                    let batch: Vec<_> = rest.by_ref().take(size.max(1)).collect();
+                    self.start_batch(batch);
+                }
+            }
+        }
+    }
+
+    fn start_one(&mut self, entry: Arc<Entry>, prior_attempts: u32) {
+        let (meta, ownership) = self.meta_for(&entry, prior_attempts);
+        let span = meta.span();
         let (abort, registration) = AbortHandle::new_pair();
         let handler = Arc::clone(&self.runtime.handler);
         let id = entry.id().to_owned();
@@ -306,6 +334,7 @@ impl Member {
             id.clone(),
             Held {
                 abort: Some(abort),
+                in_batch: false,
                 since: Instant::now(),
                 ownership,
             },
@@ -326,31 +355,77 @@ impl Member {
                     prior_attempts,
                     verdict,
                 });
-            (id_out, result)
+            vec![(id_out, result)]
         }));
     }
 
-    fn finish(&mut self, (id, result): Finished) {
-        self.held.remove(&id);
-        match result {
-            Ok(result) => {
-                if let Verdict::Failed {
-                    panicked: true,
-                    error,
-                } = &result.verdict
-                {
-                    tracing::error!(
-                        stream = %self.info.stream, group = %self.info.group,
-                        member = %self.info.member, entry_id = %id,
-                        "handler panicked: {error}; the member restarts",
-                    );
-                    self.panic.get_or_insert_with(|| error.clone());
-                }
-                self.done.push(result);
+    fn start_batch(&mut self, batch: Vec<(Arc<Entry>, u32)>) {
+        let (abort, registration) = AbortHandle::new_pair();
+        let mut metas = Vec::with_capacity(batch.len());
+        for (entry, prior) in &batch {
+            let (meta, ownership) = self.meta_for(entry, *prior);
+            metas.push(meta);
+            self.held.insert(
+                entry.id().to_owned(),
+                Held {
+                    abort: Some(abort.clone()),
+                    in_batch: true,
+                    since: Instant::now(),
+                    ownership,
+                },
+            );
+        }
+        let run = self.runtime.handler.run_batch(metas);
+        self.running.push(Box::pin(async move {
+            match Abortable::new(run, registration).await {
+                Ok(verdicts) => batch
+                    .into_iter()
+                    .zip(verdicts)
+                    .map(|((entry, prior_attempts), verdict)| {
+                        let id = entry.id().to_owned();
+                        let result = EntryResult {
+                            id: id.clone(),
+                            payload: Payload::Decoded(entry),
+                            prior_attempts,
+                            verdict,
+                        };
+                        (id, Ok(result))
+                    })
+                    .collect(),
+                Err(Aborted) => batch
+                    .into_iter()
+                    .map(|(entry, _)| (entry.id().to_owned(), Err(Aborted)))
+                    .collect(),
             }
-            Err(Aborted) => {
-                if !self.lost.remove(&id) {
-                    self.unfinished.push(id);
+        }));
+    }
+
+    fn finish(&mut self, finished: Finished) {
+        for (id, result) in finished {
+            self.held.remove(&id);
+            match result {
+                Ok(result) if matches!(result.verdict, Verdict::Lost) => {
+                    self.lost.remove(&id);
+                }
+                Ok(result) => {
+                    if let Verdict::Failed {
+                        panicked: true,
+                        error,
+                    } = &result.verdict
+                    {
+                        tracing::error!(
+                            stream = %self.info.stream, group = %self.info.group,
+                            member = %self.info.member, entry_id = %id,
+                            "handler panicked: {error}; the member restarts",
+                        );
+                        self.panic.get_or_insert_with(|| error.clone());
+                    }
+                    self.done.push(result);
+                }
+                Err(Aborted) => {
+                    if !self.lost.remove(&id) {
+                        self.unfinished.push(id);
+                    }
                 }
             }
         }
@@ -363,6 +438,7 @@ impl Member {
                 for (raw, _) in entries {
                     self.admit(raw, 0);
                 }
+                self.launch();
             }
             ReadFrom::PendingAfter(_) => {
                 let Some((last, _)) = entries.last() else {
@@ -379,6 +455,7 @@ impl Member {
                     }
                     self.admit(raw, state.attempts);
                 }
+                self.launch();
             }
         }
     }
@@ -405,8 +482,15 @@ impl Member {
                 member = %self.info.member, entry_id = %id,
                 "entry was taken over by another member; dropping its handler before it commits",
             );
+            let Some(held) = self.held.get(&id) else {
+                continue;
+            };
+            held.ownership.mark_lost();
+            if held.in_batch {
+                // Its batch rolls back and runs again without it.
+                continue;
+            }
             if let Some(held) = self.held.remove(&id) {
-                held.ownership.mark_lost();
                 match held.abort {
                     Some(abort) => {
                         abort.abort();
@@ -445,6 +529,7 @@ fn verdict_name(v: &Verdict) -> &'static str {
         Verdict::Failed { .. } => "error",
         Verdict::Undecodable(_) => "undecodable",
         Verdict::Exhausted => "exhausted",
+        Verdict::Lost => "lost",
     }
 }
 
@@ -513,6 +598,7 @@ async fn member_loop(parts: LoopParts) -> Exit {
         running: FuturesUnordered::new(),
         held: HashMap::new(),
         queued: VecDeque::new(),
+        ready: Vec::new(),
         done: Vec::new(),
         seen_in_history: HashSet::new(),
         lost: HashSet::new(),

@@ -394,6 +394,7 @@ impl GroupSupervisor {
                 Verdict::Undecodable(e) => {
                     letters.push(letter(e.reason(), r.prior_attempts, None));
                 }
+                Verdict::Lost => {}
                 Verdict::Exhausted => letters.push(letter(
                     "max_attempts_exceeded: the attempt budget was already spent".to_owned(),
                     r.prior_attempts,

@@ -15,5 +15,6 @@ mod core;
 mod producer;
 mod settings;
 mod shutdown;
+mod store;
 mod supervision;
 mod support;

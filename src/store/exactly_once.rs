@@ -1,0 +1,305 @@
+//! Exactly one effect per event: handlers that write through a database
+//! transaction, batched.
+//!
+//! A batch (the entries of one read, up to `database.batch_size`) shares one
+//! transaction; each entry runs inside its own savepoint:
+//!
+//! 1. `SAVEPOINT`; insert `(group, event id)` into `processed_events`
+//!    (`ON CONFLICT DO NOTHING`). A conflict means the effect already
+//!    committed: release the savepoint and ack, without running the handler.
+//! 2. Run the handler with the savepoint as its transaction (panics caught).
+//!    `Ack` releases the savepoint; any other outcome, an error or a panic
+//!    rolls back to it, so the entry's writes (and its key) disappear while
+//!    its batch-mates' stay.
+//! 3. Before `COMMIT`, check that this member still owns every entry; if a
+//!    heartbeat found one taken over, roll the whole batch back and run it
+//!    again without that entry.
+//! 4. `COMMIT`; the consumer then reports the outcomes, and the acks follow.
+//!
+//! When the database is unavailable (connection lost, pool timeout, SQLite
+//! busy, a serialization failure, or a handler passing such an error up with
+//! `?`), the whole batch is rolled back and run again after a backoff. The
+//! entries stay in flight meanwhile, so their member stops reading; nothing
+//! is acked without a commit, and no entry's retry budget is used. A commit
+//! whose outcome is unknown is simply run again: the keys it may have
+//! committed make the second run a no-op.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use sea_orm::sea_query::{Alias, OnConflict, Query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
+use serde::de::DeserializeOwned;
+
+use super::Store;
+use crate::entry::{DecodeError, now_ms};
+use crate::error::{Error, Result, db_is_transient, is_transient_db_error};
+use crate::handler::{DynHandler, HandlerResult, Meta, Schema, Verdict, panic_message};
+use crate::outcome::{Backoff, Outcome};
+
+/// A handler whose effects are database writes, made exactly-once.
+///
+/// It receives a transaction (a savepoint of the batch's transaction) to
+/// write through; those writes commit together with the event's key in
+/// `processed_events`, or not at all. Return `Ok(Outcome::Ack)` to commit.
+/// Side effects outside the transaction (HTTP calls, emails) are not covered:
+/// write them to the outbox ([`enqueue`](crate::enqueue)) instead.
+///
+/// ```no_run
+/// use redstream::{HandlerResult, Meta, Outcome, TxHandler};
+/// use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Deposit { account: String, cents: i64 }
+///
+/// struct Ledger;
+///
+/// impl TxHandler for Ledger {
+///     type Event = Deposit;
+///
+///     async fn handle(&self, d: Deposit, _meta: &Meta, tx: &DatabaseTransaction) -> HandlerResult {
+///         tx.execute_raw(Statement::from_sql_and_values(
+///             DbBackend::Sqlite,
+///             "UPDATE accounts SET balance = balance + ? WHERE id = ?",
+///             [d.cents.into(), d.account.into()],
+///         ))
+///         .await?;
+///         Ok(Outcome::Ack)
+///     }
+/// }
+/// ```
+pub trait TxHandler: Send + Sync + 'static {
+    /// The payload type, decoded as for [`Handler`](crate::Handler).
+    type Event: DeserializeOwned + Send + 'static;
+
+    /// Processes one event, writing through `tx`.
+    fn handle(
+        &self,
+        event: Self::Event,
+        meta: &Meta,
+        tx: &DatabaseTransaction,
+    ) -> impl Future<Output = HandlerResult> + Send;
+
+    /// The schema version this handler reads, and its upcasters.
+    fn schema(&self) -> Schema {
+        Schema::default()
+    }
+}
+
+impl<H: TxHandler> TxHandler for Arc<H> {
+    type Event = H::Event;
+
+    fn handle(
+        &self,
+        event: Self::Event,
+        meta: &Meta,
+        tx: &DatabaseTransaction,
+    ) -> impl Future<Output = HandlerResult> + Send {
+        H::handle(self, event, meta, tx)
+    }
+
+    fn schema(&self) -> Schema {
+        H::schema(self)
+    }
+}
+
+struct TxErased<H: TxHandler> {
+    store: Store,
+    handler: Arc<H>,
+    schema: Arc<Schema>,
+}
+
+/// Erases a transactional handler for the consumers.
+pub(crate) fn erase_tx<H: TxHandler>(store: Store, handler: H) -> Arc<dyn DynHandler> {
+    let schema = Arc::new(handler.schema());
+    Arc::new(TxErased {
+        store,
+        handler: Arc::new(handler),
+        schema,
+    })
+}
+
+impl<H: TxHandler> DynHandler for TxErased<H> {
+    fn start(
+        &self,
+        meta: Meta,
+    ) -> std::result::Result<BoxFuture<'static, HandlerResult>, DecodeError> {
+        self.schema.decode::<H::Event>(meta.entry())?;
+        let run = self.run_batch(vec![meta]);
+        Ok(Box::pin(async move {
+            match run.await.pop() {
+                Some(Verdict::Decided(outcome)) => Ok(outcome),
+                Some(Verdict::Failed { error, .. }) => Err(error.into()),
+                Some(other) => Err(format!("not handled: {other:?}").into()),
+                None => Err("not handled".into()),
+            }
+        }))
+    }
+
+    fn batch_size(&self) -> Option<usize> {
+        Some(self.store.batch_size())
+    }
+
+    fn run_batch(&self, metas: Vec<Meta>) -> BoxFuture<'static, Vec<Verdict>> {
+        let store = self.store.clone();
+        let handler = Arc::clone(&self.handler);
+        let schema = Arc::clone(&self.schema);
+        Box::pin(run_batch(store, handler, schema, metas))
+    }
+}
+
+/// Why a batch has to be run again as a whole.
+enum Rerun {
+    /// The database is unavailable, or the commit's outcome is unknown.
+    Unavailable(String),
+    /// An entry was taken over by another member before the commit.
+    OwnershipLost,
+}
+
+/// Runs a batch until it commits, retrying while the database is
+/// unavailable. Returns one verdict per entry, in order.
+async fn run_batch<H: TxHandler>(
+    store: Store,
+    handler: Arc<H>,
+    schema: Arc<Schema>,
+    metas: Vec<Meta>,
+) -> Vec<Verdict> {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        match attempt(&store, handler.as_ref(), &schema, &metas).await {
+            Ok(verdicts) => return verdicts,
+            Err(Rerun::OwnershipLost) => {}
+            Err(Rerun::Unavailable(error)) => {
+                store.count_retry();
+                let delay = backoff.next_delay();
+                if let Some(meta) = metas.first() {
+                    tracing::warn!(
+                        stream = meta.stream(),
+                        group = meta.group(),
+                        member = meta.member(),
+                        entries = metas.len(),
+                        "database unavailable ({error}); the batch is rolled back and runs again in {delay:?}",
+                    );
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Rerun {
+    Rerun::Unavailable(e.to_string())
+}
+
+/// Classifies a database error of the runner's own statements: transient
+/// errors rerun the batch; others too, since without a working savepoint the
+/// batch cannot go on (they are logged with the batch).
+fn db_error(e: sea_orm::DbErr) -> Rerun {
+    if !db_is_transient(&e) {
+        tracing::error!("database error in an exactly-once batch: {e}");
+    }
+    unavailable(e)
+}
+
+/// One run of a batch in one transaction.
+async fn attempt<H: TxHandler>(
+    store: &Store,
+    handler: &H,
+    schema: &Schema,
+    metas: &[Meta],
+) -> std::result::Result<Vec<Verdict>, Rerun> {
+    let tx = store.begin_write().await.map_err(|e| match e {
+        Error::Database(db) => db_error(db),
+        other => unavailable(other),
+    })?;
+    let mut verdicts = Vec::with_capacity(metas.len());
+    let (mut committed, mut duplicates) = (0, 0);
+    for meta in metas {
+        if meta.ensure_owned().is_err() {
+            verdicts.push(Verdict::Lost);
+            continue;
+        }
+        let event = match schema.decode::<H::Event>(meta.entry()) {
+            Ok(event) => event,
+            Err(e) => {
+                verdicts.push(Verdict::Undecodable(e));
+                continue;
+            }
+        };
+        let savepoint = tx.begin().await.map_err(db_error)?;
+        if !insert_key(&savepoint, meta).await.map_err(db_error)? {
+            savepoint.commit().await.map_err(db_error)?;
+            duplicates += 1;
+            verdicts.push(Verdict::Decided(Outcome::Ack));
+            continue;
+        }
+        let result = AssertUnwindSafe(handler.handle(event, meta, &savepoint))
+            .catch_unwind()
+            .await;
+        let verdict = match result {
+            Ok(Ok(Outcome::Ack)) => {
+                savepoint.commit().await.map_err(db_error)?;
+                committed += 1;
+                verdicts.push(Verdict::Decided(Outcome::Ack));
+                continue;
+            }
+            Ok(Ok(outcome)) => Verdict::Decided(outcome),
+            Ok(Err(error)) if is_transient_db_error(&error) => return Err(unavailable(error)),
+            Ok(Err(error)) => Verdict::Failed {
+                error: error.to_string(),
+                panicked: false,
+            },
+            Err(payload) => Verdict::Failed {
+                error: format!("panic: {}", panic_message(payload.as_ref())),
+                panicked: true,
+            },
+        };
+        savepoint.rollback().await.map_err(db_error)?;
+        verdicts.push(verdict);
+    }
+    let lost_while_running = metas
+        .iter()
+        .zip(&verdicts)
+        .any(|(m, v)| m.ensure_owned().is_err() && !matches!(v, Verdict::Lost));
+    if lost_while_running {
+        // Lost while running: undo everything, run again without it.
+        tx.rollback().await.map_err(db_error)?;
+        return Err(Rerun::OwnershipLost);
+    }
+    tx.commit().await.map_err(db_error)?;
+    store.count(committed, duplicates);
+    Ok(verdicts)
+}
+
+/// Inserts the event's key; false if it was already there.
+async fn insert_key(tx: &DatabaseTransaction, meta: &Meta) -> Result<bool, sea_orm::DbErr> {
+    let insert = Query::insert()
+        .into_table(Alias::new("processed_events"))
+        .columns([
+            Alias::new("group_name"),
+            Alias::new("event_id"),
+            Alias::new("stream"),
+            Alias::new("entry_id"),
+            Alias::new("processed_at"),
+        ])
+        .values([
+            meta.group().into(),
+            meta.idempotency_key().into(),
+            meta.stream().into(),
+            meta.entry_id().into(),
+            (now_ms() as i64).into(),
+        ])
+        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
+        .on_conflict(
+            OnConflict::columns([Alias::new("group_name"), Alias::new("event_id")])
+                .do_nothing()
+                .to_owned(),
+        )
+        .to_owned();
+    let result = tx.execute(&insert).await?;
+    Ok(result.rows_affected() == 1)
+}

@@ -1,0 +1,241 @@
+//! The database side, on sea-orm: exactly one effect per event, and the
+//! transactional outbox.
+//!
+//! Delivery from Redis is at-least-once. A [`TxHandler`] makes the *effect*
+//! exactly-once: its writes and the insert of the event's key into
+//! `processed_events` (keyed by group and event id) commit in one
+//! transaction, and the entry is acked only after the commit. A redelivered
+//! event finds its key and is acked without running the handler again.
+//!
+//! The outbox closes the other side: [`enqueue`] writes an event into the
+//! `outbox` table inside the application's own transaction, and the outbox
+//! relay (started by [`ProcessorBuilder::outbox`](crate::ProcessorBuilder::outbox))
+//! publishes unsent rows in order and marks them sent. No event is lost
+//! between a database write and a publish.
+//!
+//! SQLite (a file, no server; the default) runs in WAL mode with a busy
+//! timeout and `synchronous = FULL`, so a commit that the ack follows is on
+//! disk. PostgreSQL is chosen by a `postgres://` URL. Migrations
+//! (`redstream-migrations`) run at connect, under a lock, with their own
+//! bookkeeping table, so the store can share the application's database.
+
+mod exactly_once;
+mod outbox;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redstream_migrations::MigratorTrait;
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, TransactionTrait,
+};
+
+pub use self::exactly_once::TxHandler;
+pub(crate) use self::exactly_once::erase_tx;
+pub use self::outbox::enqueue;
+pub(crate) use self::outbox::{OutboxRelay, RelayOptions, StopRelay};
+use crate::error::{Error, Result};
+use crate::settings::DatabaseSettings;
+
+/// A lock id for migrations (PostgreSQL advisory lock): "redstrm" in ASCII.
+const MIGRATION_LOCK_ID: i64 = 0x0072_6564_7374_726d;
+
+/// Counts of what the store did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Events whose effect committed.
+    pub committed: u64,
+    /// Redelivered events that found their key and were acked without a
+    /// second effect.
+    pub duplicates: u64,
+    /// Batches rolled back and retried because the database was unavailable.
+    pub retried_batches: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    committed: AtomicU64,
+    duplicates: AtomicU64,
+    retried_batches: AtomicU64,
+}
+
+struct Inner {
+    db: DatabaseConnection,
+    backend: DbBackend,
+    counters: Counters,
+    batch_size: usize,
+    /// The URL without its password, for lease keys and logs.
+    shown_url: String,
+}
+
+/// A database connection pool with redstream's tables migrated.
+///
+/// ```no_run
+/// # async fn demo() -> redstream::Result<()> {
+/// use redstream::{Settings, Store};
+///
+/// let settings = Settings::load()?;
+/// let store = Store::connect(&settings.database).await?; // runs the migrations
+/// let db = store.connection(); // a sea-orm DatabaseConnection for your own queries
+/// # let _ = db;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.inner.shown_url)
+            .field("backend", &self.inner.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects (SQLite: WAL, busy timeout, `synchronous = FULL`) and runs
+    /// the migrations.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self> {
+        let mut options = ConnectOptions::new(settings.url.expose().to_owned());
+        options
+            .max_connections(settings.max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .sqlx_logging(false);
+        if settings.url.is_sqlite() {
+            use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+            let busy = Duration::from_millis(settings.busy_timeout_ms);
+            options.map_sqlx_sqlite_opts(move |o| {
+                o.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(busy)
+                    .foreign_keys(true)
+            });
+        }
+        let db = Database::connect(options).await?;
+        Self::from_connection(db, settings.batch_size, settings.url.to_string()).await
+    }
+
+    /// Wraps an existing connection pool (for example the application's)
+    /// and runs the migrations on it.
+    pub async fn from_connection(
+        db: DatabaseConnection,
+        batch_size: usize,
+        shown_url: String,
+    ) -> Result<Self> {
+        let backend = db.get_database_backend();
+        let store = Store {
+            inner: Arc::new(Inner {
+                db,
+                backend,
+                counters: Counters::default(),
+                batch_size: batch_size.max(1),
+                shown_url,
+            }),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Runs redstream's migrations, one process at a time (a PostgreSQL
+    /// advisory lock, or SQLite's write lock).
+    pub async fn migrate(&self) -> Result<()> {
+        let db = &self.inner.db;
+        match self.inner.backend {
+            DbBackend::Postgres => {
+                let tx = db.begin().await?;
+                tx.execute_unprepared(&format!(
+                    "SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})"
+                ))
+                .await?;
+                redstream_migrations::Migrator::up(&tx, None).await?;
+                tx.commit().await?;
+            }
+            _ => {
+                let tx = db.begin_with_options(immediate()).await?;
+                redstream_migrations::Migrator::up(&tx, None).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sea-orm connection pool.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    /// The database backend (SQLite or PostgreSQL).
+    pub fn backend(&self) -> DbBackend {
+        self.inner.backend
+    }
+
+    /// What the store did so far.
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.inner.counters;
+        StoreStats {
+            committed: c.committed.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            retried_batches: c.retried_batches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether `group` has committed the effect of `event_id`.
+    pub async fn is_processed(&self, group: &str, event_id: &str) -> Result<bool> {
+        use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+        let query = Query::select()
+            .expr(Expr::val(1))
+            .from(Alias::new("processed_events"))
+            .and_where(Expr::col(Alias::new("group_name")).eq(group))
+            .and_where(Expr::col(Alias::new("event_id")).eq(event_id))
+            .to_owned();
+        Ok(self.inner.db.query_one(&query).await?.is_some())
+    }
+
+    pub(crate) fn batch_size(&self) -> usize {
+        self.inner.batch_size
+    }
+
+    /// Begins a transaction that takes SQLite's write lock at once (so two
+    /// writers never deadlock upgrading a read lock).
+    pub(crate) async fn begin_write(&self) -> Result<sea_orm::DatabaseTransaction> {
+        let tx = match self.inner.backend {
+            DbBackend::Sqlite => self.inner.db.begin_with_options(immediate()).await?,
+            _ => self.inner.db.begin().await?,
+        };
+        Ok(tx)
+    }
+
+    fn count(&self, committed: u64, duplicates: u64) {
+        let c = &self.inner.counters;
+        c.committed.fetch_add(committed, Ordering::Relaxed);
+        c.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    }
+
+    fn count_retry(&self) {
+        self.inner
+            .counters
+            .retried_batches
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn immediate() -> sea_orm::TransactionOptions {
+    sea_orm::TransactionOptions {
+        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+        ..Default::default()
+    }
+}
+
+impl From<sea_orm::TransactionError<Error>> for Error {
+    fn from(e: sea_orm::TransactionError<Error>) -> Self {
+        match e {
+            sea_orm::TransactionError::Connection(db) => Error::Database(db),
+            sea_orm::TransactionError::Transaction(e) => e,
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! Exactly one effect through the database, and the transactional outbox,
+//! on SQLite and PostgreSQL.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redstream::prelude::*;
+use sea_orm::sea_query::{Alias, Expr, Query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
+
+use crate::support::db::{Backend, TestDb};
+use crate::support::{TestContext, eventually};
+
+/// A deliberately non-idempotent effect: one row per execution, no unique
+/// key. Exactly-once shows as one row per event.
+struct Effects {
+    /// event number → fail (Err) on these attempts.
+    fail_on: HashMap<u64, Vec<u32>>,
+    /// event number → panic on these attempts.
+    panic_on: HashMap<u64, Vec<u32>>,
+    /// Sleep inside the transaction (to make outages overlap a batch).
+    work: Duration,
+}
+
+impl Effects {
+    fn plain() -> Self {
+        Effects {
+            fail_on: HashMap::new(),
+            panic_on: HashMap::new(),
+            work: Duration::ZERO,
+        }
+    }
+}
+
+impl TxHandler for Effects {
+    type Event = serde_json::Value;
+
+    async fn handle(
+        &self,
+        v: serde_json::Value,
+        meta: &Meta,
+        tx: &DatabaseTransaction,
+    ) -> HandlerResult {
+        let n = v["n"].as_u64().unwrap_or(0);
+        let insert = Query::insert()
+            .into_table(Alias::new("effects"))
+            .columns([
+                Alias::new("event_id"),
+                Alias::new("n"),
+                Alias::new("attempt"),
+            ])
+            .values([
+                meta.idempotency_key().into(),
+                (n as i64).into(),
+                (meta.attempt() as i64).into(),
+            ])?
+            .to_owned();
+        tx.execute(&insert).await?;
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
+        if self
+            .panic_on
+            .get(&n)
+            .is_some_and(|a| a.contains(&meta.attempt()))
+        {
+            panic!("event {n} panics on attempt {}", meta.attempt());
+        }
+        if self
+            .fail_on
+            .get(&n)
+            .is_some_and(|a| a.contains(&meta.attempt()))
+        {
+            return Err(format!("event {n} fails on attempt {}", meta.attempt()).into());
+        }
+        Ok(Outcome::Ack)
+    }
+}
+
+async fn create_effects_table(store: &Store) {
+    store
+        .connection()
+        .execute_unprepared(
+            "CREATE TABLE effects (event_id TEXT NOT NULL, n BIGINT NOT NULL, attempt BIGINT NOT NULL)",
+        )
+        .await
+        .expect("create effects");
+}
+
+/// (n, attempt) of every effect row.
+async fn effects(store: &Store) -> Vec<(i64, i64)> {
+    let q = Query::select()
+        .columns([Alias::new("n"), Alias::new("attempt")])
+        .from(Alias::new("effects"))
+        .to_owned();
+    store
+        .connection()
+        .query_all(&q)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "n").unwrap(),
+                r.try_get("", "attempt").unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn numbered(n: u64) -> Event {
+    Event::new("n", &serde_json::json!({ "n": n })).unwrap()
+}
+
+async fn publish_numbers(processor: &Processor, stream: &str, range: std::ops::Range<u64>) {
+    let events = range.map(numbered).collect();
+    let results = processor
+        .producer()
+        .publish_batch(stream, events)
+        .await
+        .unwrap();
+    assert!(results.iter().all(Result::is_ok));
+}
+
+async fn exactly_one_effect_under_redelivery(db: TestDb) {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("ledger");
+    let store = db.store().await;
+    create_effects_table(&store).await;
+    let processor = Processor::builder(ctx.settings())
+        .group(Group::transactional(&stream, "ledger", &store, Effects::plain()).with_members(2))
+        .start()
+        .await
+        .unwrap();
+    publish_numbers(&processor, &stream, 0..200).await;
+    eventually(Duration::from_secs(20), "200 effects", || async {
+        effects(&store).await.len() == 200
+    })
+    .await;
+    eventually(Duration::from_secs(5), "all acked", || async {
+        ctx.pending(&stream, "ledger").await == 0
+    })
+    .await;
+    // Replay the whole stream to the group: every event is delivered again.
+    let mut c = ctx.conn().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(&stream)
+        .arg("ledger")
+        .arg("0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "200 duplicates absorbed",
+        || async { store.stats().duplicates == 200 },
+    )
+    .await;
+    eventually(Duration::from_secs(5), "replay acked", || async {
+        ctx.pending(&stream, "ledger").await == 0
+    })
+    .await;
+    let rows = effects(&store).await;
+    assert_eq!(
+        rows.len(),
+        200,
+        "one effect per event after a full replay ({:?})",
+        db.backend
+    );
+    let mut ns: Vec<i64> = rows.iter().map(|(n, _)| *n).collect();
+    ns.sort();
+    ns.dedup();
+    assert_eq!(ns.len(), 200);
+    for n in 0..200u64 {
+        assert!(
+            store
+                .is_processed("ledger", &find_event_id(&ctx, &stream, n).await)
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(store.stats().committed, 200);
+    processor.shutdown().await.unwrap();
+}
+
+/// The event id of event `n` in `stream`.
+async fn find_event_id(ctx: &TestContext, stream: &str, n: u64) -> String {
+    let entries = ctx.entries(stream).await;
+    for (_, fields) in entries {
+        let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+        let data: serde_json::Value = serde_json::from_str(&get("data").unwrap()).unwrap();
+        if data["n"].as_u64() == Some(n) {
+            return get("id").unwrap();
+        }
+    }
+    panic!("event {n} not found");
+}
+
+#[actix_rt::test]
+async fn exactly_one_effect_under_redelivery_sqlite() {
+    exactly_one_effect_under_redelivery(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn exactly_one_effect_under_redelivery_postgres() {
+    if let Some(db) = TestDb::postgres().await {
+        exactly_one_effect_under_redelivery(db).await;
+    }
+}
+
+#[actix_rt::test]
+async fn duplicate_publishes_of_one_event_have_one_effect() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let stream = ctx.stream("dups");
+        let store = db.store().await;
+        create_effects_table(&store).await;
+        let processor = Processor::builder(ctx.settings())
+            .group(Group::transactional(&stream, "g", &store, Effects::plain()))
+            .start()
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            let event = numbered(7).with_id("fixed-event-id");
+            processor.producer().publish(&stream, event).await.unwrap();
+        }
+        eventually(Duration::from_secs(10), "3 deliveries settled", || async {
+            let s = store.stats();
+            s.committed + s.duplicates == 3 && ctx.pending(&stream, "g").await == 0
+        })
+        .await;
+        assert_eq!(effects(&store).await, vec![(7, 1)], "{:?}", db.backend);
+        assert_eq!(store.stats().duplicates, 2);
+        processor.shutdown().await.unwrap();
+    }
+}
+
+/// Entries of one read share a transaction; a failing or panicking entry
+/// rolls back only its own writes, and is retried alone.
+#[actix_rt::test]
+async fn a_failing_entry_does_not_undo_its_batch_mates() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let stream = ctx.stream("batch");
+        let store = db.store().await;
+        create_effects_table(&store).await;
+        let handler = Effects {
+            fail_on: HashMap::from([(5, vec![1]), (11, vec![1, 2])]),
+            panic_on: HashMap::from([(8, vec![1])]),
+            work: Duration::ZERO,
+        };
+        // Publish before starting, so the 20 arrive in one read.
+        let producer_only = Processor::builder(ctx.settings()).start().await.unwrap();
+        let mut c = ctx.conn().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&stream)
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        publish_numbers(&producer_only, &stream, 0..20).await;
+        producer_only.shutdown().await.unwrap();
+        let processor = Processor::builder(ctx.settings())
+            .group(Group::transactional(&stream, "g", &store, handler))
+            .start()
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(15), "all 20 effected", || async {
+            effects(&store).await.len() == 20 && ctx.pending(&stream, "g").await == 0
+        })
+        .await;
+        let mut rows = effects(&store).await;
+        rows.sort();
+        for (n, attempt) in &rows {
+            let expected = match n {
+                5 | 8 => 2,
+                11 => 3,
+                _ => 1,
+            };
+            assert_eq!(*attempt, expected, "event {n} ({:?}): {rows:?}", db.backend);
+        }
+        let status = processor.group_status(&stream, "g").await.unwrap();
+        assert_eq!(status.retried, 4, "{status:?}");
+        assert_eq!(status.dead_lettered, 0);
+        processor.shutdown().await.unwrap();
+    }
+}
+
+/// A database outage pauses the batch and retries it; nothing is acked
+/// without a commit, no attempt is used, and each event has one effect.
+#[actix_rt::test]
+async fn a_database_outage_is_retried_without_using_attempts() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let stream = ctx.stream("outage");
+        let mut settings = db.settings.clone();
+        settings.busy_timeout_ms = 100;
+        let store = Store::connect(&settings).await.unwrap();
+        create_effects_table(&store).await;
+        let handler = Effects {
+            work: Duration::from_millis(200),
+            ..Effects::plain()
+        };
+        let processor = Processor::builder(ctx.settings())
+            .group(Group::transactional(&stream, "g", &store, handler))
+            .start()
+            .await
+            .unwrap();
+        publish_numbers(&processor, &stream, 0..10).await;
+        match db.backend {
+            Backend::Postgres => {
+                // Cut every connection of the test database mid-batch.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let admin = sea_orm::Database::connect(crate::support::db::postgres_admin_url())
+                    .await
+                    .unwrap();
+                admin
+                    .execute_unprepared(&format!(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                        db.pg_name().unwrap()
+                    ))
+                    .await
+                    .unwrap();
+            }
+            Backend::Sqlite => {
+                // Another writer holds the database for 1.5 s.
+                let other = sea_orm::Database::connect(db.settings.url.expose())
+                    .await
+                    .unwrap();
+                let tx = other.begin().await.unwrap();
+                tx.execute_unprepared("INSERT INTO effects VALUES ('lock', -1, 0)")
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                tx.rollback().await.unwrap();
+            }
+        }
+        eventually(Duration::from_secs(20), "all 10 effected once", || async {
+            effects(&store).await.len() == 10 && ctx.pending(&stream, "g").await == 0
+        })
+        .await;
+        let rows = effects(&store).await;
+        assert!(
+            rows.iter().all(|(_, attempt)| *attempt == 1),
+            "{:?}: {rows:?}",
+            db.backend
+        );
+        assert!(
+            store.stats().retried_batches >= 1,
+            "{:?}: the outage was seen",
+            db.backend
+        );
+        let status = processor.group_status(&stream, "g").await.unwrap();
+        assert_eq!((status.retried, status.dead_lettered), (0, 0), "{status:?}");
+        processor.shutdown().await.unwrap();
+    }
+}
+
+/// What a group saw of the events relayed from the outbox.
+#[derive(Default)]
+struct Relayed {
+    ids: Mutex<Vec<(String, u64)>>,
+}
+
+impl Handler for Relayed {
+    type Event = serde_json::Value;
+
+    async fn handle(&self, v: serde_json::Value, meta: Meta) -> HandlerResult {
+        self.ids.lock().unwrap().push((
+            meta.event_id().unwrap().to_owned(),
+            v["n"].as_u64().unwrap(),
+        ));
+        Ok(Outcome::Ack)
+    }
+}
+
+#[actix_rt::test]
+async fn the_outbox_publishes_committed_rows_in_order_and_never_rolled_back_ones() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let stream = ctx.stream("outbox");
+        let store = db.store().await;
+        let relayed = Arc::new(Relayed::default());
+        let processor = Processor::builder(ctx.settings())
+            .outbox(&store)
+            .group(Group::new(&stream, "g", Arc::clone(&relayed)))
+            .start()
+            .await
+            .unwrap();
+        let tx = store.connection().begin().await.unwrap();
+        let mut ids = Vec::new();
+        for n in 0..30 {
+            ids.push(enqueue(&tx, &stream, numbered(n)).await.unwrap());
+        }
+        tx.commit().await.unwrap();
+        let rolled_back = store.connection().begin().await.unwrap();
+        enqueue(&rolled_back, &stream, numbered(999)).await.unwrap();
+        rolled_back.rollback().await.unwrap();
+
+        eventually(
+            Duration::from_secs(10),
+            "30 relayed and handled",
+            || async { relayed.ids.lock().unwrap().len() == 30 },
+        )
+        .await;
+        // In order, with the event ids the outbox assigned.
+        let entries = ctx.entries(&stream).await;
+        let stream_ids: Vec<String> = entries
+            .iter()
+            .map(|(_, f)| f.iter().find(|(k, _)| k == "id").unwrap().1.clone())
+            .collect();
+        assert_eq!(stream_ids, ids, "{:?}", db.backend);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            relayed.ids.lock().unwrap().iter().all(|(_, n)| *n != 999),
+            "a rolled-back row was published"
+        );
+        processor.shutdown().await.unwrap();
+    }
+}
+
+/// A crash between publishing a row and marking it sent publishes it again:
+/// a duplicate entry with the same event id, absorbed by an exactly-once
+/// consumer.
+#[actix_rt::test]
+async fn a_relay_crash_before_marking_gives_duplicates_that_consumers_absorb() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let stream = ctx.stream("outbox-dup");
+        let store = db.store().await;
+        create_effects_table(&store).await;
+        let processor = Processor::builder(ctx.settings())
+            .outbox(&store)
+            .group(Group::transactional(&stream, "g", &store, Effects::plain()))
+            .start()
+            .await
+            .unwrap();
+        let tx = store.connection().begin().await.unwrap();
+        for n in 0..10 {
+            enqueue(&tx, &stream, numbered(n)).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        eventually(Duration::from_secs(10), "10 effected", || async {
+            effects(&store).await.len() == 10
+        })
+        .await;
+        // As if the relay died after publishing, before marking.
+        let reset = Query::update()
+            .table(Alias::new("outbox"))
+            .value(Alias::new("sent_at"), Expr::val(Option::<i64>::None))
+            .to_owned();
+        store.connection().execute(&reset).await.unwrap();
+        eventually(
+            Duration::from_secs(10),
+            "republished and absorbed",
+            || async { store.stats().duplicates == 10 && ctx.pending(&stream, "g").await == 0 },
+        )
+        .await;
+        assert_eq!(ctx.xlen(&stream).await, 20, "each row published twice");
+        assert_eq!(
+            effects(&store).await.len(),
+            10,
+            "{:?}: one effect each",
+            db.backend
+        );
+        processor.shutdown().await.unwrap();
+    }
+}
+
+/// On PostgreSQL the relay wakes at commit (LISTEN/NOTIFY), not at its
+/// next poll.
+#[actix_rt::test]
+async fn postgres_wakes_the_relay_at_commit() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("notify");
+    let store = db.store().await;
+    let mut settings = ctx.settings();
+    settings.outbox.poll_ms = 30_000;
+    let processor = Processor::builder(settings)
+        .outbox(&store)
+        .start()
+        .await
+        .unwrap();
+    // Let the relay take its lease and start listening.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let tx = store.connection().begin().await.unwrap();
+    enqueue(&tx, &stream, numbered(1)).await.unwrap();
+    tx.commit().await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "published without waiting for a poll",
+        || async { ctx.xlen(&stream).await == 1 },
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    processor.shutdown().await.unwrap();
+}
