@@ -51,7 +51,8 @@ use crate::outcome::{Backoff, Outcome};
 ///
 /// ```no_run
 /// use redstream::{HandlerResult, Meta, Outcome, TxHandler};
-/// use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
+/// use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+/// use sea_orm::{ConnectionTrait, DatabaseTransaction};
 ///
 /// #[derive(serde::Deserialize)]
 /// struct Deposit { account: String, cents: i64 }
@@ -62,12 +63,12 @@ use crate::outcome::{Backoff, Outcome};
 ///     type Event = Deposit;
 ///
 ///     async fn handle(&self, d: Deposit, _meta: &Meta, tx: &DatabaseTransaction) -> HandlerResult {
-///         tx.execute_raw(Statement::from_sql_and_values(
-///             DbBackend::Sqlite,
-///             "UPDATE accounts SET balance = balance + ? WHERE id = ?",
-///             [d.cents.into(), d.account.into()],
-///         ))
-///         .await?;
+///         let credit = Query::update()
+///             .table(Alias::new("accounts"))
+///             .value(Alias::new("balance"), Expr::col(Alias::new("balance")).add(d.cents))
+///             .and_where(Expr::col(Alias::new("id")).eq(d.account))
+///             .to_owned();
+///         tx.execute(&credit).await?;
 ///         Ok(Outcome::Ack)
 ///     }
 /// }

@@ -12,6 +12,7 @@
 )]
 
 mod core;
+mod orders;
 mod producer;
 mod settings;
 mod shutdown;

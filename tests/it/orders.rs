@@ -1,0 +1,273 @@
+//! The order-processing example's contract, on SQLite and PostgreSQL: the
+//! domain code in-process, and the `consume` binary killed with SIGKILL
+//! mid-run and restarted.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use redstream::prelude::*;
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter};
+
+use crate::support::db::TestDb;
+use crate::support::{TestContext, eventually};
+
+#[path = "../../examples/order_processing/orders.rs"]
+#[allow(dead_code)]
+mod domain;
+
+use domain::{GROUP, ORDER_CONFIRMED, ORDER_CREATED, Orders, order, sample_order};
+
+async fn count_orders(store: &Store, prefix: &str) -> u64 {
+    order::Entity::find()
+        .filter(order::Column::OrderId.like(format!("{prefix}%")))
+        .count(store.connection())
+        .await
+        .unwrap()
+}
+
+async fn count_confirmations_in_outbox(store: &Store) -> i64 {
+    let row = store
+        .connection()
+        .query_one_raw(sea_orm::Statement::from_string(
+            store.backend(),
+            format!("SELECT COUNT(*) AS n FROM outbox WHERE event_type = '{ORDER_CONFIRMED}'"),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get_by_index::<i64>(0).unwrap()
+}
+
+#[actix_rt::test]
+async fn orders_have_one_effect_invalid_ones_are_dead_lettered() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let orders_stream = ctx.stream("orders");
+        let events_stream = ctx.stream("order-events");
+        let store = db.store().await;
+        domain::create_tables(store.connection()).await.unwrap();
+        let processor = Processor::builder(ctx.settings())
+            .outbox(&store)
+            .group(
+                Group::transactional(
+                    &orders_stream,
+                    GROUP,
+                    &store,
+                    Orders {
+                        confirmations: events_stream.clone(),
+                    },
+                )
+                .with_members(4),
+            )
+            .start()
+            .await
+            .unwrap();
+        let producer = processor.producer();
+        let mut events = Vec::new();
+        for i in 0..50 {
+            let order = sample_order(&format!("o-{i}"), i);
+            events.push(
+                Event::new(ORDER_CREATED, &order)
+                    .unwrap()
+                    .with_id(format!("e-{i}")),
+            );
+        }
+        // The same event id again, and the same order in a new event.
+        events.push(
+            Event::new(ORDER_CREATED, &sample_order("o-3", 3))
+                .unwrap()
+                .with_id("e-3"),
+        );
+        events.push(Event::new(ORDER_CREATED, &sample_order("o-4", 4)).unwrap());
+        // Invalid: unparsable, missing field, no items, qty 0, negative price.
+        let bad = |json: &str| Event::from_json(ORDER_CREATED, json.as_bytes().to_vec());
+        events.push(bad("{\"order_id\": "));
+        events.push(bad(r#"{"order_id": "x1", "items": []}"#));
+        events.push(bad(
+            r#"{"order_id": "x2", "customer_id": "c", "items": []}"#,
+        ));
+        events.push(bad(
+            r#"{"order_id": "x3", "customer_id": "c", "items": [{"sku": "a", "qty": 0, "unit_price_cents": 1}]}"#,
+        ));
+        events.push(bad(
+            r#"{"order_id": "x4", "customer_id": "c", "items": [{"sku": "a", "qty": 1, "unit_price_cents": -1}]}"#,
+        ));
+        let results = producer
+            .publish_batch(&orders_stream, events)
+            .await
+            .unwrap();
+        assert!(results.iter().all(Result::is_ok));
+        let dlq = redstream::dead_letter_stream(&orders_stream);
+        eventually(
+            Duration::from_secs(20),
+            "50 rows, 5 dead letters, 50 confirmations",
+            || async {
+                count_orders(&store, "o-").await == 50
+                    && ctx.xlen(&dlq).await == 5
+                    && ctx.xlen(&events_stream).await == 50
+                    && ctx.pending(&orders_stream, GROUP).await == 0
+            },
+        )
+        .await;
+        assert_eq!(
+            count_orders(&store, "x").await,
+            0,
+            "invalid orders leave no row"
+        );
+        assert_eq!(count_confirmations_in_outbox(&store).await, 50);
+        let mut reasons: Vec<String> = ctx
+            .entries(&dlq)
+            .await
+            .iter()
+            .map(|(_, f)| f.iter().find(|(k, _)| k == "reason").unwrap().1.clone())
+            .collect();
+        reasons.sort();
+        assert!(reasons[0].starts_with("bad_json"), "{reasons:?}");
+        assert!(
+            reasons[1].starts_with("bad_json") && reasons[1].contains("customer_id"),
+            "{reasons:?}"
+        );
+        assert_eq!(
+            &reasons[2..],
+            [
+                "rejected: item a: negative price -1",
+                "rejected: item a: qty must be positive, got 0",
+                "rejected: no items"
+            ],
+            "{:?}",
+            db.backend
+        );
+        // A confirmation carries the order's totals.
+        let confirmations = ctx.entries(&events_stream).await;
+        let (_, fields) = &confirmations[0];
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(get("type"), ORDER_CONFIRMED);
+        let data: domain::OrderConfirmed = serde_json::from_str(&get("data")).unwrap();
+        let source = sample_order(&data.order_id, data.order_id[2..].parse().unwrap());
+        assert_eq!(
+            (data.total_cents, data.item_count),
+            domain::validate(&source).unwrap()
+        );
+        processor.shutdown().await.unwrap();
+    }
+}
+
+/// The example binary, built if needed.
+fn example_binary(name: &str) -> std::path::PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo build --example");
+    assert!(status.success(), "building example {name}");
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/it-… → target/<profile>/examples/<name>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+fn run_example(binary: &std::path::Path, env: &[(String, String)], args: &[&str]) -> Child {
+    Command::new(binary)
+        .args(args)
+        .envs(env.iter().cloned())
+        .env("RUST_LOG", "error")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the example")
+}
+
+async fn kill9_mid_run_then_restart(db: TestDb) {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let binary = example_binary("order_processing");
+    let orders_stream = ctx.stream("orders");
+    let env: Vec<(String, String)> = [
+        ("REDSTREAM__REDIS__URL", ctx.url.clone()),
+        (
+            "REDSTREAM__DATABASE__URL",
+            db.settings.url.expose().to_owned(),
+        ),
+        (
+            "REDSTREAM__INSTANCE__NAME",
+            format!("kill-{}", &ctx.prefix[ctx.prefix.len() - 6..]),
+        ),
+        ("REDSTREAM__RECLAIM__LEASE_TTL_MS", "1000".into()),
+        ("REDSTREAM__RECLAIM__MIN_IDLE_MS", "2000".into()),
+        ("REDSTREAM__RECLAIM__HEARTBEAT_MS", "500".into()),
+        ("REDSTREAM__RECLAIM__INTERVAL_MS", "200".into()),
+        ("REDSTREAM__DATABASE__BATCH_SIZE", "20".into()),
+        ("ORDERS_STREAM", orders_stream.clone()),
+        ("ORDER_EVENTS_STREAM", ctx.stream("order-events")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let produced = run_example(&binary, &env, &["produce", "--count", "3000"])
+        .wait()
+        .unwrap();
+    assert!(produced.success());
+    assert_eq!(ctx.xlen(&orders_stream).await, 3000);
+
+    let store = db.store().await;
+    let mut consumer = run_example(&binary, &env, &["consume", "--members", "2"]);
+    eventually(
+        Duration::from_secs(30),
+        "the first orders committed",
+        || async {
+            domain::create_tables(store.connection()).await.is_ok()
+                && count_orders(&store, "").await >= 100
+        },
+    )
+    .await;
+    consumer.kill().unwrap(); // SIGKILL
+    consumer.wait().unwrap();
+    let at_kill = count_orders(&store, "").await;
+    assert!(at_kill < 3000, "killed mid-run ({at_kill} done)");
+
+    let mut consumer = run_example(&binary, &env, &["consume", "--members", "2"]);
+    eventually(
+        Duration::from_secs(60),
+        "every order done after the restart",
+        || async {
+            count_orders(&store, "").await == 3000 && ctx.pending(&orders_stream, GROUP).await == 0
+        },
+    )
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &consumer.id().to_string()])
+        .status();
+    let status = consumer.wait().unwrap();
+    assert!(status.success(), "graceful stop on SIGTERM: {status:?}");
+    assert_eq!(count_orders(&store, "").await, 3000, "{:?}", db.backend);
+    assert_eq!(
+        count_confirmations_in_outbox(&store).await,
+        3000,
+        "one confirmation per order ({:?})",
+        db.backend
+    );
+    assert_eq!(
+        ctx.xlen(&redstream::dead_letter_stream(&orders_stream))
+            .await,
+        0
+    );
+}
+
+#[actix_rt::test]
+async fn a_killed_consumer_restarts_with_every_order_exactly_once_sqlite() {
+    kill9_mid_run_then_restart(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn a_killed_consumer_restarts_with_every_order_exactly_once_postgres() {
+    if let Some(db) = TestDb::postgres().await {
+        kill9_mid_run_then_restart(db).await;
+    }
+}
