@@ -16,6 +16,10 @@
 //!    again without that entry.
 //! 4. `COMMIT`; the consumer then reports the outcomes, and the acks follow.
 //!
+//! If `COMMIT` itself is refused for a reason that will not pass (a deferred
+//! constraint one entry violates), the batch's entries run again one per
+//! transaction, so the culprit fails alone and its batch-mates commit.
+//!
 //! When the database is unavailable (connection lost, pool timeout, SQLite
 //! busy, a serialization failure, or a handler passing such an error up with
 //! `?`), the whole batch is rolled back and run again after a backoff. The
@@ -153,12 +157,15 @@ impl<H: TxHandler> DynHandler for TxErased<H> {
     }
 }
 
-/// Why a batch has to be run again as a whole.
+/// Why a batch has to be run again.
 enum Rerun {
     /// The database is unavailable, or the commit's outcome is unknown.
     Unavailable(String),
     /// An entry was taken over by another member before the commit.
     OwnershipLost,
+    /// `COMMIT` was refused for a reason that will not pass (a deferred
+    /// constraint, say): one of the entries causes it.
+    CommitRefused(String),
 }
 
 /// Runs a batch until it commits, retrying while the database is
@@ -174,6 +181,35 @@ async fn run_batch<H: TxHandler>(
         match attempt(&store, handler.as_ref(), &schema, &metas).await {
             Ok(verdicts) => return verdicts,
             Err(Rerun::OwnershipLost) => {}
+            Err(Rerun::CommitRefused(error)) if metas.len() == 1 => {
+                return vec![Verdict::Failed {
+                    error: format!("commit refused: {error}"),
+                    panicked: false,
+                }];
+            }
+            Err(Rerun::CommitRefused(error)) => {
+                // Find the culprit: each entry in a transaction of its own,
+                // so its batch-mates are not held back by it.
+                if let Some(meta) = metas.first() {
+                    tracing::warn!(
+                        stream = meta.stream(),
+                        group = meta.group(),
+                        member = meta.member(),
+                        "the batch's commit was refused ({error}); running its entries one by one",
+                    );
+                }
+                let mut verdicts = Vec::with_capacity(metas.len());
+                for meta in &metas {
+                    let single = Box::pin(run_batch(
+                        store.clone(),
+                        Arc::clone(&handler),
+                        Arc::clone(&schema),
+                        vec![meta.clone()],
+                    ));
+                    verdicts.extend(single.await);
+                }
+                return verdicts;
+            }
             Err(Rerun::Unavailable(error)) => {
                 store.count_retry();
                 let delay = backoff.next_delay();
@@ -271,7 +307,13 @@ async fn attempt<H: TxHandler>(
         tx.rollback().await.map_err(db_error)?;
         return Err(Rerun::OwnershipLost);
     }
-    tx.commit().await.map_err(db_error)?;
+    tx.commit().await.map_err(|e| {
+        if db_is_transient(&e) {
+            unavailable(e)
+        } else {
+            Rerun::CommitRefused(e.to_string())
+        }
+    })?;
     store.count(committed, duplicates);
     Ok(verdicts)
 }

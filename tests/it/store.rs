@@ -518,3 +518,197 @@ async fn postgres_wakes_the_relay_at_commit() {
     assert!(started.elapsed() < Duration::from_secs(5));
     processor.shutdown().await.unwrap();
 }
+
+/// Writes a child row whose parent must exist at commit (a deferred
+/// foreign key): event 5 names a parent that does not.
+struct Children;
+
+impl TxHandler for Children {
+    type Event = serde_json::Value;
+
+    async fn handle(
+        &self,
+        v: serde_json::Value,
+        _meta: &Meta,
+        tx: &DatabaseTransaction,
+    ) -> HandlerResult {
+        let n = v["n"].as_u64().unwrap_or(0);
+        let parent = if n == 5 { "missing" } else { "p" };
+        let insert = Query::insert()
+            .into_table(Alias::new("children"))
+            .columns([Alias::new("n"), Alias::new("parent")])
+            .values([(n as i64).into(), parent.into()])?
+            .to_owned();
+        tx.execute(&insert).await?;
+        Ok(Outcome::Ack)
+    }
+}
+
+/// One entry whose effect is refused only at `COMMIT` does not hold its
+/// batch-mates back: they commit, it fails alone and is dead-lettered.
+#[actix_rt::test]
+async fn a_commit_refused_because_of_one_entry_does_not_block_the_batch() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("deferred");
+    let store = db.store().await;
+    for sql in [
+        "CREATE TABLE parents (id TEXT PRIMARY KEY)",
+        "INSERT INTO parents VALUES ('p')",
+        "CREATE TABLE children (n BIGINT NOT NULL, parent TEXT NOT NULL REFERENCES parents(id) DEFERRABLE INITIALLY DEFERRED)",
+    ] {
+        store.connection().execute_unprepared(sql).await.unwrap();
+    }
+    let mut c = ctx.conn().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("g")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let producer_only = Processor::builder(ctx.settings()).start().await.unwrap();
+    publish_numbers(&producer_only, &stream, 0..10).await;
+    producer_only.shutdown().await.unwrap();
+    let processor = Processor::builder(ctx.settings())
+        .group(
+            Group::transactional(&stream, "g", &store, Children).with_retry(
+                RetryPolicy::default()
+                    .with_max_attempts(2)
+                    .with_initial_delay(Duration::from_millis(50)),
+            ),
+        )
+        .start()
+        .await
+        .unwrap();
+    let dlq = redstream::dead_letter_stream(&stream);
+    eventually(
+        Duration::from_secs(15),
+        "9 committed, 1 dead-lettered",
+        || async { ctx.xlen(&dlq).await == 1 && ctx.pending(&stream, "g").await == 0 },
+    )
+    .await;
+    let rows = store
+        .connection()
+        .query_all_raw(sea_orm::Statement::from_string(
+            store.backend(),
+            "SELECT n FROM children ORDER BY n",
+        ))
+        .await
+        .unwrap();
+    let ns: Vec<i64> = rows.iter().map(|r| r.try_get("", "n").unwrap()).collect();
+    assert_eq!(ns, [0, 1, 2, 3, 4, 6, 7, 8, 9]);
+    let letters = ctx.entries(&dlq).await;
+    let get = |k: &str| letters[0].1.iter().find(|(n, _)| n == k).unwrap().1.clone();
+    assert!(
+        get("reason").starts_with("max_attempts_exceeded"),
+        "{letters:?}"
+    );
+    assert!(get("error").contains("commit refused"), "{letters:?}");
+    processor.shutdown().await.unwrap();
+}
+
+/// Hands control to the test before returning, so the test can stall the
+/// ack that follows the commit.
+struct Gate {
+    reached: tokio::sync::mpsc::UnboundedSender<()>,
+    go: Arc<tokio::sync::Notify>,
+    inner: Effects,
+}
+
+impl TxHandler for Gate {
+    type Event = serde_json::Value;
+
+    async fn handle(
+        &self,
+        v: serde_json::Value,
+        meta: &Meta,
+        tx: &DatabaseTransaction,
+    ) -> HandlerResult {
+        let outcome = self.inner.handle(v, meta, tx).await?;
+        if meta.attempt() == 1 && self.reached.send(()).is_ok() {
+            self.go.notified().await;
+        }
+        Ok(outcome)
+    }
+}
+
+/// The process dies after the commit, before the ack lands: the entry is
+/// redelivered, finds its key, and is acked with no second effect.
+#[actix_rt::test]
+async fn a_crash_between_commit_and_ack_gives_no_second_effect() {
+    let server = crate::support::RedisServer::start();
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::with_url(&server.url()) else {
+            return;
+        };
+        let stream = ctx.stream("commit-ack");
+        let store = db.store().await;
+        create_effects_table(&store).await;
+        let (reached, mut at_gate) = tokio::sync::mpsc::unbounded_channel();
+        let go = Arc::new(tokio::sync::Notify::new());
+        let gate = Gate {
+            reached,
+            go: Arc::clone(&go),
+            inner: Effects::plain(),
+        };
+        let mut settings = ctx.settings();
+        settings.redis.command_timeout_ms = 500;
+        settings.shutdown.deadline_ms = 300;
+        let processor = Processor::builder(settings.clone())
+            .group(Group::transactional(&stream, "g", &store, gate))
+            .start()
+            .await
+            .unwrap();
+        processor
+            .producer()
+            .publish(&stream, numbered(1))
+            .await
+            .unwrap();
+        at_gate.recv().await.unwrap();
+        // Writes stall from now on: the XACK after the commit will hang.
+        server.cmd(&["CLIENT", "PAUSE", "20000", "WRITE"]);
+        go.notify_one();
+        eventually(
+            Duration::from_secs(10),
+            "the commit happened, the XACK is stuck",
+            || async {
+                let clients = format!("{:?}", server.cmd(&["CLIENT", "LIST"]));
+                store.stats().committed == 1 && clients.contains("cmd=xack")
+            },
+        )
+        .await;
+        // The process "dies": it stops, and its connections are cut before
+        // the stuck XACK could run.
+        let report = processor.shutdown().await.unwrap();
+        assert!(!report.settled, "the ack could not be written");
+        server.cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+        server.cmd(&["CLIENT", "UNPAUSE"]);
+        assert_eq!(ctx.pending(&stream, "g").await, 1, "the ack was lost");
+
+        let processor = Processor::builder(settings)
+            .group(Group::transactional(&stream, "g", &store, Effects::plain()))
+            .start()
+            .await
+            .unwrap();
+        eventually(
+            Duration::from_secs(15),
+            "redelivered and absorbed",
+            || async { store.stats().duplicates == 1 && ctx.pending(&stream, "g").await == 0 },
+        )
+        .await;
+        assert_eq!(
+            effects(&store).await,
+            vec![(1, 1)],
+            "{:?}: one effect",
+            db.backend
+        );
+        processor.shutdown().await.unwrap();
+    }
+}
