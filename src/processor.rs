@@ -198,6 +198,7 @@ impl Group {
             retry_poll: Duration::from_millis(s.reclaim.retry_poll_ms),
             heartbeat,
             lease_ttl: Duration::from_millis(s.reclaim.lease_ttl_ms),
+            remove_idle_consumers: Duration::from_millis(s.reclaim.remove_idle_consumers_ms),
             restart_min: Duration::from_millis(s.supervision.restart_min_ms),
             restart_max: Duration::from_millis(s.supervision.restart_max_ms),
             shutdown_deadline: Duration::from_millis(s.shutdown.deadline_ms),

@@ -421,6 +421,11 @@ pub struct ReclaimSettings {
     /// How long start-up waits for a lease held by another process (for
     /// example one killed a moment ago) before failing. Default 15000.
     pub lease_wait_ms: u64,
+    /// Consumers (member names) with nothing pending, idle this long and
+    /// not leased by a live process are removed from the group, so names of
+    /// instances that are gone do not pile up; 0 never removes them.
+    /// Default 3600000 (an hour).
+    pub remove_idle_consumers_ms: u64,
 }
 
 impl Default for ReclaimSettings {
@@ -433,6 +438,7 @@ impl Default for ReclaimSettings {
             heartbeat_ms: 20_000,
             lease_ttl_ms: 10_000,
             lease_wait_ms: 15_000,
+            remove_idle_consumers_ms: 3_600_000,
         }
     }
 }

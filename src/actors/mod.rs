@@ -60,6 +60,8 @@ pub(crate) struct GroupOptions {
     pub(crate) retry_poll: Duration,
     pub(crate) heartbeat: Duration,
     pub(crate) lease_ttl: Duration,
+    /// Zero: never remove idle consumers.
+    pub(crate) remove_idle_consumers: Duration,
     pub(crate) restart_min: Duration,
     pub(crate) restart_max: Duration,
     pub(crate) shutdown_deadline: Duration,

@@ -15,6 +15,11 @@
 //!   each retry this process scheduled: entries whose retry time has come
 //!   are taken from the schedule and claimed in one atomic step.
 //!
+//! After a full idle scan (at most once a minute), consumers of instances
+//! that are gone (nothing pending, idle longer than
+//! `reclaim.remove_idle_consumers_ms`, no live lease) are removed from the
+//! group, so member names do not pile up (P11).
+//!
 //! Claimed entries go to the group's members in turn. The next step waits
 //! until the member took them, so a large backlog is reclaimed at the pace it
 //! is processed, not into memory.
@@ -29,6 +34,9 @@ use super::{EntriesClaimed, GroupRuntime, RetryDueAt, StopReclaimer};
 use crate::broker::{CURSOR_START, EntryState};
 use crate::entry::now_ms;
 
+/// How often idle consumers are looked for, at most.
+const CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The reclaimer of one group.
 pub(crate) struct ReclaimerActor {
     runtime: Arc<GroupRuntime>,
@@ -38,6 +46,7 @@ pub(crate) struct ReclaimerActor {
     scanning: bool,
     polling: bool,
     stopped: bool,
+    last_cleanup: Option<Instant>,
 }
 
 impl ReclaimerActor {
@@ -53,6 +62,7 @@ impl ReclaimerActor {
             scanning: false,
             polling: false,
             stopped: false,
+            last_cleanup: None,
         }
     }
 
@@ -67,14 +77,44 @@ impl ReclaimerActor {
             self.cursor.clone(),
             self.next_member,
         );
-        ctx.spawn(
-            fut.into_actor(self)
-                .map(|(cursor, next_member), act, _ctx| {
-                    act.scanning = false;
-                    act.cursor = cursor;
-                    act.next_member = next_member;
-                }),
-        );
+        ctx.spawn(fut.into_actor(self).map(|(cursor, next_member), act, ctx| {
+            act.scanning = false;
+            let wrapped = cursor == CURSOR_START;
+            act.cursor = cursor;
+            act.next_member = next_member;
+            if wrapped {
+                act.remove_idle_consumers(ctx);
+            }
+        }));
+    }
+
+    /// After a full scan, at most once a minute: removes consumers of gone
+    /// instances (nothing pending, idle, no lease).
+    fn remove_idle_consumers(&mut self, ctx: &mut Context<Self>) {
+        let idle = self.runtime.options.remove_idle_consumers;
+        let every = idle.min(CLEANUP_EVERY);
+        if idle.is_zero() || self.last_cleanup.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last_cleanup = Some(Instant::now());
+        let rt = Arc::clone(&self.runtime);
+        let fut = async move {
+            match rt
+                .broker
+                .remove_idle_consumers(&rt.stream, &rt.group, idle)
+                .await
+            {
+                Ok(removed) if !removed.is_empty() => tracing::info!(
+                    stream = %rt.stream, group = %rt.group, removed = ?removed,
+                    "removed consumers with nothing pending, idle longer than {idle:?} and no live lease",
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(
+                    stream = %rt.stream, group = %rt.group, "consumer cleanup failed: {e}"
+                ),
+            }
+        };
+        ctx.spawn(fut.into_actor(self));
     }
 
     fn poll_due(&mut self, ctx: &mut Context<Self>) {

@@ -276,6 +276,16 @@ pub trait Broker: Send + Sync + 'static {
     /// The lease key of a member.
     fn lease_key(&self, stream: &str, group: &str, member: &str) -> String;
 
+    /// Removes the group's consumers that have nothing pending, have been
+    /// idle longer than `idle` and whose name no live process leases.
+    /// Returns their names. Never drops a pending entry.
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        idle: Duration,
+    ) -> Result<Vec<String>>;
+
     /// Server version and data-loss warnings.
     async fn server_report(&self) -> Result<ServerReport>;
 }

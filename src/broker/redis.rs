@@ -51,6 +51,10 @@ fn attempts_key(stream: &str, group: &str) -> String {
     format!("{stream}:attempts:{group}")
 }
 
+fn lease_prefix(stream: &str, group: &str) -> String {
+    format!("{stream}:lease:{group}:")
+}
+
 /// Makes a string safe for `CLIENT SETNAME` (no spaces or control bytes).
 fn client_name(parts: &[&str]) -> String {
     parts
@@ -128,6 +132,29 @@ end
 return failed
 "#;
 
+/// Removes consumers of a group that have nothing pending, have been idle
+/// longer than ARGV[2] ms, and whose member-name lease (ARGV[3] .. name) is
+/// not held by a live process. Checked and deleted in one atomic step, so
+/// `DELCONSUMER` never drops a pending entry (P11).
+const REMOVE_IDLE_CONSUMERS_LUA: &str = r#"
+local removed = {}
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, c in ipairs(consumers) do
+  local name, pending, idle
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1]
+    elseif c[i] == 'pending' then pending = c[i + 1]
+    elseif c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if name and pending == 0 and idle > tonumber(ARGV[2])
+     and redis.call('EXISTS', ARGV[3] .. name) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    removed[#removed + 1] = name
+  end
+end
+return removed
+"#;
+
 /// Takes or renews leases: `SET NX` when free, `PEXPIRE` when already ours.
 const LEASE_ACQUIRE_LUA: &str = r#"
 local out = {}
@@ -157,6 +184,7 @@ return 1
 
 struct Scripts {
     heartbeat: Script,
+    remove_idle_consumers: Script,
     dead_letter: Script,
     claim_due: Script,
     lease_acquire: Script,
@@ -220,6 +248,7 @@ impl RedisBroker {
                 instance: instance.to_owned(),
                 scripts: Scripts {
                     heartbeat: Script::new(HEARTBEAT_LUA),
+                    remove_idle_consumers: Script::new(REMOVE_IDLE_CONSUMERS_LUA),
                     dead_letter: Script::new(DEAD_LETTER_LUA),
                     claim_due: Script::new(CLAIM_DUE_LUA),
                     lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
@@ -689,7 +718,26 @@ impl Broker for RedisBroker {
     }
 
     fn lease_key(&self, stream: &str, group: &str, member: &str) -> String {
-        format!("{stream}:lease:{group}:{member}")
+        format!("{}{member}", lease_prefix(stream, group))
+    }
+
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        idle: Duration,
+    ) -> Result<Vec<String>> {
+        let removed: Vec<String> = self
+            .inner
+            .scripts
+            .remove_idle_consumers
+            .key(stream)
+            .arg(group)
+            .arg(idle.as_millis() as u64)
+            .arg(lease_prefix(stream, group))
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(removed)
     }
 
     async fn server_report(&self) -> Result<ServerReport> {

@@ -12,6 +12,7 @@
 )]
 
 mod core;
+mod janitor;
 mod orders;
 mod producer;
 mod settings;
