@@ -5,16 +5,20 @@
 # running; installs what is missing with apt-get (Debian/Ubuntu, as root or
 # through sudo). Leaves services that already answer alone.
 #
-# usage: scripts/services.sh [redis] [postgres]     (default: redis)
+# With `chromium`, also installs Debian's Chromium (the status page test
+# renders the page in it).
+#
+# usage: scripts/services.sh [redis] [postgres] [chromium]     (default: redis)
 set -euo pipefail
 
-want_redis=0 want_pg=0
+want_redis=0 want_pg=0 want_chromium=0
 [ $# -eq 0 ] && want_redis=1
 for s in "$@"; do
   case "$s" in
     redis) want_redis=1 ;;
     postgres) want_pg=1 ;;
-    *) echo "unknown service: $s (expected redis or postgres)" >&2; exit 2 ;;
+    chromium) want_chromium=1 ;;
+    *) echo "unknown service: $s (expected redis, postgres or chromium)" >&2; exit 2 ;;
   esac
 done
 
@@ -90,6 +94,12 @@ ensure_postgres() {
   fi
 }
 
+ensure_chromium() {
+  if [ -x /usr/bin/chromium ] || [ -x /usr/bin/chromium-browser ]; then return 0; fi
+  apt_install chromium
+}
+
 [ "$want_redis" -eq 1 ] && ensure_redis
 [ "$want_pg" -eq 1 ] && ensure_postgres
+[ "$want_chromium" -eq 1 ] && ensure_chromium
 exit 0

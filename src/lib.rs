@@ -74,6 +74,8 @@
 //! | `actors` | producer, group supervisor, consumer, reclaimer |
 //! | `processor` | [`Processor`] (the root), [`Group`] |
 //! | `producer` | [`Producer`], the publishing handle |
+//! | [`metrics`] | metric names, `install_prometheus` |
+//! | `web` | an actix-web scope: `/health`, `/metrics`, `/status` (feature `web`) |
 //! | `status` | [`GroupStatus`] |
 //! | `store` | [`Store`], [`TxHandler`] (exactly one effect), [`enqueue`] (outbox) |
 //! | `error` | [`Error`], [`Result`] |
@@ -85,19 +87,24 @@ mod actors;
 pub mod broker;
 mod entry;
 mod error;
+mod handle;
 mod handler;
+pub mod metrics;
 mod outcome;
 mod processor;
 mod producer;
 pub mod settings;
 mod status;
 mod store;
+#[cfg(feature = "web")]
+pub mod web;
 
 pub use broker::{Broker, RedisBroker};
 pub use entry::{
     DecodeError, Entry, Event, RawEntry, dead_letter_field, dead_letter_stream, field,
 };
 pub use error::{BoxError, Error, Result};
+pub use handle::{Health, HealthCheck, ProcessorHandle};
 pub use handler::{FnHandler, Handler, HandlerResult, Meta, OwnershipLost, Schema, handler_fn};
 pub use outcome::{Outcome, RetryPolicy};
 pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};

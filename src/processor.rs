@@ -2,18 +2,21 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::actors::group::{GetStatus, GroupStopReport, GroupSupervisor, Lease, StopGroup};
+use crate::actors::group::{GroupStopReport, GroupSupervisor, Lease, StopGroup};
 use crate::actors::producer::{Flush, ProducerActor, ProducerOptions, StatCounters};
 use crate::actors::{GroupOptions, GroupRuntime};
 use crate::broker::{Broker, RedisBroker, ServerReport};
 use crate::error::{Error, Result};
+use crate::handle::{GroupHandle, Health, Inner as HandleInner, ProcessorHandle};
 use crate::handler::{DynHandler, Handler, erase, handler_fn};
+use crate::metrics::GroupMetrics;
 use crate::outcome::RetryPolicy;
-use crate::producer::{Producer, new_event_id};
+use crate::producer::{Producer, ProducerLimits, new_event_id};
 use crate::settings::{IdFormat, Settings, StartFrom};
 use crate::status::GroupStatus;
 use crate::store::{OutboxRelay, RelayOptions, StopRelay, Store, TxHandler, erase_tx};
@@ -37,6 +40,7 @@ pub struct Group {
     stream: String,
     group: String,
     handler: Arc<dyn DynHandler>,
+    store: Option<Store>,
     members: Option<usize>,
     in_flight: Option<usize>,
     count: Option<usize>,
@@ -67,6 +71,7 @@ impl Group {
             stream: stream.into(),
             group: group.into(),
             handler: erase(handler),
+            store: None,
             members: None,
             in_flight: None,
             count: None,
@@ -92,6 +97,7 @@ impl Group {
             handler_fn(|_: serde_json::Value, _: crate::Meta| async { Ok(crate::Outcome::Ack) }),
         );
         g.handler = erase_tx(store.clone(), handler);
+        g.store = Some(store.clone());
         g
     }
 
@@ -290,6 +296,7 @@ impl ProcessorBuilder {
                 tracing::info!(stream = %group.stream, group = %group.group, "created consumer group");
             }
             runtimes.push(Arc::new(GroupRuntime {
+                metrics: GroupMetrics::new(&group.stream, &group.group),
                 broker: Arc::clone(&broker),
                 handler: Arc::clone(&group.handler),
                 stream: Arc::from(group.stream.as_str()),
@@ -328,9 +335,12 @@ impl ProcessorBuilder {
 
         let p = &settings.producer;
         let stats = Arc::new(StatCounters::default());
+        let permits = Arc::new(tokio::sync::Semaphore::new(p.buffer));
         let producer_actor = ProducerActor::new(
             Arc::clone(&broker),
             ProducerOptions {
+                permits: Arc::clone(&permits),
+                capacity: p.buffer,
                 batch_size: p.batch_size,
                 linger: Duration::from_millis(p.linger_ms),
                 attempts: p.publish_attempts,
@@ -343,11 +353,14 @@ impl ProcessorBuilder {
         let producer = Producer::new(
             producer_actor,
             stats,
-            p.buffer,
-            p.max_payload_bytes,
-            p.id_format,
-            (p.max_len > 0).then_some(p.max_len),
-            self.max_lens,
+            permits,
+            ProducerLimits {
+                capacity: p.buffer,
+                max_payload: p.max_payload_bytes,
+                id_format: p.id_format,
+                default_max_len: (p.max_len > 0).then_some(p.max_len),
+                max_lens: self.max_lens,
+            },
         );
 
         let mut offset = 0;
@@ -362,6 +375,17 @@ impl ProcessorBuilder {
                 group: Arc::clone(&rt.group),
                 addr: supervisor,
             });
+        }
+        let mut stores: Vec<Store> = Vec::new();
+        for store in self
+            .groups
+            .iter()
+            .filter_map(|g| g.store.as_ref())
+            .chain(&self.outbox)
+        {
+            if !stores.iter().any(|s| s.same_as(store)) {
+                stores.push(store.clone());
+            }
         }
         let relay = self.outbox.map(|store| {
             let o = &settings.outbox;
@@ -381,13 +405,21 @@ impl ProcessorBuilder {
             redis_version = %server.version, "redstream processor started",
         );
         Ok(Processor {
-            producer,
-            groups,
+            handle: ProcessorHandle {
+                inner: Arc::new(HandleInner {
+                    producer,
+                    groups,
+                    broker,
+                    stores,
+                    server,
+                    instance,
+                    started: Instant::now(),
+                    stopping: AtomicBool::new(false),
+                }),
+            },
             relay,
             arbiters,
             settings,
-            server,
-            instance,
         })
     }
 }
@@ -438,12 +470,6 @@ async fn acquire_all(
     Ok(())
 }
 
-struct GroupHandle {
-    stream: Arc<str>,
-    group: Arc<str>,
-    addr: Addr<GroupSupervisor>,
-}
-
 /// What a graceful stop did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -484,20 +510,16 @@ pub struct ShutdownReport {
 /// }
 /// ```
 pub struct Processor {
-    producer: Producer,
-    groups: Vec<GroupHandle>,
+    handle: ProcessorHandle,
     relay: Option<Addr<OutboxRelay>>,
     arbiters: Vec<Arbiter>,
     settings: Settings,
-    server: ServerReport,
-    instance: String,
 }
 
 impl std::fmt::Debug for Processor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Processor")
-            .field("instance", &self.instance)
-            .field("groups", &self.groups.len())
+            .field("handle", &self.handle)
             .finish_non_exhaustive()
     }
 }
@@ -514,42 +536,40 @@ impl Processor {
         }
     }
 
+    /// A clonable view for publishing, status and health probes (share it
+    /// with actix-web handlers through `web::Data`).
+    pub fn handle(&self) -> ProcessorHandle {
+        self.handle.clone()
+    }
+
     /// The publishing handle.
     pub fn producer(&self) -> Producer {
-        self.producer.clone()
+        self.handle.producer()
     }
 
     /// This process's instance name (member names are `<instance>-<i>`).
     pub fn instance(&self) -> &str {
-        &self.instance
+        self.handle.instance()
     }
 
     /// The Redis server's version and data-loss warnings, read at start.
     pub fn server(&self) -> &ServerReport {
-        &self.server
+        self.handle.server()
     }
 
     /// The status of every group.
     pub async fn status(&self) -> Result<Vec<GroupStatus>> {
-        let mut out = Vec::with_capacity(self.groups.len());
-        for g in &self.groups {
-            out.push(g.addr.send(GetStatus).await.map_err(|_| Error::Stopped)?);
-        }
-        Ok(out)
+        self.handle.status().await
     }
 
     /// The status of one group.
     pub async fn group_status(&self, stream: &str, group: &str) -> Result<GroupStatus> {
-        let handle = self
-            .groups
-            .iter()
-            .find(|g| &*g.stream == stream && &*g.group == group)
-            .ok_or(Error::Stopped)?;
-        handle
-            .addr
-            .send(GetStatus)
-            .await
-            .map_err(|_| Error::Stopped)
+        self.handle.group_status(stream, group).await
+    }
+
+    /// Redis, databases and groups: see [`ProcessorHandle::health`].
+    pub async fn health(&self) -> Health {
+        self.handle.health().await
     }
 
     /// Stops in order: members stop reading and finish running handlers by
@@ -560,7 +580,9 @@ impl Processor {
     pub async fn shutdown(self) -> Result<ShutdownReport> {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.settings.shutdown.deadline_ms);
-        let stops = self
+        self.handle.mark_stopping();
+        let inner = &self.handle.inner;
+        let stops = inner
             .groups
             .iter()
             .map(|g| g.addr.send(StopGroup { deadline }));
@@ -582,9 +604,9 @@ impl Processor {
             )
             .await;
         }
-        self.producer.close();
+        inner.producer.close();
         let flush_for = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
-        let flushed = tokio::time::timeout(flush_for, self.producer.actor().send(Flush))
+        let flushed = tokio::time::timeout(flush_for, inner.producer.actor().send(Flush))
             .await
             .is_ok_and(|r| r.is_ok());
         if !flushed {

@@ -57,6 +57,15 @@ impl std::fmt::Debug for Producer {
     }
 }
 
+/// What a producer handle checks and adds before queueing an event.
+pub(crate) struct ProducerLimits {
+    pub(crate) capacity: usize,
+    pub(crate) max_payload: usize,
+    pub(crate) id_format: IdFormat,
+    pub(crate) default_max_len: Option<u64>,
+    pub(crate) max_lens: HashMap<String, u64>,
+}
+
 /// Makes a new event id.
 pub(crate) fn new_event_id(format: IdFormat) -> String {
     match format {
@@ -69,22 +78,19 @@ impl Producer {
     pub(crate) fn new(
         addr: Addr<ProducerActor>,
         stats: Arc<StatCounters>,
-        capacity: usize,
-        max_payload: usize,
-        id_format: IdFormat,
-        default_max_len: Option<u64>,
-        max_lens: HashMap<String, u64>,
+        permits: Arc<Semaphore>,
+        limits: ProducerLimits,
     ) -> Self {
         Producer {
             inner: Arc::new(Inner {
                 addr,
                 stats,
-                permits: Arc::new(Semaphore::new(capacity)),
-                capacity,
-                max_payload,
-                id_format,
-                default_max_len,
-                max_lens,
+                permits,
+                capacity: limits.capacity,
+                max_payload: limits.max_payload,
+                id_format: limits.id_format,
+                default_max_len: limits.default_max_len,
+                max_lens: limits.max_lens,
             }),
         }
     }

@@ -1,8 +1,10 @@
 //! What a running processor can tell about itself: per group, its members,
 //! their restarts and the outcomes handled so far.
 
+use serde::Serialize;
+
 /// The state of one consumer group in this process.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct GroupStatus {
     /// The stream.
@@ -27,6 +29,12 @@ pub struct GroupStatus {
     pub pending: Option<u64>,
     /// Of those, entries waiting for a retry.
     pub waiting_retry: Option<u64>,
+    /// Entries not yet delivered to the group, at the last check.
+    pub lag: Option<u64>,
+    /// Length of the dead-letter stream, at the last check.
+    pub dead_letters: Option<u64>,
+    /// Age of the oldest pending entry in milliseconds, at the last check.
+    pub oldest_pending_ms: Option<u64>,
 }
 
 impl GroupStatus {
@@ -42,7 +50,7 @@ impl GroupStatus {
 }
 
 /// The state of one member (consumer actor).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct MemberStatus {
     /// The member (consumer) name.

@@ -339,8 +339,16 @@ impl Member {
                 ownership,
             },
         );
+        let metrics = self.runtime.metrics.clone();
+        metrics
+            .delivery_attempt
+            .record(f64::from(prior_attempts + 1));
         let work = async move {
+            let started = Instant::now();
             let verdict = handler::run(handler.as_ref(), meta).await;
+            metrics
+                .handler_seconds
+                .record(started.elapsed().as_secs_f64());
             tracing::Span::current().record("outcome", verdict_name(&verdict));
             verdict
         }
@@ -376,8 +384,19 @@ impl Member {
             );
         }
         let run = self.runtime.handler.run_batch(metas);
+        let metrics = self.runtime.metrics.clone();
+        for (_, prior) in &batch {
+            metrics.delivery_attempt.record(f64::from(prior + 1));
+        }
         self.running.push(Box::pin(async move {
-            match Abortable::new(run, registration).await {
+            let started = Instant::now();
+            let ran = Abortable::new(run, registration).await;
+            // One handler time per entry: the batch's time, shared.
+            let share = started.elapsed().as_secs_f64() / batch.len().max(1) as f64;
+            for _ in &batch {
+                metrics.handler_seconds.record(share);
+            }
+            match ran {
                 Ok(verdicts) => batch
                     .into_iter()
                     .zip(verdicts)
@@ -485,6 +504,7 @@ impl Member {
             let Some(held) = self.held.get(&id) else {
                 continue;
             };
+            self.runtime.metrics.ownership_lost.increment(1);
             held.ownership.mark_lost();
             if held.in_batch {
                 // Its batch rolls back and runs again without it.

@@ -347,6 +347,7 @@ impl GroupSupervisor {
         ctx.spawn(fut.into_actor(self).map(|(written, failed, error), act, _ctx| {
             act.writes_in_flight -= 1;
             act.counters.dead_lettered += written.len() as u64;
+            act.runtime.metrics.dead_lettered.increment(written.len() as u64);
             let rt = Arc::clone(&act.runtime);
             let (stream, group) = (&*rt.stream, &*rt.group);
             for l in &written {
@@ -383,6 +384,12 @@ impl GroupSupervisor {
             };
             match r.verdict {
                 Verdict::Decided(Outcome::Ack) => {
+                    let m = &self.runtime.metrics;
+                    m.acked.increment(1);
+                    if let Some(ts) = r.payload.published_at_ms() {
+                        m.end_to_end_seconds
+                            .record(now.saturating_sub(ts) as f64 / 1000.0);
+                    }
                     if r.prior_attempts > 0 {
                         self.acks.forget.push(r.id.clone());
                     }
@@ -414,6 +421,7 @@ impl GroupSupervisor {
                             error,
                         ));
                     } else {
+                        self.runtime.metrics.retried.increment(1);
                         let delay = asked.unwrap_or_else(|| policy.delay_for(ran));
                         retries.push(RetrySchedule {
                             id: r.id,
@@ -504,6 +512,7 @@ impl GroupSupervisor {
                     match result {
                         Ok(summary) => {
                             act.apply_backpressure(&summary, ctx);
+                            act.record_gauges(&summary);
                             act.last_pending = Some(summary);
                         }
                         Err(e) if e.redis_code() == Some("NOGROUP") => act.recover_group(ctx),
@@ -515,6 +524,18 @@ impl GroupSupervisor {
                     }
                 }),
         );
+    }
+
+    fn record_gauges(&self, summary: &PendingSummary) {
+        let m = &self.runtime.metrics;
+        m.pending.set(summary.pending as f64);
+        m.waiting_retry.set(summary.waiting_retry as f64);
+        m.dead_letters.set(summary.dead_letters as f64);
+        if let Some(lag) = summary.lag {
+            m.lag.set(lag as f64);
+        }
+        let oldest = oldest_age_ms(summary.oldest_id.as_deref()).unwrap_or(0);
+        m.oldest_pending_seconds.set(oldest as f64 / 1000.0);
     }
 
     fn apply_backpressure(&mut self, summary: &PendingSummary, ctx: &mut Context<Self>) {
@@ -624,8 +645,20 @@ impl GroupSupervisor {
             failed: self.failed,
             pending: self.last_pending.as_ref().map(|p| p.pending),
             waiting_retry: self.last_pending.as_ref().map(|p| p.waiting_retry),
+            lag: self.last_pending.as_ref().and_then(|p| p.lag),
+            dead_letters: self.last_pending.as_ref().map(|p| p.dead_letters),
+            oldest_pending_ms: self
+                .last_pending
+                .as_ref()
+                .and_then(|p| oldest_age_ms(p.oldest_id.as_deref())),
         }
     }
+}
+
+/// Age of an entry from its id (`<ms>-<seq>`), in milliseconds.
+fn oldest_age_ms(id: Option<&str>) -> Option<u64> {
+    let ms: u64 = id?.split('-').next()?.parse().ok()?;
+    Some(now_ms().saturating_sub(ms))
 }
 
 /// Tries a write a few times with short pauses.
@@ -711,6 +744,7 @@ impl Handler<ConsumerStopped> for GroupSupervisor {
             return;
         }
         slot.restarts += 1;
+        self.runtime.metrics.restarts.increment(1);
         let description = describe(&msg.exit);
         slot.last_error = Some(description.clone());
         if slot.started_at.elapsed() >= HEALTHY_RUN {
@@ -742,6 +776,10 @@ impl Handler<EntriesClaimed> for GroupSupervisor {
 
     fn handle(&mut self, msg: EntriesClaimed, ctx: &mut Self::Context) -> Self::Result {
         let now = now_ms();
+        self.runtime
+            .metrics
+            .reclaimed
+            .increment((msg.entries.len() + msg.trimmed.len()) as u64);
         let letters: Vec<DeadLetter> = msg
             .trimmed
             .into_iter()

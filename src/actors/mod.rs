@@ -30,11 +30,13 @@ use actix::Message;
 use crate::broker::{Broker, EntryState};
 use crate::entry::{Entry, RawEntry};
 use crate::handler::{DynHandler, Verdict};
+use crate::metrics::GroupMetrics;
 use crate::outcome::RetryPolicy;
 use crate::settings::{MissingGroupPolicy, StartFrom};
 
 /// Everything the actors of one group share.
 pub(crate) struct GroupRuntime {
+    pub(crate) metrics: GroupMetrics,
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) handler: Arc<dyn DynHandler>,
     pub(crate) stream: Arc<str>,
@@ -77,6 +79,14 @@ pub(crate) enum Payload {
 }
 
 impl Payload {
+    /// The event's publish time, if it was decoded and carries one.
+    pub(crate) fn published_at_ms(&self) -> Option<u64> {
+        match self {
+            Payload::Decoded(entry) => entry.published_at_ms(),
+            Payload::Raw(_) => None,
+        }
+    }
+
     pub(crate) fn fields(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         match self {
             Payload::Decoded(entry) => entry.fields().to_vec(),

@@ -128,6 +128,9 @@ impl StatCounters {
 /// How the producer writes.
 #[derive(Clone, Debug)]
 pub(crate) struct ProducerOptions {
+    /// The publishers' permits, to report how full the buffer is.
+    pub(crate) permits: Arc<tokio::sync::Semaphore>,
+    pub(crate) capacity: usize,
     pub(crate) batch_size: usize,
     pub(crate) linger: Duration,
     pub(crate) attempts: u32,
@@ -184,6 +187,9 @@ impl ProducerActor {
                 .into_actor(self)
                 .map(|(), act, ctx| {
                     act.writing = false;
+                    let o = &act.options;
+                    let buffered = o.capacity.saturating_sub(o.permits.available_permits());
+                    crate::metrics::producer_buffer(buffered, o.capacity);
                     act.write_next(ctx);
                 }),
         );
@@ -199,6 +205,7 @@ async fn write_batch(
     batch: Vec<Queued>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
+    let mut written_per_stream: Vec<Arc<str>> = Vec::new();
     let mut pending = batch;
     let mut backoff = Backoff::new(options.retry_min, options.retry_max);
     let mut attempt = 0;
@@ -219,6 +226,7 @@ async fn write_batch(
                             };
                             queued.collector.set(queued.index, Ok(published));
                             stats.written.fetch_add(1, Relaxed);
+                            written_per_stream.push(Arc::clone(&queued.item.stream));
                         }
                         Err(e) if e.is_transient() && !last_try => retry.push(queued),
                         Err(e) => {
@@ -245,6 +253,7 @@ async fn write_batch(
                 }
             }
         }
+        count_written(&mut written_per_stream);
         if retry.is_empty() {
             return;
         }
@@ -253,8 +262,23 @@ async fn write_batch(
     }
 }
 
+/// Adds written events to the per-stream counters.
+fn count_written(streams: &mut Vec<Arc<str>>) {
+    let mut counted: Vec<(Arc<str>, u64)> = Vec::new();
+    for stream in streams.drain(..) {
+        match counted.iter_mut().find(|(s, _)| *s == stream) {
+            Some((_, n)) => *n += 1,
+            None => counted.push((stream, 1)),
+        }
+    }
+    for (stream, n) in counted {
+        crate::metrics::published(&stream, n, 0);
+    }
+}
+
 fn fail(queued: Queued, attempts: u32, error: &Error) {
     tracing::error!(stream = %queued.item.stream, attempts, "publish failed: {error}");
+    crate::metrics::published(&queued.item.stream, 0, 1);
     let e = Error::PublishFailed {
         stream: queued.item.stream.to_string(),
         attempts,

@@ -127,6 +127,11 @@ pub struct PendingSummary {
     pub oldest_id: Option<String>,
     /// Pending count per member.
     pub per_member: Vec<(String, u64)>,
+    /// Entries not yet delivered to the group, when the server can tell
+    /// (XINFO GROUPS `lag`, Redis 7.0+).
+    pub lag: Option<u64>,
+    /// Length of the dead-letter stream.
+    pub dead_letters: u64,
 }
 
 impl PendingSummary {
@@ -288,4 +293,7 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Server version and data-loss warnings.
     async fn server_report(&self) -> Result<ServerReport>;
+
+    /// Whether the server answers.
+    async fn ping(&self) -> Result<()>;
 }

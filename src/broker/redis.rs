@@ -652,14 +652,21 @@ impl Broker for RedisBroker {
     }
 
     async fn pending_summary(&self, stream: &str, group: &str) -> Result<PendingSummary> {
-        let (summary, waiting_retry): (Value, u64) = redis::pipe()
-            .cmd("XPENDING")
-            .arg(stream)
-            .arg(group)
-            .cmd("ZCARD")
-            .arg(retry_key(stream, group))
-            .query_async(&mut self.conn())
-            .await?;
+        let (summary, waiting_retry, groups, dead_letters): (Value, u64, Value, u64) =
+            redis::pipe()
+                .cmd("XPENDING")
+                .arg(stream)
+                .arg(group)
+                .cmd("ZCARD")
+                .arg(retry_key(stream, group))
+                .cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .cmd("XLEN")
+                .arg(dead_letter_stream(stream))
+                .query_async(&mut self.conn())
+                .await?;
+        let lag = group_field(&groups, group, "lag").and_then(|v| int(&v));
         let Value::Array(parts) = summary else {
             return Err(unexpected("XPENDING", "not an array"));
         };
@@ -683,6 +690,8 @@ impl Broker for RedisBroker {
             waiting_retry,
             oldest_id,
             per_member,
+            lag,
+            dead_letters,
         })
     }
 
@@ -738,6 +747,11 @@ impl Broker for RedisBroker {
             .invoke_async(&mut self.conn())
             .await?;
         Ok(removed)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
+        Ok(())
     }
 
     async fn server_report(&self) -> Result<ServerReport> {
@@ -797,6 +811,34 @@ impl Broker for RedisBroker {
         }
         Ok(ServerReport { version, warnings })
     }
+}
+
+/// One field of one group in an `XINFO GROUPS` reply (a list of flat
+/// name/value arrays in RESP2, of maps in RESP3).
+fn group_field(groups: &Value, group: &str, field: &str) -> Option<Value> {
+    let Value::Array(groups) = groups else {
+        return None;
+    };
+    groups.iter().find_map(|g| {
+        let pairs: Vec<(&Value, &Value)> = match g {
+            Value::Array(flat) => flat
+                .chunks(2)
+                .filter_map(|kv| Some((kv.first()?, kv.get(1)?)))
+                .collect(),
+            Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
+            _ => return None,
+        };
+        let (_, name) = pairs
+            .iter()
+            .find(|(k, _)| text(k).as_deref() == Some("name"))?;
+        if text(name).as_deref() != Some(group) {
+            return None;
+        }
+        pairs
+            .iter()
+            .find(|(k, _)| text(k).as_deref() == Some(field))
+            .map(|(_, v)| (*v).clone())
+    })
 }
 
 fn major_version(version: &str) -> Option<u32> {

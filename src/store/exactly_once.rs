@@ -212,6 +212,14 @@ async fn run_batch<H: TxHandler>(
             }
             Err(Rerun::Unavailable(error)) => {
                 store.count_retry();
+                if let Some(meta) = metas.first() {
+                    metrics::counter!(
+                        crate::metrics::names::DATABASE_RETRIES,
+                        "stream" => meta.stream().to_owned(),
+                        "group" => meta.group().to_owned()
+                    )
+                    .increment(1);
+                }
                 let delay = backoff.next_delay();
                 if let Some(meta) = metas.first() {
                     tracing::warn!(
@@ -315,6 +323,16 @@ async fn attempt<H: TxHandler>(
         }
     })?;
     store.count(committed, duplicates);
+    if duplicates > 0
+        && let Some(meta) = metas.first()
+    {
+        metrics::counter!(
+            crate::metrics::names::DUPLICATES,
+            "stream" => meta.stream().to_owned(),
+            "group" => meta.group().to_owned()
+        )
+        .increment(duplicates);
+    }
     Ok(verdicts)
 }
 

@@ -184,6 +184,17 @@ impl Store {
         }
     }
 
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        self.inner.db.ping().await?;
+        Ok(())
+    }
+
+    /// Whether two handles share one pool.
+    pub(crate) fn same_as(&self, other: &Store) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Whether `group` has committed the effect of `event_id`.
     pub async fn is_processed(&self, group: &str, event_id: &str) -> Result<bool> {
         use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};

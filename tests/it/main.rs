@@ -13,6 +13,7 @@
 
 mod core;
 mod janitor;
+mod observe;
 mod orders;
 mod producer;
 mod settings;

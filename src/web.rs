@@ -1,0 +1,267 @@
+//! An actix-web scope that an application mounts under any path:
+//!
+//! | route | answers |
+//! |---|---|
+//! | `GET …/health` | readiness: `200` when Redis, the databases and every group's consumers are fine, else `503`; JSON with each check |
+//! | `GET …/health/live` | liveness: `200` while the actors answer, else `503` |
+//! | `GET …/metrics` | the Prometheus exposition text (when a renderer is given) |
+//! | `GET …/status` | a small HTML page for people: each stream and group at a glance (lag, pending, throughput, dead letters, consumers and restarts), refreshing itself; no external assets |
+//! | `GET …/status.json` | the same data as JSON |
+//!
+//! ```no_run
+//! # async fn demo(processor: redstream::Processor) -> std::io::Result<()> {
+//! use actix_web::{App, HttpServer};
+//!
+//! let prometheus = redstream::metrics::install_prometheus().expect("recorder"); // before Processor::start, in real code
+//! let handle = processor.handle();
+//! HttpServer::new(move || {
+//!     let prometheus = prometheus.clone();
+//!     App::new().service(redstream::web::scope_with_metrics("/ops", handle.clone(), move || prometheus.render()))
+//! })
+//! .bind(("127.0.0.1", 8080))?
+//! .run()
+//! .await
+//! # }
+//! ```
+
+use std::sync::Arc;
+
+use actix_web::http::header;
+use actix_web::{HttpResponse, Scope, web};
+use serde::Serialize;
+
+use crate::handle::{Health, ProcessorHandle};
+use crate::producer::ProducerStats;
+use crate::status::GroupStatus;
+
+type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Clone)]
+struct Ops {
+    handle: ProcessorHandle,
+    metrics: Option<Render>,
+}
+
+/// The scope, mounted at `path`, without a `/metrics` route.
+pub fn scope(path: &str, handle: ProcessorHandle) -> Scope {
+    build(
+        path,
+        Ops {
+            handle,
+            metrics: None,
+        },
+    )
+}
+
+/// The scope, with `/metrics` answering what `render` returns (for
+/// Prometheus: `move || handle.render()`).
+pub fn scope_with_metrics(
+    path: &str,
+    handle: ProcessorHandle,
+    render: impl Fn() -> String + Send + Sync + 'static,
+) -> Scope {
+    build(
+        path,
+        Ops {
+            handle,
+            metrics: Some(Arc::new(render)),
+        },
+    )
+}
+
+fn build(path: &str, ops: Ops) -> Scope {
+    web::scope(path)
+        .app_data(web::Data::new(ops))
+        .route("/health", web::get().to(ready))
+        .route("/health/live", web::get().to(live))
+        .route("/metrics", web::get().to(metrics))
+        .route("/status", web::get().to(status_page))
+        .route("/status.json", web::get().to(status_json))
+}
+
+async fn ready(ops: web::Data<Ops>) -> HttpResponse {
+    let health = ops.handle.health().await;
+    let mut response = if health.ready {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::ServiceUnavailable()
+    };
+    response.json(health)
+}
+
+async fn live(ops: web::Data<Ops>) -> HttpResponse {
+    let health = ops.handle.health().await;
+    let mut response = if health.live {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::ServiceUnavailable()
+    };
+    response.json(serde_json::json!({ "live": health.live }))
+}
+
+async fn metrics(ops: web::Data<Ops>) -> HttpResponse {
+    match &ops.metrics {
+        Some(render) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4")
+            .body(render()),
+        None => HttpResponse::NotFound().body("no metrics renderer configured\n"),
+    }
+}
+
+/// Everything the status page shows.
+#[derive(Debug, Serialize)]
+struct StatusReport {
+    instance: String,
+    uptime_ms: u64,
+    redis_version: String,
+    warnings: Vec<String>,
+    stopping: bool,
+    producer: ProducerView,
+    groups: Vec<GroupStatus>,
+    health: Health,
+}
+
+#[derive(Debug, Serialize)]
+struct ProducerView {
+    buffered: usize,
+    capacity: usize,
+    written: u64,
+    failed: u64,
+    round_trips: u64,
+}
+
+impl From<(&crate::Producer, ProducerStats)> for ProducerView {
+    fn from((p, s): (&crate::Producer, ProducerStats)) -> Self {
+        ProducerView {
+            buffered: p.buffered(),
+            capacity: p.capacity(),
+            written: s.written,
+            failed: s.failed,
+            round_trips: s.round_trips,
+        }
+    }
+}
+
+async fn report(handle: &ProcessorHandle) -> StatusReport {
+    let producer = handle.producer();
+    StatusReport {
+        instance: handle.instance().to_owned(),
+        uptime_ms: handle.uptime().as_millis() as u64,
+        redis_version: handle.server().version.clone(),
+        warnings: handle.server().warnings.clone(),
+        stopping: handle.is_stopping(),
+        producer: ProducerView::from((&producer, producer.stats())),
+        groups: handle.status().await.unwrap_or_default(),
+        health: handle.health().await,
+    }
+}
+
+async fn status_json(ops: web::Data<Ops>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(report(&ops.handle).await)
+}
+
+async fn status_page(ops: web::Data<Ops>) -> HttpResponse {
+    let data = serde_json::to_string(&report(&ops.handle).await).unwrap_or_else(|_| "{}".into());
+    // `</` cannot end the script element early once escaped.
+    let data = data.replace("</", "<\\/");
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(STATUS_PAGE.replace("/*DATA*/null", &data))
+}
+
+/// The status page: the initial data is embedded, the script renders it and
+/// then polls `status.json` every two seconds.
+const STATUS_PAGE: &str = r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>redstream status</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #1d2330; background: #fafbfc; }
+  h1 { font-size: 1.3rem; margin: 0 0 .2rem; }
+  .meta { color: #5b6475; margin-bottom: 1rem; }
+  .ok { color: #137333; } .bad { color: #b3261e; font-weight: 600; } .warn { color: #8a5a00; }
+  table { border-collapse: collapse; margin: .5rem 0 1.5rem; background: #fff; min-width: 60%; }
+  th, td { border: 1px solid #d8dce3; padding: .3rem .6rem; text-align: right; }
+  th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
+  th { background: #eef1f5; font-weight: 600; }
+  #checks th, #checks td { text-align: left; }
+  .members span { display: inline-block; margin: 0 .3rem .2rem 0; padding: 0 .4rem; border-radius: .6rem; background: #e6f4ea; }
+  .members span.down { background: #fce8e6; }
+  ul.warnings { margin: .2rem 0 1rem; }
+</style>
+</head>
+<body>
+<h1>redstream</h1>
+<div class="meta" id="meta"></div>
+<ul class="warnings" id="warnings"></ul>
+<table id="groups">
+  <thead><tr><th>stream</th><th>group</th><th>lag</th><th>pending</th><th>waiting retry</th><th>oldest pending</th><th>acked/s</th><th>acked</th><th>retried</th><th>dead letters</th><th>consumers (restarts)</th></tr></thead>
+  <tbody></tbody>
+</table>
+<table id="checks"><thead><tr><th>check</th><th>state</th><th>detail</th></tr></thead><tbody></tbody></table>
+<script id="initial" type="application/json">/*DATA*/null</script>
+<script>
+"use strict";
+let previous = null;
+function text(tag, value, cls) {
+  const el = document.createElement(tag);
+  el.textContent = value === null || value === undefined ? "–" : String(value);
+  if (cls) el.className = cls;
+  return el;
+}
+function age(ms) {
+  if (ms === null || ms === undefined) return "–";
+  if (ms < 1000) return ms + " ms";
+  if (ms < 120000) return (ms / 1000).toFixed(1) + " s";
+  return Math.round(ms / 60000) + " min";
+}
+function render(data, at) {
+  if (!data) return;
+  const h = data.health;
+  document.getElementById("meta").replaceChildren(
+    text("span", "instance " + data.instance + " · Redis " + data.redis_version + " · up " + age(data.uptime_ms) + " · "),
+    text("span", h.ready ? "ready" : (data.stopping ? "stopping" : "not ready"), h.ready ? "ok" : "bad"),
+    text("span", " · producer " + data.producer.buffered + "/" + data.producer.capacity + " buffered, " + data.producer.written + " written, " + data.producer.failed + " failed"));
+  document.getElementById("warnings").replaceChildren(...data.warnings.map(w => text("li", w, "warn")));
+  const rows = data.groups.map(g => {
+    const tr = document.createElement("tr");
+    const key = g.stream + "/" + g.group;
+    let rate = "–";
+    if (previous && previous.rates[key] !== undefined && at > previous.at) {
+      rate = ((g.acked - previous.rates[key]) * 1000 / (at - previous.at)).toFixed(1);
+    }
+    const members = document.createElement("td");
+    members.className = "members";
+    members.replaceChildren(...g.members.map(m => text("span", m.name + " (" + m.restarts + ")", m.alive ? "" : "down")));
+    tr.replaceChildren(text("td", g.stream), text("td", g.group + (g.failed ? " (failed)" : g.paused ? " (paused)" : ""), g.failed ? "bad" : ""),
+      text("td", g.lag), text("td", g.pending), text("td", g.waiting_retry), text("td", age(g.oldest_pending_ms)),
+      text("td", rate), text("td", g.acked), text("td", g.retried),
+      text("td", g.dead_letters, g.dead_letters > 0 ? "warn" : ""), members);
+    return tr;
+  });
+  document.querySelector("#groups tbody").replaceChildren(...rows);
+  document.querySelector("#checks tbody").replaceChildren(...h.checks.map(c => {
+    const tr = document.createElement("tr");
+    tr.replaceChildren(text("td", c.name), text("td", c.ok ? "ok" : "failing", c.ok ? "ok" : "bad"), text("td", c.detail));
+    return tr;
+  }));
+  const rates = {};
+  data.groups.forEach(g => { rates[g.stream + "/" + g.group] = g.acked; });
+  previous = { at: at, rates: rates };
+}
+render(JSON.parse(document.getElementById("initial").textContent), Date.now());
+setInterval(() => {
+  fetch("status.json", { cache: "no-store" })
+    .then(r => r.json())
+    .then(d => render(d, Date.now()))
+    .catch(() => {});
+}, 2000);
+</script>
+</body>
+</html>
+"##;
