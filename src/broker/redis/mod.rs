@@ -24,14 +24,23 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Script, Value};
+use redis::{AsyncConnectionConfig, Client, Value};
+
+mod reply;
+mod scripts;
+
+use self::reply::{
+    group_field, int, major_version, parse_entries, parse_fields, parse_read_reply, text,
+    unexpected,
+};
+use self::scripts::Scripts;
 
 use super::{
     Broker, ClaimReply, DeadLetter, DueReply, EntryState, GroupReader, PendingSummary, PublishItem,
     ReadFrom, RetrySchedule, ServerReport,
 };
 use crate::entry::{RawEntry, dead_letter_fields, dead_letter_stream};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::settings::{RedisSettings, StartFrom};
 
 /// The id of the first entry of a stream, for `XGROUP CREATE … 0`.
@@ -62,133 +71,6 @@ fn client_name(parts: &[&str]) -> String {
         .chars()
         .map(|c| if c.is_ascii_graphic() { c } else { '_' })
         .collect()
-}
-
-/// Extends a member's claim on entries it still owns (RELIABILITY.md P2).
-/// A bare `XCLAIM … 0` would steal entries another member reclaimed, so
-/// ownership is checked first, in the same atomic step.
-const HEARTBEAT_LUA: &str = r#"
-local lost = {}
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #p == 0 or p[1][2] ~= ARGV[2] then
-    table.insert(lost, id)
-  else
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-  end
-end
-return lost
-"#;
-
-/// Takes entries whose retry time has come out of the schedule and claims
-/// them for a member, atomically. Stale schedule items (no longer pending)
-/// are dropped. Returns `{id, attempts, fields}`, or `{id, attempts}` when the
-/// payload was trimmed away (XCLAIM removes such ids from the pending list).
-const CLAIM_DUE_LUA: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
-local out = {}
-for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[2], id)
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #p > 0 then
-    local attempts = redis.call('HGET', KEYS[3], id) or '0'
-    local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
-    if #c > 0 and c[1] and c[1][2] then
-      table.insert(out, {id, attempts, c[1][2]})
-    else
-      table.insert(out, {id, attempts})
-    end
-  end
-end
-return out
-"#;
-
-/// Writes dead letters and acks each original only if its own letter was
-/// written (a MULTI would ack even when the XADD fails at run time, for
-/// example on a wrong key type). Returns `{id, error}` for each letter that
-/// could not be written; those originals stay pending.
-const DEAD_LETTER_LUA: &str = r#"
-local failed = {}
-local i = 3
-for _ = 1, tonumber(ARGV[2]) do
-  local id = ARGV[i]
-  local nfields = tonumber(ARGV[i + 1])
-  i = i + 2
-  local args = {'XADD', KEYS[2], '*'}
-  for _ = 1, nfields * 2 do
-    args[#args + 1] = ARGV[i]
-    i = i + 1
-  end
-  local r = redis.pcall(unpack(args))
-  if type(r) == 'table' and r.err then
-    failed[#failed + 1] = {id, r.err}
-  else
-    redis.call('XACK', KEYS[1], ARGV[1], id)
-    redis.call('HDEL', KEYS[3], id)
-    redis.call('ZREM', KEYS[4], id)
-  end
-end
-return failed
-"#;
-
-/// Removes consumers of a group that have nothing pending, have been idle
-/// longer than ARGV[2] ms, and whose member-name lease (ARGV[3] .. name) is
-/// not held by a live process. Checked and deleted in one atomic step, so
-/// `DELCONSUMER` never drops a pending entry (P11).
-const REMOVE_IDLE_CONSUMERS_LUA: &str = r#"
-local removed = {}
-local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
-for _, c in ipairs(consumers) do
-  local name, pending, idle
-  for i = 1, #c, 2 do
-    if c[i] == 'name' then name = c[i + 1]
-    elseif c[i] == 'pending' then pending = c[i + 1]
-    elseif c[i] == 'idle' then idle = c[i + 1] end
-  end
-  if name and pending == 0 and idle > tonumber(ARGV[2])
-     and redis.call('EXISTS', ARGV[3] .. name) == 0 then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
-    removed[#removed + 1] = name
-  end
-end
-return removed
-"#;
-
-/// Takes or renews leases: `SET NX` when free, `PEXPIRE` when already ours.
-const LEASE_ACQUIRE_LUA: &str = r#"
-local out = {}
-for i, key in ipairs(KEYS) do
-  local ok = redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2])
-  if ok then
-    out[i] = 1
-  elseif redis.call('GET', key) == ARGV[1] then
-    redis.call('PEXPIRE', key, ARGV[2])
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-return out
-"#;
-
-/// Deletes leases only where they still hold our token.
-const LEASE_RELEASE_LUA: &str = r#"
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    redis.call('DEL', key)
-  end
-end
-return 1
-"#;
-
-struct Scripts {
-    heartbeat: Script,
-    remove_idle_consumers: Script,
-    dead_letter: Script,
-    claim_due: Script,
-    lease_acquire: Script,
-    lease_release: Script,
 }
 
 struct Inner {
@@ -246,14 +128,7 @@ impl RedisBroker {
                 conn,
                 connect_timeout,
                 instance: instance.to_owned(),
-                scripts: Scripts {
-                    heartbeat: Script::new(HEARTBEAT_LUA),
-                    remove_idle_consumers: Script::new(REMOVE_IDLE_CONSUMERS_LUA),
-                    dead_letter: Script::new(DEAD_LETTER_LUA),
-                    claim_due: Script::new(CLAIM_DUE_LUA),
-                    lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
-                    lease_release: Script::new(LEASE_RELEASE_LUA),
-                },
+                scripts: Scripts::new(),
             }),
         })
     }
@@ -810,213 +685,5 @@ impl Broker for RedisBroker {
             )),
         }
         Ok(ServerReport { version, warnings })
-    }
-}
-
-/// One field of one group in an `XINFO GROUPS` reply (a list of flat
-/// name/value arrays in RESP2, of maps in RESP3).
-fn group_field(groups: &Value, group: &str, field: &str) -> Option<Value> {
-    let Value::Array(groups) = groups else {
-        return None;
-    };
-    groups.iter().find_map(|g| {
-        let pairs: Vec<(&Value, &Value)> = match g {
-            Value::Array(flat) => flat
-                .chunks(2)
-                .filter_map(|kv| Some((kv.first()?, kv.get(1)?)))
-                .collect(),
-            Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
-            _ => return None,
-        };
-        let (_, name) = pairs
-            .iter()
-            .find(|(k, _)| text(k).as_deref() == Some("name"))?;
-        if text(name).as_deref() != Some(group) {
-            return None;
-        }
-        pairs
-            .iter()
-            .find(|(k, _)| text(k).as_deref() == Some(field))
-            .map(|(_, v)| (*v).clone())
-    })
-}
-
-fn major_version(version: &str) -> Option<u32> {
-    version.split('.').next()?.parse().ok()
-}
-
-fn unexpected(command: &'static str, detail: &str) -> Error {
-    Error::UnexpectedReply {
-        command,
-        detail: detail.to_owned(),
-    }
-}
-
-/// A bulk or simple string as UTF-8 text.
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::VerbatimString { text, .. } => Some(text.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
-}
-
-fn int(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) => u64::try_from(*i).ok(),
-        other => text(other)?.parse().ok(),
-    }
-}
-
-/// Raw bytes of a bulk string, taken out of the value.
-fn take_bytes(v: Value) -> Option<Vec<u8>> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.into_bytes()),
-        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
-        Value::Int(i) => Some(i.to_string().into_bytes()),
-        _ => None,
-    }
-}
-
-/// Field names and values of one entry.
-type Fields = Vec<(Vec<u8>, Vec<u8>)>;
-
-/// An entry's field list: a flat array of name, value, … (RESP2) or a map
-/// (RESP3); nil when the payload was deleted.
-fn parse_fields(v: Value) -> Result<Option<Fields>> {
-    match v {
-        Value::Nil => Ok(None),
-        Value::Array(flat) => {
-            if flat.len() % 2 != 0 {
-                return Err(unexpected("XREADGROUP", "odd number of field items"));
-            }
-            let mut fields = Vec::with_capacity(flat.len() / 2);
-            let mut it = flat.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                match (take_bytes(k), take_bytes(v)) {
-                    (Some(k), Some(v)) => fields.push((k, v)),
-                    _ => return Err(unexpected("XREADGROUP", "field is not a string")),
-                }
-            }
-            Ok(Some(fields))
-        }
-        Value::Map(pairs) => {
-            let mut fields = Vec::with_capacity(pairs.len());
-            for (k, v) in pairs {
-                match (take_bytes(k), take_bytes(v)) {
-                    (Some(k), Some(v)) => fields.push((k, v)),
-                    _ => return Err(unexpected("XREADGROUP", "field is not a string")),
-                }
-            }
-            Ok(Some(fields))
-        }
-        _ => Err(unexpected("XREADGROUP", "fields are neither array nor nil")),
-    }
-}
-
-/// One `[id, fields]` pair.
-fn parse_entry(v: Value) -> Result<RawEntry> {
-    let Value::Array(mut pair) = v else {
-        return Err(unexpected("XREADGROUP", "entry is not an array"));
-    };
-    if pair.is_empty() {
-        return Err(unexpected("XREADGROUP", "empty entry"));
-    }
-    let fields = match pair.len() {
-        1 => None,
-        _ => parse_fields(std::mem::take(&mut pair[1]))?,
-    };
-    let id = text(&pair[0]).ok_or_else(|| unexpected("XREADGROUP", "entry id is not a string"))?;
-    Ok(RawEntry { id, fields })
-}
-
-fn parse_entries(v: Value) -> Result<Vec<RawEntry>> {
-    match v {
-        Value::Array(items) => items.into_iter().map(parse_entry).collect(),
-        Value::Nil => Ok(Vec::new()),
-        _ => Err(unexpected("XREADGROUP", "entries are not an array")),
-    }
-}
-
-/// `XREADGROUP` for one stream: nil on timeout, else `[[stream, entries]]`
-/// (RESP2) or `{stream: entries}` (RESP3).
-fn parse_read_reply(v: Value) -> Result<Vec<RawEntry>> {
-    match v {
-        Value::Nil => Ok(Vec::new()),
-        Value::Array(streams) => {
-            let mut out = Vec::new();
-            for s in streams {
-                let Value::Array(mut pair) = s else {
-                    return Err(unexpected("XREADGROUP", "stream reply is not an array"));
-                };
-                if pair.len() != 2 {
-                    return Err(unexpected("XREADGROUP", "stream reply is not a pair"));
-                }
-                out.extend(parse_entries(pair.pop().unwrap_or(Value::Nil))?);
-            }
-            Ok(out)
-        }
-        Value::Map(streams) => {
-            let mut out = Vec::new();
-            for (_, entries) in streams {
-                out.extend(parse_entries(entries)?);
-            }
-            Ok(out)
-        }
-        _ => Err(unexpected(
-            "XREADGROUP",
-            "reply is neither array, map nor nil",
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bulk(s: &[u8]) -> Value {
-        Value::BulkString(s.to_vec())
-    }
-
-    #[test]
-    fn read_reply_keeps_bad_entries_apart() {
-        let reply = Value::Array(vec![Value::Array(vec![
-            bulk(b"orders"),
-            Value::Array(vec![
-                Value::Array(vec![
-                    bulk(b"1-0"),
-                    Value::Array(vec![bulk(b"\xff"), bulk(b"x")]),
-                ]),
-                Value::Array(vec![bulk(b"2-0"), Value::Nil]),
-                Value::Array(vec![
-                    bulk(b"3-0"),
-                    Value::Array(vec![bulk(b"a"), bulk(b"1"), bulk(b"a"), bulk(b"2")]),
-                ]),
-            ]),
-        ])]);
-        let entries = parse_read_reply(reply).expect("parses");
-        assert_eq!(entries.len(), 3);
-        assert_eq!(
-            entries[0].fields,
-            Some(vec![(b"\xff".to_vec(), b"x".to_vec())])
-        );
-        assert_eq!(entries[1].fields, None);
-        assert_eq!(entries[2].fields.as_ref().map(Vec::len), Some(2));
-    }
-
-    #[test]
-    fn timeout_is_empty() {
-        assert_eq!(parse_read_reply(Value::Nil).expect("nil"), vec![]);
-    }
-
-    #[test]
-    fn client_names_have_no_spaces() {
-        assert_eq!(
-            client_name(&["redstream", "my group", "m-0"]),
-            "redstream:my_group:m-0"
-        );
     }
 }

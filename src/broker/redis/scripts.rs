@@ -1,0 +1,143 @@
+//! The Lua scripts: each one is a step that must be atomic.
+
+use redis::Script;
+
+/// Extends a member's claim on entries it still owns (RELIABILITY.md P2).
+/// A bare `XCLAIM … 0` would steal entries another member reclaimed, so
+/// ownership is checked first, in the same atomic step.
+pub(super) const HEARTBEAT_LUA: &str = r#"
+local lost = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p == 0 or p[1][2] ~= ARGV[2] then
+    table.insert(lost, id)
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  end
+end
+return lost
+"#;
+
+/// Takes entries whose retry time has come out of the schedule and claims
+/// them for a member, atomically. Stale schedule items (no longer pending)
+/// are dropped. Returns `{id, attempts, fields}`, or `{id, attempts}` when the
+/// payload was trimmed away (XCLAIM removes such ids from the pending list).
+pub(super) const CLAIM_DUE_LUA: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+local out = {}
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[2], id)
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p > 0 then
+    local attempts = redis.call('HGET', KEYS[3], id) or '0'
+    local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+    if #c > 0 and c[1] and c[1][2] then
+      table.insert(out, {id, attempts, c[1][2]})
+    else
+      table.insert(out, {id, attempts})
+    end
+  end
+end
+return out
+"#;
+
+/// Writes dead letters and acks each original only if its own letter was
+/// written (a MULTI would ack even when the XADD fails at run time, for
+/// example on a wrong key type). Returns `{id, error}` for each letter that
+/// could not be written; those originals stay pending.
+pub(super) const DEAD_LETTER_LUA: &str = r#"
+local failed = {}
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local id = ARGV[i]
+  local nfields = tonumber(ARGV[i + 1])
+  i = i + 2
+  local args = {'XADD', KEYS[2], '*'}
+  for _ = 1, nfields * 2 do
+    args[#args + 1] = ARGV[i]
+    i = i + 1
+  end
+  local r = redis.pcall(unpack(args))
+  if type(r) == 'table' and r.err then
+    failed[#failed + 1] = {id, r.err}
+  else
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('ZREM', KEYS[4], id)
+  end
+end
+return failed
+"#;
+
+/// Removes consumers of a group that have nothing pending, have been idle
+/// longer than ARGV[2] ms, and whose member-name lease (ARGV[3] .. name) is
+/// not held by a live process. Checked and deleted in one atomic step, so
+/// `DELCONSUMER` never drops a pending entry (P11).
+pub(super) const REMOVE_IDLE_CONSUMERS_LUA: &str = r#"
+local removed = {}
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, c in ipairs(consumers) do
+  local name, pending, idle
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1]
+    elseif c[i] == 'pending' then pending = c[i + 1]
+    elseif c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if name and pending == 0 and idle > tonumber(ARGV[2])
+     and redis.call('EXISTS', ARGV[3] .. name) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    removed[#removed + 1] = name
+  end
+end
+return removed
+"#;
+
+/// Takes or renews leases: `SET NX` when free, `PEXPIRE` when already ours.
+pub(super) const LEASE_ACQUIRE_LUA: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local ok = redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2])
+  if ok then
+    out[i] = 1
+  elseif redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
+/// Deletes leases only where they still hold our token.
+pub(super) const LEASE_RELEASE_LUA: &str = r#"
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('DEL', key)
+  end
+end
+return 1
+"#;
+
+pub(super) struct Scripts {
+    pub(super) heartbeat: Script,
+    pub(super) remove_idle_consumers: Script,
+    pub(super) dead_letter: Script,
+    pub(super) claim_due: Script,
+    pub(super) lease_acquire: Script,
+    pub(super) lease_release: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Scripts {
+            heartbeat: Script::new(HEARTBEAT_LUA),
+            dead_letter: Script::new(DEAD_LETTER_LUA),
+            remove_idle_consumers: Script::new(REMOVE_IDLE_CONSUMERS_LUA),
+            claim_due: Script::new(CLAIM_DUE_LUA),
+            lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
+            lease_release: Script::new(LEASE_RELEASE_LUA),
+        }
+    }
+}
