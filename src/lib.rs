@@ -70,7 +70,8 @@
 //! | `entry` | the wire format: [`Event`] out, [`Entry`] in, dead-letter fields |
 //! | `handler` | [`Handler`], [`handler_fn`], [`Meta`], [`Schema`] upcasters |
 //! | `outcome` | [`Outcome`], [`RetryPolicy`] |
-//! | [`broker`] | the [`Broker`] trait and [`RedisBroker`]: every Redis command |
+//! | [`broker`] | the [`Broker`] trait and [`RedisBroker`]: every Redis command; [`broker::Admin`] for operators |
+//! | [`dead_letters`] | reading dead letters back, redriving them |
 //! | `actors` | producer, group supervisor, consumer, reclaimer |
 //! | `processor` | [`Processor`] (the root), [`Group`] |
 //! | `producer` | [`Producer`], the publishing handle |
@@ -85,6 +86,7 @@
 
 mod actors;
 pub mod broker;
+pub mod dead_letters;
 mod entry;
 mod error;
 mod handle;
@@ -99,7 +101,7 @@ mod store;
 #[cfg(feature = "web")]
 pub mod web;
 
-pub use broker::{Broker, RedisBroker};
+pub use broker::{Admin, Broker, RedisBroker};
 pub use entry::{
     DecodeError, Entry, Event, RawEntry, dead_letter_field, dead_letter_stream, field,
 };

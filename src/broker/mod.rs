@@ -9,12 +9,14 @@
 //! Keeping them beside the pending list means they share its fate: what
 //! survives a Redis restart survives together.
 
+pub mod admin;
 mod redis;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use self::admin::Admin;
 pub use self::redis::RedisBroker;
 use crate::entry::{OutgoingEntry, RawEntry};
 use crate::error::Result;

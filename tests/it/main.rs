@@ -11,6 +11,7 @@
     missing_docs
 )]
 
+mod cli;
 mod core;
 mod janitor;
 mod observe;

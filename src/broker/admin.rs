@@ -1,0 +1,160 @@
+//! Operator operations: looking at streams, groups and pending lists,
+//! dead letters, and trimming safely. Used by the `redstream` CLI; separate
+//! from [`Broker`](super::Broker), which is what the actors need.
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::entry::RawEntry;
+use crate::error::Result;
+
+/// A stream and its groups.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct StreamInfo {
+    /// The stream key.
+    pub stream: String,
+    /// Entries in the stream.
+    pub length: u64,
+    /// Its first entry id.
+    pub first_id: Option<String>,
+    /// Its last entry id.
+    pub last_id: Option<String>,
+    /// Its consumer groups.
+    pub groups: Vec<GroupInfo>,
+    /// Length of `<stream>:dlq`.
+    pub dead_letters: u64,
+}
+
+/// A consumer group as Redis sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct GroupInfo {
+    /// The group name.
+    pub name: String,
+    /// Consumers (member names) it knows.
+    pub consumers: u64,
+    /// Entries delivered and not acked.
+    pub pending: u64,
+    /// Of those, entries waiting for a retry.
+    pub waiting_retry: u64,
+    /// The last entry delivered to it.
+    pub last_delivered_id: String,
+    /// Entries not yet delivered (Redis 7.0+; `None` when it cannot tell).
+    pub lag: Option<u64>,
+    /// The oldest pending entry.
+    pub oldest_pending_id: Option<String>,
+}
+
+/// A consumer (member name) of a group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ConsumerInfo {
+    /// Its name.
+    pub name: String,
+    /// Entries it holds.
+    pub pending: u64,
+    /// Milliseconds since it was last seen.
+    pub idle_ms: u64,
+}
+
+/// One pending entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PendingEntry {
+    /// The entry id.
+    pub id: String,
+    /// The consumer that holds it.
+    pub consumer: String,
+    /// Milliseconds since it was delivered or last claimed.
+    pub idle_ms: u64,
+    /// Redis's delivery counter (not the attempt count, see the semantics).
+    pub deliveries: u64,
+}
+
+/// What a fan-out-safe trim would remove.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct TrimPlan {
+    /// The stream.
+    pub stream: String,
+    /// Entries below this id are acked by every group and can go; `None`
+    /// when nothing can (no groups, or a group has read nothing).
+    pub min_id: Option<String>,
+    /// How many entries that is.
+    pub removable: u64,
+    /// For each group, the first id it still needs.
+    pub needed_by: Vec<(String, String)>,
+}
+
+/// Operator operations on streams.
+#[async_trait]
+pub trait Admin: Send + Sync {
+    /// Stream keys matching a glob pattern (dead-letter streams excluded
+    /// unless the pattern asks for them).
+    async fn streams(&self, pattern: &str) -> Result<Vec<String>>;
+
+    /// A stream, its groups and its dead-letter depth; `None` if there is
+    /// no such stream.
+    async fn stream_info(&self, stream: &str) -> Result<Option<StreamInfo>>;
+
+    /// The consumers of a group.
+    async fn consumers(&self, stream: &str, group: &str) -> Result<Vec<ConsumerInfo>>;
+
+    /// Pending entries of a group (of one consumer, if given), oldest first.
+    async fn pending_entries(
+        &self,
+        stream: &str,
+        group: &str,
+        count: usize,
+        consumer: Option<&str>,
+    ) -> Result<Vec<PendingEntry>>;
+
+    /// Entries from `start` to `end` (`-` and `+` for the ends), at most
+    /// `count`.
+    async fn range(
+        &self,
+        stream: &str,
+        start: &str,
+        end: &str,
+        count: usize,
+    ) -> Result<Vec<RawEntry>>;
+
+    /// Deletes entries; returns how many existed.
+    async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64>;
+
+    /// What a trim that keeps everything any group still needs would remove.
+    async fn trim_plan(&self, stream: &str) -> Result<TrimPlan>;
+
+    /// Removes the entries below `min_id`; returns how many.
+    async fn trim_below(&self, stream: &str, min_id: &str) -> Result<u64>;
+}
+
+/// Stream ids compare by their two numbers, not as text.
+pub(crate) fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The id right after `id`.
+pub(crate) fn next_id(id: &str) -> Option<String> {
+    let (ms, seq) = parse_id(id)?;
+    Some(match seq.checked_add(1) {
+        Some(seq) => format!("{ms}-{seq}"),
+        None => format!("{}-0", ms + 1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_compare_numerically_and_step() {
+        assert!(parse_id("9-0") < parse_id("10-0"));
+        assert!(parse_id("10-2") < parse_id("10-10"));
+        assert_eq!(next_id("5-1").as_deref(), Some("5-2"));
+        assert_eq!(next_id("0-0").as_deref(), Some("0-1"));
+        assert_eq!(parse_id("nonsense"), None);
+    }
+}
