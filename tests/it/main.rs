@@ -13,10 +13,13 @@
 
 mod cli;
 mod core;
+mod identity;
 mod janitor;
 mod observe;
 mod orders;
 mod producer;
+mod reclaim;
+mod retry;
 mod settings;
 mod shutdown;
 mod store;
