@@ -302,6 +302,9 @@ impl ProcessorBuilder {
                 stream: Arc::from(group.stream.as_str()),
                 group: Arc::from(group.group.as_str()),
                 options,
+                read_turns: Arc::new(tokio::sync::Semaphore::new(
+                    settings.consumer.blocked_readers,
+                )),
             }));
         }
 

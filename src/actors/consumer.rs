@@ -8,7 +8,9 @@
 //!
 //! 1. opens the member's own reader connection;
 //! 2. reads its own pending entries first (`0`, paged, never blocking),
-//!    skipping those waiting for a retry, then new ones (`>`, blocking);
+//!    skipping those waiting for a retry, then new ones (`>`, blocking,
+//!    taking turns: at most `consumer.blocked_readers` members of a group
+//!    block in Redis at once);
 //! 3. runs up to `in_flight` handlers at once, each under `catch_unwind`;
 //! 4. reports finished entries to the supervisor in batches (it decides);
 //! 5. extends its claim on entries running longer than the heartbeat
@@ -18,6 +20,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use actix::WeakRecipient;
@@ -561,14 +564,26 @@ fn exit_for(error: &Error) -> Exit {
 }
 
 /// One read, with the durable state of history entries looked up in the
-/// same step.
+/// same step. A blocking read first waits for a turn (a few members of a
+/// group block at once, not all), and reads nothing if the member began
+/// stopping meanwhile.
 async fn read_once(
     runtime: Arc<GroupRuntime>,
     mut reader: Box<dyn GroupReader>,
     from: ReadFrom,
     count: usize,
+    stopping: Arc<AtomicBool>,
 ) -> ReadOutput {
     let result = async {
+        let _turn = if from == ReadFrom::New {
+            let turn = runtime.read_turns.acquire().await.ok();
+            if stopping.load(Ordering::Acquire) {
+                return Ok(Vec::new());
+            }
+            turn
+        } else {
+            None
+        };
         let entries = reader.read(&from, count).await?;
         if from == ReadFrom::New || entries.is_empty() {
             return Ok(entries
@@ -631,6 +646,7 @@ async fn member_loop(parts: LoopParts) -> Exit {
     let mut heartbeat = tokio::time::interval(opts.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut paused = false;
+    let stop_flag = Arc::new(AtomicBool::new(false));
     let mut deadline: Option<Instant> = None;
     let mut stop_reply: Option<oneshot::Sender<Vec<String>>> = None;
     let mut failure: Option<Exit> = None;
@@ -646,7 +662,13 @@ async fn member_loop(parts: LoopParts) -> Exit {
         {
             let count = member.free().clamp(1, opts.count);
             let from = member.source.clone();
-            read_fut = Some(Box::pin(read_once(Arc::clone(&runtime), r, from, count)));
+            read_fut = Some(Box::pin(read_once(
+                Arc::clone(&runtime),
+                r,
+                from,
+                count,
+                Arc::clone(&stop_flag),
+            )));
         }
         if stopping && read_fut.is_none() && member.idle() {
             break;
@@ -658,6 +680,7 @@ async fn member_loop(parts: LoopParts) -> Exit {
             Some(order) = control.recv() => match order {
                 Control::Pause(p) => paused = p,
                 Control::Stop { deadline: at, done } => {
+                    stop_flag.store(true, Ordering::Release);
                     deadline = Some(deadline.map_or(at, |d| d.min(at)));
                     stop_reply = Some(done);
                     if read_fut.is_some()

@@ -42,6 +42,9 @@ pub(crate) struct GroupRuntime {
     pub(crate) stream: Arc<str>,
     pub(crate) group: Arc<str>,
     pub(crate) options: GroupOptions,
+    /// Turns at a blocking read (`consumer.blocked_readers`), shared by the
+    /// group's members.
+    pub(crate) read_turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// A group's settings after defaults and overrides are resolved.

@@ -2,7 +2,14 @@
 //! transaction, batched.
 //!
 //! A batch (the entries of one read, up to `database.batch_size`) shares one
-//! transaction; each entry runs inside its own savepoint:
+//! transaction. It first runs optimistically, in `n + 3` statements:
+//! `BEGIN`; one multi-row insert of every entry's key into
+//! `processed_events` (`ON CONFLICT DO NOTHING RETURNING`, so the keys that
+//! were already there are the duplicates, acked without running the
+//! handler); each new entry's handler on the transaction itself; `COMMIT`.
+//! If any handler does anything but `Ack` (an error, a panic, `Retry`,
+//! `DeadLetter`), that run is rolled back and the batch runs again the
+//! careful way, where each entry has its own savepoint:
 //!
 //! 1. `SAVEPOINT`; insert `(group, event id)` into `processed_events`
 //!    (`ON CONFLICT DO NOTHING`). A conflict means the effect already
@@ -28,6 +35,7 @@
 //! whose outcome is unknown is simply run again: the keys it may have
 //! committed make the second run a no-op.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -35,7 +43,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use sea_orm::sea_query::{Alias, OnConflict, Query};
+use sea_orm::sea_query::{Alias, InsertStatement, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
 use serde::de::DeserializeOwned;
 
@@ -47,8 +55,8 @@ use crate::outcome::{Backoff, Outcome};
 
 /// A handler whose effects are database writes, made exactly-once.
 ///
-/// It receives a transaction (a savepoint of the batch's transaction) to
-/// write through; those writes commit together with the event's key in
+/// It receives a transaction (the batch's, or a savepoint of it) to write
+/// through; those writes commit together with the event's key in
 /// `processed_events`, or not at all. Return `Ok(Outcome::Ack)` to commit.
 /// Side effects outside the transaction (HTTP calls, emails) are not covered:
 /// write them to the outbox ([`enqueue`](crate::enqueue)) instead.
@@ -250,8 +258,134 @@ fn db_error(e: sea_orm::DbErr) -> Rerun {
     unavailable(e)
 }
 
-/// One run of a batch in one transaction.
+/// One run of a batch: optimistic first, careful if some entry needs it.
 async fn attempt<H: TxHandler>(
+    store: &Store,
+    handler: &H,
+    schema: &Schema,
+    metas: &[Meta],
+) -> std::result::Result<Vec<Verdict>, Rerun> {
+    if metas.len() > 1
+        && let Some(verdicts) = optimistic(store, handler, schema, metas).await?
+    {
+        return Ok(verdicts);
+    }
+    careful(store, handler, schema, metas).await
+}
+
+/// The batch with no savepoints: `None` when an entry did not simply ack,
+/// after rolling everything back.
+async fn optimistic<H: TxHandler>(
+    store: &Store,
+    handler: &H,
+    schema: &Schema,
+    metas: &[Meta],
+) -> std::result::Result<Option<Vec<Verdict>>, Rerun> {
+    let tx = store.begin_write().await.map_err(|e| match e {
+        Error::Database(db) => db_error(db),
+        other => unavailable(other),
+    })?;
+    let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(metas.len());
+    let mut runnable = Vec::with_capacity(metas.len());
+    for (i, meta) in metas.iter().enumerate() {
+        match prepare::<H::Event>(schema, meta) {
+            Ok(event) => {
+                verdicts.push(None);
+                runnable.push((i, event));
+            }
+            Err(verdict) => verdicts.push(Some(verdict)),
+        }
+    }
+    let keyed: Vec<&Meta> = runnable.iter().map(|(i, _)| &metas[*i]).collect();
+    let mut new_keys = insert_keys(&tx, &keyed).await.map_err(db_error)?;
+    let (mut committed, mut duplicates) = (0, 0);
+    for (i, event) in runnable {
+        let meta = &metas[i];
+        // `remove`: a key twice in one batch runs once.
+        if !new_keys.remove(&meta.idempotency_key()) {
+            duplicates += 1;
+            verdicts[i] = Some(Verdict::Decided(Outcome::Ack));
+            continue;
+        }
+        let result = AssertUnwindSafe(handler.handle(event, meta, &tx))
+            .catch_unwind()
+            .await;
+        match result {
+            Ok(Ok(Outcome::Ack)) => {
+                committed += 1;
+                verdicts[i] = Some(Verdict::Decided(Outcome::Ack));
+            }
+            Ok(Err(error)) if is_transient_db_error(&error) => {
+                let _ = tx.rollback().await;
+                return Err(unavailable(error));
+            }
+            _ => {
+                tx.rollback().await.map_err(db_error)?;
+                return Ok(None);
+            }
+        }
+    }
+    let verdicts: Vec<Verdict> = verdicts
+        .into_iter()
+        .map(|v| v.unwrap_or(Verdict::Lost))
+        .collect();
+    finish(store, tx, metas, verdicts, committed, duplicates)
+        .await
+        .map(Some)
+}
+
+/// Whether an entry can run: still owned, and decodable.
+fn prepare<E: DeserializeOwned>(schema: &Schema, meta: &Meta) -> std::result::Result<E, Verdict> {
+    if meta.ensure_owned().is_err() {
+        return Err(Verdict::Lost);
+    }
+    schema
+        .decode::<E>(meta.entry())
+        .map_err(Verdict::Undecodable)
+}
+
+/// Checks ownership, commits, counts.
+async fn finish(
+    store: &Store,
+    tx: DatabaseTransaction,
+    metas: &[Meta],
+    verdicts: Vec<Verdict>,
+    committed: u64,
+    duplicates: u64,
+) -> std::result::Result<Vec<Verdict>, Rerun> {
+    let lost_while_running = metas
+        .iter()
+        .zip(&verdicts)
+        .any(|(m, v)| m.ensure_owned().is_err() && !matches!(v, Verdict::Lost));
+    if lost_while_running {
+        // Lost while running: undo everything, run again without it.
+        tx.rollback().await.map_err(db_error)?;
+        return Err(Rerun::OwnershipLost);
+    }
+    tx.commit().await.map_err(|e| {
+        if db_is_transient(&e) {
+            unavailable(e)
+        } else {
+            Rerun::CommitRefused(e.to_string())
+        }
+    })?;
+    store.count(committed, duplicates);
+    if duplicates > 0
+        && let Some(meta) = metas.first()
+    {
+        metrics::counter!(
+            crate::metrics::names::DUPLICATES,
+            "stream" => meta.stream().to_owned(),
+            "group" => meta.group().to_owned()
+        )
+        .increment(duplicates);
+    }
+    Ok(verdicts)
+}
+
+/// The batch with a savepoint per entry, so that one entry's failure undoes
+/// only its own writes.
+async fn careful<H: TxHandler>(
     store: &Store,
     handler: &H,
     schema: &Schema,
@@ -264,14 +398,10 @@ async fn attempt<H: TxHandler>(
     let mut verdicts = Vec::with_capacity(metas.len());
     let (mut committed, mut duplicates) = (0, 0);
     for meta in metas {
-        if meta.ensure_owned().is_err() {
-            verdicts.push(Verdict::Lost);
-            continue;
-        }
-        let event = match schema.decode::<H::Event>(meta.entry()) {
+        let event = match prepare::<H::Event>(schema, meta) {
             Ok(event) => event,
-            Err(e) => {
-                verdicts.push(Verdict::Undecodable(e));
+            Err(verdict) => {
+                verdicts.push(verdict);
                 continue;
             }
         };
@@ -306,61 +436,63 @@ async fn attempt<H: TxHandler>(
         savepoint.rollback().await.map_err(db_error)?;
         verdicts.push(verdict);
     }
-    let lost_while_running = metas
-        .iter()
-        .zip(&verdicts)
-        .any(|(m, v)| m.ensure_owned().is_err() && !matches!(v, Verdict::Lost));
-    if lost_while_running {
-        // Lost while running: undo everything, run again without it.
-        tx.rollback().await.map_err(db_error)?;
-        return Err(Rerun::OwnershipLost);
-    }
-    tx.commit().await.map_err(|e| {
-        if db_is_transient(&e) {
-            unavailable(e)
-        } else {
-            Rerun::CommitRefused(e.to_string())
-        }
-    })?;
-    store.count(committed, duplicates);
-    if duplicates > 0
-        && let Some(meta) = metas.first()
-    {
-        metrics::counter!(
-            crate::metrics::names::DUPLICATES,
-            "stream" => meta.stream().to_owned(),
-            "group" => meta.group().to_owned()
-        )
-        .increment(duplicates);
-    }
-    Ok(verdicts)
+    finish(store, tx, metas, verdicts, committed, duplicates).await
 }
 
-/// Inserts the event's key; false if it was already there.
+/// The insert of entries' keys into `processed_events`, skipping keys that
+/// are there already.
+fn keys_insert(metas: &[&Meta]) -> Result<InsertStatement, sea_orm::DbErr> {
+    let mut insert = Query::insert();
+    insert.into_table(Alias::new("processed_events")).columns([
+        Alias::new("group_name"),
+        Alias::new("event_id"),
+        Alias::new("stream"),
+        Alias::new("entry_id"),
+        Alias::new("processed_at"),
+    ]);
+    let now = now_ms() as i64;
+    let mut seen = HashSet::with_capacity(metas.len());
+    for meta in metas {
+        let key = meta.idempotency_key();
+        if !seen.insert(key.clone()) {
+            continue;
+        }
+        insert
+            .values([
+                meta.group().into(),
+                key.into(),
+                meta.stream().into(),
+                meta.entry_id().into(),
+                now.into(),
+            ])
+            .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?;
+    }
+    insert.on_conflict(
+        OnConflict::columns([Alias::new("group_name"), Alias::new("event_id")])
+            .do_nothing()
+            .to_owned(),
+    );
+    Ok(insert)
+}
+
+/// Inserts one event's key; false if it was already there.
 async fn insert_key(tx: &DatabaseTransaction, meta: &Meta) -> Result<bool, sea_orm::DbErr> {
-    let insert = Query::insert()
-        .into_table(Alias::new("processed_events"))
-        .columns([
-            Alias::new("group_name"),
-            Alias::new("event_id"),
-            Alias::new("stream"),
-            Alias::new("entry_id"),
-            Alias::new("processed_at"),
-        ])
-        .values([
-            meta.group().into(),
-            meta.idempotency_key().into(),
-            meta.stream().into(),
-            meta.entry_id().into(),
-            (now_ms() as i64).into(),
-        ])
-        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
-        .on_conflict(
-            OnConflict::columns([Alias::new("group_name"), Alias::new("event_id")])
-                .do_nothing()
-                .to_owned(),
-        )
-        .to_owned();
-    let result = tx.execute(&insert).await?;
+    let result = tx.execute(&keys_insert(&[meta])?).await?;
     Ok(result.rows_affected() == 1)
+}
+
+/// Inserts many keys in one statement; returns those that were new.
+async fn insert_keys(
+    tx: &DatabaseTransaction,
+    metas: &[&Meta],
+) -> Result<HashSet<String>, sea_orm::DbErr> {
+    if metas.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut insert = keys_insert(metas)?;
+    insert.returning_col(Alias::new("event_id"));
+    let rows = tx.query_all(&insert).await?;
+    rows.iter()
+        .map(|row| row.try_get::<String>("", "event_id"))
+        .collect()
 }

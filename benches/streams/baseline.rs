@@ -1,0 +1,194 @@
+//! The hand-written baseline: plain redis-rs on tokio, the code a careful
+//! engineer writes without a framework. Pipelined XADD batches of 100; one
+//! task per member, each with its own connection, blocking on
+//! `XREADGROUP … COUNT 100 BLOCK 2000`; one multi-id XACK per batch.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::streams::StreamReadReply;
+use redis::{AsyncConnectionConfig, Value};
+
+use crate::spec::{RunResult, Spec};
+use crate::workload::{self, BenchEvent, Latencies, Tally, now_us};
+
+const GROUP: &str = "bench";
+const BATCH: u64 = 100;
+
+/// The state readers share.
+struct Shared {
+    tally: Tally,
+    latencies: Latencies,
+    acked: AtomicU64,
+    last_ack_us: AtomicU64,
+    stop: AtomicBool,
+}
+
+pub fn run(spec: &Spec) -> anyhow::Result<RunResult> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(spec))
+}
+
+async fn run_async(spec: &Spec) -> anyhow::Result<RunResult> {
+    let client = redis::Client::open(spec.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: Value = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&spec.stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await?;
+    let shared = Arc::new(Shared {
+        tally: Tally::new(spec.events),
+        latencies: Latencies::default(),
+        acked: AtomicU64::new(0),
+        last_ack_us: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let block = Duration::from_millis(2000);
+    let config = AsyncConnectionConfig::new().set_response_timeout(Some(block * 2));
+    let mut readers = Vec::new();
+    for i in 0..spec.members {
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let member = format!("member-{i}");
+        readers.push(tokio::spawn(read_loop(
+            conn,
+            spec.clone(),
+            member,
+            Arc::clone(&shared),
+        )));
+    }
+
+    let cpu_before = workload::redis_cpu_seconds(&mut conn).await;
+    let start_us = now_us();
+    publish(&mut conn, spec).await?;
+    let ceiling = crate::ceiling(spec);
+    let deadline = tokio::time::Instant::now() + ceiling;
+    while shared.acked.load(Relaxed) < spec.events {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "only {} of {} acked within {ceiling:?}",
+                shared.acked.load(Relaxed),
+                spec.events
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let end_us = shared.last_ack_us.load(Relaxed);
+    let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
+    shared.stop.store(true, Relaxed);
+    for r in &readers {
+        r.abort();
+    }
+    let pending_after = crate::pending_count(&mut conn, &spec.stream, GROUP).await?;
+    let seconds = end_us.saturating_sub(start_us) as f64 / 1e6;
+    Ok(RunResult {
+        events: spec.events,
+        seconds,
+        events_per_s: spec.events as f64 / seconds,
+        latency_ms: shared.latencies.percentiles(),
+        peak_rss_mib: workload::peak_rss_kib() as f64 / 1024.0,
+        redis_cpu_s: cpu_after - cpu_before,
+        check: shared.tally.check(),
+        pending_after,
+        error: None,
+    })
+}
+
+/// Publishes every event: batches of 100 back to back, or paced.
+async fn publish(conn: &mut MultiplexedConnection, spec: &Spec) -> anyhow::Result<()> {
+    let mut schedule = crate::Schedule::new(spec.events, spec.rate, BATCH);
+    while let Some(range) = schedule.next().await {
+        let mut pipe = redis::pipe();
+        for seq in range {
+            pipe.cmd("XADD").arg(&spec.stream).arg("*");
+            for (k, v) in workload::baseline_fields(seq, now_us()) {
+                pipe.arg(k).arg(v);
+            }
+        }
+        let _: Vec<String> = pipe.query_async(conn).await?;
+    }
+    Ok(())
+}
+
+async fn read_loop(
+    mut conn: MultiplexedConnection,
+    spec: Spec,
+    member: String,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
+    while !shared.stop.load(Relaxed) {
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&member)
+            .arg("COUNT")
+            .arg(BATCH)
+            .arg("BLOCK")
+            .arg(2000)
+            .arg("STREAMS")
+            .arg(&spec.stream)
+            .arg(">")
+            .query_async(&mut conn)
+            .await?;
+        let Some(reply) = reply else { continue };
+        let mut ids = Vec::with_capacity(BATCH as usize);
+        let mut sent = Vec::with_capacity(BATCH as usize);
+        for key in reply.keys {
+            for entry in key.ids {
+                let Some(Value::BulkString(data)) = entry.map.get("data") else {
+                    anyhow::bail!("entry {} has no data", entry.id);
+                };
+                let event: BenchEvent = serde_json::from_slice(data)?;
+                shared.tally.record(event.seq);
+                sent.push(event.sent_us);
+                ids.push(entry.id);
+            }
+        }
+        if ids.is_empty() {
+            continue;
+        }
+        let _: u64 = redis::cmd("XACK")
+            .arg(&spec.stream)
+            .arg(GROUP)
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await?;
+        let now = now_us();
+        if spec.track_latency {
+            shared
+                .latencies
+                .extend(sent.iter().map(|s| now.saturating_sub(*s) as u32));
+        }
+        shared.last_ack_us.fetch_max(now, Relaxed);
+        shared.acked.fetch_add(ids.len() as u64, Relaxed);
+    }
+    Ok(())
+}
+
+/// The producer-only scenario: pipelined XADD batches of 100.
+pub fn produce(spec: &Spec) -> anyhow::Result<RunResult> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = redis::Client::open(spec.redis_url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let cpu_before = workload::redis_cpu_seconds(&mut conn).await;
+        let start = std::time::Instant::now();
+        publish(&mut conn, spec).await?;
+        let seconds = start.elapsed().as_secs_f64();
+        let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
+        crate::produced_result(&mut conn, spec, seconds, cpu_after - cpu_before).await
+    })
+}

@@ -1,0 +1,408 @@
+//! The redstream side: the same work through the library's public API. The
+//! broker is wrapped (`Timed`) only to see when each XACK returns, which is
+//! where end-to-end latency ends; the wrapper adds one delegating call per
+//! operation.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redstream::broker::{
+    ClaimReply, DeadLetter, DueReply, EntryState, GroupReader, PendingSummary, PublishItem,
+    RetrySchedule, ServerReport,
+};
+use redstream::prelude::*;
+use redstream::{Broker, RedisBroker, StartFrom};
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+
+use crate::spec::{RunResult, Spec};
+use crate::workload::{self, BenchEvent, Latencies, Tally, now_us};
+
+const GROUP: &str = "bench";
+const BATCH: u64 = 100;
+
+/// What the handler and the ack observer share.
+struct Probe {
+    tally: Tally,
+    latencies: Latencies,
+    /// Publish time by entry id, from handling until the ack returns.
+    sent: Vec<Mutex<HashMap<String, u64>>>,
+    acked: AtomicU64,
+    last_ack_us: AtomicU64,
+    track_latency: bool,
+}
+
+const SHARDS: usize = 16;
+
+impl Probe {
+    fn shard(&self, id: &str) -> &Mutex<HashMap<String, u64>> {
+        let h = id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        &self.sent[h % SHARDS]
+    }
+
+    fn handled(&self, event: &BenchEvent, entry_id: &str) {
+        self.tally.record(event.seq);
+        if self.track_latency
+            && let Ok(mut m) = self.shard(entry_id).lock()
+        {
+            m.insert(entry_id.to_owned(), event.sent_us);
+        }
+    }
+
+    fn acked(&self, ids: &[String], n: u64) {
+        let now = now_us();
+        if self.track_latency {
+            let lat: Vec<u32> = ids
+                .iter()
+                .filter_map(|id| self.shard(id).lock().ok()?.remove(id))
+                .map(|sent| now.saturating_sub(sent) as u32)
+                .collect();
+            self.latencies.extend(lat);
+        }
+        self.last_ack_us.fetch_max(now, Relaxed);
+        self.acked.fetch_add(n, Relaxed);
+    }
+}
+
+pub fn run(spec: &Spec) -> anyhow::Result<RunResult> {
+    actix::System::new().block_on(run_async(spec.clone()))
+}
+
+fn settings(spec: &Spec) -> anyhow::Result<Settings> {
+    let db = spec
+        .database_url
+        .clone()
+        .unwrap_or_else(|| "sqlite::memory:".to_owned());
+    Ok(Settings::from_toml(&format!(
+        r#"
+        [redis]
+        url = "{redis}"
+        [database]
+        url = "{db}"
+        max_connections = {connections}
+        [instance]
+        name = "bench"
+        [consumer]
+        members = {members}
+        {extra}
+        "#,
+        extra = std::env::var("BENCH_EXTRA_TOML")
+            .unwrap_or_default()
+            .replace("\\n", "\n"),
+        redis = spec.redis_url,
+        connections = spec.members.max(8),
+        members = spec.members,
+    ))?)
+}
+
+async fn run_async(spec: Spec) -> anyhow::Result<RunResult> {
+    let settings = settings(&spec)?;
+    let probe = Arc::new(Probe {
+        tally: Tally::new(spec.events),
+        latencies: Latencies::default(),
+        sent: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        acked: AtomicU64::new(0),
+        last_ack_us: AtomicU64::new(0),
+        track_latency: spec.track_latency,
+    });
+    let redis = RedisBroker::connect(&settings.redis, "bench").await?;
+    let broker = Arc::new(Timed {
+        inner: redis,
+        probe: Arc::clone(&probe),
+    });
+    let group = if spec.scenario.is_database() {
+        let store = Store::connect(&settings.database).await?;
+        store.migrate().await?;
+        store
+            .connection()
+            .execute_unprepared(
+                "CREATE TABLE IF NOT EXISTS bench_effects (seq BIGINT PRIMARY KEY, sent_us BIGINT NOT NULL)",
+            )
+            .await?;
+        Group::transactional(
+            spec.stream.clone(),
+            GROUP,
+            &store,
+            DbHandler(Arc::clone(&probe)),
+        )
+    } else {
+        let p = Arc::clone(&probe);
+        Group::new(
+            spec.stream.clone(),
+            GROUP,
+            handler_fn(move |event: BenchEvent, meta: Meta| {
+                p.handled(&event, meta.entry_id());
+                async { Ok(Outcome::Ack) }
+            }),
+        )
+    };
+    let processor = Processor::builder(settings)
+        .broker(broker)
+        .group(group.with_start_from(StartFrom::Beginning))
+        .start()
+        .await?;
+    let producer = processor.producer();
+
+    let client = redis::Client::open(spec.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let cpu_before = workload::redis_cpu_seconds(&mut conn).await;
+    let start_us = now_us();
+    publish(&producer, &spec).await?;
+    let ceiling = crate::ceiling(&spec);
+    let deadline = tokio::time::Instant::now() + ceiling;
+    while probe.acked.load(Relaxed) < spec.events {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "only {} of {} acked within {ceiling:?} (handled {})",
+                probe.acked.load(Relaxed),
+                spec.events,
+                probe.tally.handled()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let end_us = probe.last_ack_us.load(Relaxed);
+    let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
+    processor.shutdown().await?;
+    let pending_after = crate::pending_count(&mut conn, &spec.stream, GROUP).await?;
+    let seconds = end_us.saturating_sub(start_us) as f64 / 1e6;
+    Ok(RunResult {
+        events: spec.events,
+        seconds,
+        events_per_s: spec.events as f64 / seconds,
+        latency_ms: probe.latencies.percentiles(),
+        peak_rss_mib: workload::peak_rss_kib() as f64 / 1024.0,
+        redis_cpu_s: cpu_after - cpu_before,
+        check: probe.tally.check(),
+        pending_after,
+        error: None,
+    })
+}
+
+/// Publishes every event through the producer, in the baseline's batches.
+async fn publish(producer: &Producer, spec: &Spec) -> anyhow::Result<()> {
+    let mut schedule = crate::Schedule::new(spec.events, spec.rate, BATCH);
+    while let Some(range) = schedule.next().await {
+        let events = range
+            .map(|seq| {
+                let data = workload::payload(seq, now_us());
+                Event::from_json("bench.event", data)
+            })
+            .collect();
+        for r in producer.publish_batch(&spec.stream, events).await? {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// The producer-only scenario.
+pub fn produce(spec: &Spec) -> anyhow::Result<RunResult> {
+    let spec = spec.clone();
+    actix::System::new().block_on(async move {
+        let settings = settings(&spec)?;
+        let processor = Processor::builder(settings).start().await?;
+        let producer = processor.producer();
+        let client = redis::Client::open(spec.redis_url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let cpu_before = workload::redis_cpu_seconds(&mut conn).await;
+        let start = std::time::Instant::now();
+        publish(&producer, &spec).await?;
+        let seconds = start.elapsed().as_secs_f64();
+        let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
+        processor.shutdown().await?;
+        crate::produced_result(&mut conn, &spec, seconds, cpu_after - cpu_before).await
+    })
+}
+
+/// The idempotent handler: one row per event, in the library's transaction
+/// (which also records the event in `processed_events`).
+struct DbHandler(Arc<Probe>);
+
+impl TxHandler for DbHandler {
+    type Event = BenchEvent;
+
+    async fn handle(
+        &self,
+        event: BenchEvent,
+        meta: &Meta,
+        tx: &DatabaseTransaction,
+    ) -> HandlerResult {
+        let stmt = sea_orm::Statement::from_sql_and_values(
+            tx.get_database_backend(),
+            match tx.get_database_backend() {
+                sea_orm::DbBackend::Postgres => {
+                    "INSERT INTO bench_effects (seq, sent_us) VALUES ($1, $2)"
+                }
+                _ => "INSERT INTO bench_effects (seq, sent_us) VALUES (?, ?)",
+            },
+            [(event.seq as i64).into(), (event.sent_us as i64).into()],
+        );
+        tx.execute_raw(stmt).await?;
+        self.0.handled(&event, meta.entry_id());
+        Ok(Outcome::Ack)
+    }
+}
+
+/// The Redis broker, observing acks.
+struct Timed {
+    inner: RedisBroker,
+    probe: Arc<Probe>,
+}
+
+#[async_trait]
+impl Broker for Timed {
+    async fn ensure_group(
+        &self,
+        stream: &str,
+        group: &str,
+        start: StartFrom,
+    ) -> redstream::Result<bool> {
+        self.inner.ensure_group(stream, group, start).await
+    }
+    async fn publish(
+        &self,
+        items: &[PublishItem],
+    ) -> redstream::Result<Vec<redstream::Result<String>>> {
+        self.inner.publish(items).await
+    }
+    async fn open_reader(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        block: Duration,
+    ) -> redstream::Result<Box<dyn GroupReader>> {
+        self.inner.open_reader(stream, group, member, block).await
+    }
+    async fn unblock(&self, token: i64) -> redstream::Result<()> {
+        self.inner.unblock(token).await
+    }
+    async fn ack(
+        &self,
+        stream: &str,
+        group: &str,
+        ids: &[String],
+        forget: &[String],
+    ) -> redstream::Result<u64> {
+        let n = self.inner.ack(stream, group, ids, forget).await?;
+        self.probe.acked(ids, n);
+        Ok(n)
+    }
+    async fn entry_states(
+        &self,
+        stream: &str,
+        group: &str,
+        ids: &[String],
+    ) -> redstream::Result<Vec<EntryState>> {
+        self.inner.entry_states(stream, group, ids).await
+    }
+    async fn schedule_retries(
+        &self,
+        stream: &str,
+        group: &str,
+        retries: &[RetrySchedule],
+    ) -> redstream::Result<()> {
+        self.inner.schedule_retries(stream, group, retries).await
+    }
+    async fn dead_letter(
+        &self,
+        stream: &str,
+        group: &str,
+        letters: &[DeadLetter],
+    ) -> redstream::Result<Vec<(String, String)>> {
+        self.inner.dead_letter(stream, group, letters).await
+    }
+    async fn claim_idle(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+    ) -> redstream::Result<ClaimReply> {
+        self.inner
+            .claim_idle(stream, group, member, min_idle, cursor, count)
+            .await
+    }
+    async fn claim_due(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        now_ms: u64,
+        count: usize,
+    ) -> redstream::Result<DueReply> {
+        self.inner
+            .claim_due(stream, group, member, now_ms, count)
+            .await
+    }
+    async fn heartbeat(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        ids: &[String],
+    ) -> redstream::Result<Vec<String>> {
+        self.inner.heartbeat(stream, group, member, ids).await
+    }
+    async fn release(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        ids: &[String],
+        idle: Duration,
+    ) -> redstream::Result<()> {
+        self.inner.release(stream, group, member, ids, idle).await
+    }
+    async fn pending_of(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        count: usize,
+    ) -> redstream::Result<Vec<String>> {
+        self.inner.pending_of(stream, group, member, count).await
+    }
+    async fn pending_summary(
+        &self,
+        stream: &str,
+        group: &str,
+    ) -> redstream::Result<PendingSummary> {
+        self.inner.pending_summary(stream, group).await
+    }
+    async fn acquire_leases(
+        &self,
+        keys: &[String],
+        token: &str,
+        ttl: Duration,
+    ) -> redstream::Result<Vec<bool>> {
+        self.inner.acquire_leases(keys, token, ttl).await
+    }
+    async fn release_leases(&self, keys: &[String], token: &str) -> redstream::Result<()> {
+        self.inner.release_leases(keys, token).await
+    }
+    fn lease_key(&self, stream: &str, group: &str, member: &str) -> String {
+        self.inner.lease_key(stream, group, member)
+    }
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        idle: Duration,
+    ) -> redstream::Result<Vec<String>> {
+        self.inner.remove_idle_consumers(stream, group, idle).await
+    }
+    async fn server_report(&self) -> redstream::Result<ServerReport> {
+        self.inner.server_report().await
+    }
+    async fn ping(&self) -> redstream::Result<()> {
+        self.inner.ping().await
+    }
+}

@@ -1,0 +1,154 @@
+//! What both sides do: the same events, the same bookkeeping, the same
+//! exactly-once check.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+/// Bytes of each event's `data` field.
+pub const PAYLOAD_BYTES: usize = 100;
+
+/// Microseconds since the epoch (the clock both sides stamp and read).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What a handler reads from an event's `data`.
+#[derive(Debug, Deserialize)]
+pub struct BenchEvent {
+    /// Position in the run, 0..n.
+    pub seq: u64,
+    /// Publish time, µs since the epoch.
+    pub sent_us: u64,
+}
+
+/// The `data` of event `seq`: JSON padded to [`PAYLOAD_BYTES`].
+pub fn payload(seq: u64, sent_us: u64) -> String {
+    let head = format!(r#"{{"seq":{seq},"sent_us":{sent_us},"pad":""#);
+    let pad = PAYLOAD_BYTES.saturating_sub(head.len() + 2);
+    let mut s = String::with_capacity(PAYLOAD_BYTES);
+    s.push_str(&head);
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s
+}
+
+/// Counts how often each event was handled.
+pub struct Tally {
+    counts: Vec<AtomicU8>,
+    handled: AtomicU64,
+}
+
+/// What the exactly-once check found.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Check {
+    pub missing: u64,
+    pub duplicated: u64,
+}
+
+impl Check {
+    pub fn ok(&self) -> bool {
+        self.missing == 0 && self.duplicated == 0
+    }
+}
+
+impl Tally {
+    pub fn new(n: u64) -> Tally {
+        Tally {
+            counts: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            handled: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, seq: u64) {
+        if let Some(c) = self.counts.get(seq as usize) {
+            c.fetch_add(1, Relaxed);
+        }
+        self.handled.fetch_add(1, Relaxed);
+    }
+
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Relaxed)
+    }
+
+    pub fn check(&self) -> Check {
+        let mut check = Check::default();
+        for c in &self.counts {
+            match c.load(Relaxed) {
+                0 => check.missing += 1,
+                1 => {}
+                _ => check.duplicated += 1,
+            }
+        }
+        check
+    }
+}
+
+/// End-to-end latencies in µs.
+#[derive(Default)]
+pub struct Latencies(Mutex<Vec<u32>>);
+
+impl Latencies {
+    pub fn extend(&self, values: impl IntoIterator<Item = u32>) {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend(values);
+        }
+    }
+
+    /// p50, p99 and p99.9 in ms (`None` when nothing was recorded).
+    pub fn percentiles(&self) -> Option<[f64; 3]> {
+        let mut v = self.0.lock().ok()?.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let at = |q: f64| {
+            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+            f64::from(v[i]) / 1000.0
+        };
+        Some([at(0.50), at(0.99), at(0.999)])
+    }
+}
+
+/// The id fields every event carries on both sides, so Redis does the same
+/// work: `id`, `type`, `v`, `ts`, `data` (the redstream wire format).
+pub fn baseline_fields(seq: u64, sent_us: u64) -> [(&'static str, String); 5] {
+    [
+        ("id", ulid::Ulid::new().to_string()),
+        ("type", "bench.event".to_owned()),
+        ("v", "1".to_owned()),
+        ("ts", (sent_us / 1000).to_string()),
+        ("data", payload(seq, sent_us)),
+    ]
+}
+
+/// The peak resident set size of this process, in KiB.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Redis's CPU time so far (user + system), in seconds.
+pub async fn redis_cpu_seconds(conn: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let info: String = match redis::cmd("INFO").arg("cpu").query_async(conn).await {
+        Ok(s) => s,
+        Err(_) => return 0.0,
+    };
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+        .filter_map(|l| l.split(':').nth(1))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
