@@ -75,6 +75,7 @@
 //! | `actors` | producer, group supervisor, consumer, reclaimer |
 //! | `processor` | [`Processor`] (the root), [`Group`] |
 //! | `producer` | [`Producer`], the publishing handle |
+//! | `schedule` | [`Schedule`]: scheduled producers (a function run on a [`Cadence`], its events published) |
 //! | [`metrics`] | metric names, `install_prometheus` |
 //! | `web` | an actix-web scope: `/health`, `/metrics`, `/status` (feature `web`) |
 //! | `status` | [`GroupStatus`] |
@@ -95,6 +96,7 @@ pub mod metrics;
 mod outcome;
 mod processor;
 mod producer;
+mod schedule;
 pub mod settings;
 mod status;
 mod store;
@@ -111,6 +113,7 @@ pub use handler::{FnHandler, Handler, HandlerResult, Meta, OwnershipLost, Schema
 pub use outcome::{Outcome, RetryPolicy};
 pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};
 pub use producer::{Producer, ProducerStats, Published};
+pub use schedule::{Cadence, JobResult, Schedule, ScheduleStats, Tick};
 pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};
 pub use status::{GroupStatus, MemberStatus};
 pub use store::{Store, StoreStats, TxHandler, enqueue};
@@ -119,7 +122,7 @@ pub use store::{Store, StoreStats, TxHandler, enqueue};
 pub mod prelude {
     pub use crate::{
         Event, Group, Handler, HandlerResult, Meta, Outcome, Processor, Producer, RetryPolicy,
-        Schema, Settings, Store, TxHandler, enqueue, handler_fn,
+        Schedule, Schema, Settings, Store, Tick, TxHandler, enqueue, handler_fn,
     };
 }
 
