@@ -75,6 +75,7 @@
 //! | `actors` | producer, group supervisor, consumer, reclaimer |
 //! | `processor` | [`Processor`] (the root), [`Group`] |
 //! | `producer` | [`Producer`], the publishing handle |
+//! | `latest` | [`LatestValues`]: the newest value per key in a Redis hash; an older [`Version`] never overwrites a newer one |
 //! | `schedule` | [`Schedule`]: scheduled producers (a function run on a [`Cadence`], its events published) |
 //! | [`metrics`] | metric names, `install_prometheus` |
 //! | `web` | an actix-web scope: `/health`, `/metrics`, `/status` (feature `web`) |
@@ -92,6 +93,7 @@ mod entry;
 mod error;
 mod handle;
 mod handler;
+mod latest;
 pub mod metrics;
 mod outcome;
 mod processor;
@@ -110,6 +112,7 @@ pub use entry::{
 pub use error::{BoxError, Error, Result};
 pub use handle::{Health, HealthCheck, ProcessorHandle};
 pub use handler::{FnHandler, Handler, HandlerResult, Meta, OwnershipLost, Schema, handler_fn};
+pub use latest::{Applied, Latest, LatestValues, MAX_VERSION_PART, Version};
 pub use outcome::{Outcome, RetryPolicy};
 pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};
 pub use producer::{Producer, ProducerStats, Published};
