@@ -20,6 +20,7 @@ mod orders;
 mod producer;
 mod reclaim;
 mod retry;
+mod schedule;
 mod settings;
 mod shutdown;
 mod store;
