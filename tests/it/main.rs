@@ -15,6 +15,7 @@ mod cli;
 mod core;
 mod identity;
 mod janitor;
+mod market;
 mod observe;
 mod orders;
 mod producer;
