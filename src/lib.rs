@@ -75,6 +75,8 @@
 //! | `actors` | producer, group supervisor, consumer, reclaimer |
 //! | `processor` | [`Processor`] (the root), [`Group`] |
 //! | `producer` | [`Producer`], the publishing handle |
+//! | `latest` | [`LatestValues`]: the newest value per key in a Redis hash; an older [`Version`] never overwrites a newer one |
+//! | `schedule` | [`Schedule`]: scheduled producers (a function run on a [`Cadence`], its events published) |
 //! | [`metrics`] | metric names, `install_prometheus` |
 //! | `web` | an actix-web scope: `/health`, `/metrics`, `/status` (feature `web`) |
 //! | `status` | [`GroupStatus`] |
@@ -91,10 +93,12 @@ mod entry;
 mod error;
 mod handle;
 mod handler;
+mod latest;
 pub mod metrics;
 mod outcome;
 mod processor;
 mod producer;
+mod schedule;
 pub mod settings;
 mod status;
 mod store;
@@ -108,9 +112,11 @@ pub use entry::{
 pub use error::{BoxError, Error, Result};
 pub use handle::{Health, HealthCheck, ProcessorHandle};
 pub use handler::{FnHandler, Handler, HandlerResult, Meta, OwnershipLost, Schema, handler_fn};
+pub use latest::{Applied, Latest, LatestValues, MAX_VERSION_PART, Version};
 pub use outcome::{Outcome, RetryPolicy};
 pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};
 pub use producer::{Producer, ProducerStats, Published};
+pub use schedule::{Cadence, JobResult, Schedule, ScheduleStats, Tick};
 pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};
 pub use status::{GroupStatus, MemberStatus};
 pub use store::{Store, StoreStats, TxHandler, enqueue};
@@ -119,7 +125,7 @@ pub use store::{Store, StoreStats, TxHandler, enqueue};
 pub mod prelude {
     pub use crate::{
         Event, Group, Handler, HandlerResult, Meta, Outcome, Processor, Producer, RetryPolicy,
-        Schema, Settings, Store, TxHandler, enqueue, handler_fn,
+        Schedule, Schema, Settings, Store, Tick, TxHandler, enqueue, handler_fn,
     };
 }
 

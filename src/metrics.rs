@@ -24,6 +24,8 @@
 //! | `redstream_consumer_restarts_total` | counter | stream, group | consumer restarts |
 //! | `redstream_ownership_lost_total` | counter | stream, group | entries a heartbeat found taken over |
 //! | `redstream_database_retries_total` | counter | stream, group | exactly-once batches rerun because the database was unavailable |
+//! | `redstream_schedule_runs_total` | counter | schedule, outcome (`ok`, `failed`, `skipped`) | scheduled runs, and ticks skipped because the previous run was still running |
+//! | `redstream_schedule_run_seconds` | histogram | schedule | scheduled run time, publish included |
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
@@ -65,6 +67,10 @@ pub mod names {
     pub const OWNERSHIP_LOST: &str = "redstream_ownership_lost_total";
     /// Exactly-once batches rerun because the database was unavailable.
     pub const DATABASE_RETRIES: &str = "redstream_database_retries_total";
+    /// Scheduled runs by outcome (`ok`, `failed`, `skipped`).
+    pub const SCHEDULE_RUNS: &str = "redstream_schedule_runs_total";
+    /// Scheduled run time, publish included.
+    pub const SCHEDULE_RUN_SECONDS: &str = "redstream_schedule_run_seconds";
 }
 
 /// Registers the descriptions of every metric with the installed recorder.
@@ -105,6 +111,15 @@ pub fn describe() {
     describe_counter!(
         DATABASE_RETRIES,
         "Exactly-once batches rerun because the database was unavailable"
+    );
+    describe_counter!(
+        SCHEDULE_RUNS,
+        "Scheduled runs by outcome; skipped: the previous run was still running"
+    );
+    describe_histogram!(
+        SCHEDULE_RUN_SECONDS,
+        Unit::Seconds,
+        "Scheduled run time, publish included"
     );
 }
 

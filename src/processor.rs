@@ -9,6 +9,7 @@ use actix::prelude::*;
 
 use crate::actors::group::{GroupStopReport, GroupSupervisor, Lease, StopGroup};
 use crate::actors::producer::{Flush, ProducerActor, ProducerOptions, StatCounters};
+use crate::actors::scheduler::{SchedulerActor, SchedulerOptions, StopSchedule};
 use crate::actors::{GroupOptions, GroupRuntime};
 use crate::broker::{Broker, RedisBroker, ServerReport};
 use crate::error::{Error, Result};
@@ -17,6 +18,7 @@ use crate::handler::{DynHandler, Handler, erase, handler_fn};
 use crate::metrics::GroupMetrics;
 use crate::outcome::RetryPolicy;
 use crate::producer::{Producer, ProducerLimits, new_event_id};
+use crate::schedule::{Schedule, ScheduleCounters, ScheduleStats};
 use crate::settings::{IdFormat, Settings, StartFrom};
 use crate::status::GroupStatus;
 use crate::store::{OutboxRelay, RelayOptions, StopRelay, Store, TxHandler, erase_tx};
@@ -216,6 +218,7 @@ impl Group {
 pub struct ProcessorBuilder {
     settings: Settings,
     groups: Vec<Group>,
+    schedules: Vec<Schedule>,
     outbox: Option<Store>,
     max_lens: HashMap<String, u64>,
     broker: Option<Arc<dyn Broker>>,
@@ -225,6 +228,7 @@ impl std::fmt::Debug for ProcessorBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProcessorBuilder")
             .field("groups", &self.groups)
+            .field("schedules", &self.schedules)
             .finish_non_exhaustive()
     }
 }
@@ -233,6 +237,15 @@ impl ProcessorBuilder {
     /// Adds a consumer group.
     pub fn group(mut self, group: Group) -> Self {
         self.groups.push(group);
+        self
+    }
+
+    /// Adds a scheduled producer: its function runs on its cadence and its
+    /// events are published through this processor's producer. It starts
+    /// with the processor and stops first at shutdown (see
+    /// [`Schedule`](crate::Schedule)).
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedules.push(schedule);
         self
     }
 
@@ -266,6 +279,16 @@ impl ProcessorBuilder {
         }
         let settings = self.settings;
         settings.validate()?;
+        let mut names = std::collections::HashSet::new();
+        for schedule in &self.schedules {
+            schedule.validate()?;
+            if !names.insert(schedule.name.clone()) {
+                return Err(Error::settings(
+                    "schedules",
+                    format!("schedule `{}` is added twice", schedule.name),
+                ));
+            }
+        }
         let instance = settings.instance.resolved_name();
         let broker: Arc<dyn Broker> = match self.broker {
             Some(b) => b,
@@ -379,6 +402,31 @@ impl ProcessorBuilder {
                 addr: supervisor,
             });
         }
+        let schedules = self
+            .schedules
+            .into_iter()
+            .map(|s| {
+                let counters = Arc::new(ScheduleCounters::new(&s.name));
+                let addr = SchedulerActor::new(
+                    SchedulerOptions {
+                        name: Arc::clone(&s.name),
+                        stream: s.stream,
+                        cadence: s.cadence,
+                        job: s.job,
+                        run_at_start: s.run_at_start,
+                        timeout: s.timeout,
+                    },
+                    producer.clone(),
+                    Arc::clone(&counters),
+                )
+                .start();
+                ScheduleHandle {
+                    name: s.name,
+                    addr,
+                    counters,
+                }
+            })
+            .collect();
         let mut stores: Vec<Store> = Vec::new();
         for store in self
             .groups
@@ -421,6 +469,7 @@ impl ProcessorBuilder {
                 }),
             },
             relay,
+            schedules,
             arbiters,
             settings,
         })
@@ -515,8 +564,16 @@ pub struct ShutdownReport {
 pub struct Processor {
     handle: ProcessorHandle,
     relay: Option<Addr<OutboxRelay>>,
+    schedules: Vec<ScheduleHandle>,
     arbiters: Vec<Arbiter>,
     settings: Settings,
+}
+
+/// A running schedule, as the processor keeps it.
+struct ScheduleHandle {
+    name: Arc<str>,
+    addr: Addr<SchedulerActor>,
+    counters: Arc<ScheduleCounters>,
 }
 
 impl std::fmt::Debug for Processor {
@@ -533,6 +590,7 @@ impl Processor {
         ProcessorBuilder {
             settings,
             groups: Vec::new(),
+            schedules: Vec::new(),
             outbox: None,
             max_lens: HashMap::new(),
             broker: None,
@@ -570,12 +628,21 @@ impl Processor {
         self.handle.group_status(stream, group).await
     }
 
+    /// What the schedule named `name` has done, if there is one.
+    pub fn schedule_stats(&self, name: &str) -> Option<ScheduleStats> {
+        self.schedules
+            .iter()
+            .find(|s| &*s.name == name)
+            .map(|s| s.counters.snapshot())
+    }
+
     /// Redis, databases and groups: see [`ProcessorHandle::health`].
     pub async fn health(&self) -> Health {
         self.handle.health().await
     }
 
-    /// Stops in order: members stop reading and finish running handlers by
+    /// Stops in order: schedules stop ticking and a run in progress may
+    /// finish publishing; members stop reading and finish running handlers by
     /// `shutdown.deadline_ms`; their acks, retries and dead letters are
     /// written; entries still running at the deadline are released (not
     /// acked); the outbox relay makes a last pass; then the producer writes
@@ -585,6 +652,16 @@ impl Processor {
         let deadline = started + Duration::from_millis(self.settings.shutdown.deadline_ms);
         self.handle.mark_stopping();
         let inner = &self.handle.inner;
+        let schedule_stops = self.schedules.iter().map(|s| s.addr.send(StopSchedule));
+        let schedules_stopped = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            futures_util::future::join_all(schedule_stops),
+        )
+        .await
+        .is_ok();
+        if !schedules_stopped {
+            tracing::warn!("a scheduled run was still running at the shutdown deadline");
+        }
         let stops = inner
             .groups
             .iter()

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! Processor (handle) ── owns ──▶ ProducerActor
+//!                     ├─ owns ──▶ SchedulerActor (per schedule)
 //!                     └─ owns ──▶ GroupSupervisor (per stream, group)
 //!                                   ├─ owns ──▶ ConsumerActor × members
 //!                                   └─ owns ──▶ ReclaimerActor
@@ -21,6 +22,7 @@ pub(crate) mod consumer;
 pub(crate) mod group;
 pub(crate) mod producer;
 pub(crate) mod reclaimer;
+pub(crate) mod scheduler;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -18,6 +18,10 @@
 //! | `<stream>:retry:<group>` | sorted set | entry id → not-before time (ms) |
 //! | `<stream>:attempts:<group>` | hash | entry id → failed attempts |
 //! | `<stream>:lease:<group>:<member>` | string | lease token of the process using the member name |
+//!
+//! The latest-value maps of [`LatestValues`](crate::LatestValues) (in
+//! `latest.rs`) use two hashes of the application's choosing: `<key>`
+//! (field → value) and `<key>:version` (field → `<at_ms>:<tiebreak>`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +31,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, Value};
 
 mod admin;
+mod latest;
 mod reply;
 mod scripts;
 

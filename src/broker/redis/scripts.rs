@@ -120,6 +120,36 @@ end
 return 1
 "#;
 
+/// Keeps the newest value of a field (see `crate::latest`): writes
+/// `KEYS[1][ARGV[1]] = ARGV[4]` and `KEYS[2][ARGV[1]] = "ARGV[2]:ARGV[3]"`
+/// only if the version `(ARGV[2], ARGV[3])` is greater than the stored one,
+/// comparing the time first, then the tiebreak, as numbers (both below
+/// 2^53, so Lua's doubles hold them exactly). Returns 1 (written), 0 (the
+/// same version is stored) or -1 (a newer version is stored).
+pub(super) const LATEST_PUT_LUA: &str = r#"
+local at = tonumber(ARGV[2])
+local tb = tonumber(ARGV[3])
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if cur then
+  local sep = string.find(cur, ':', 1, true)
+  if sep then
+    local cur_at = tonumber(string.sub(cur, 1, sep - 1))
+    local cur_tb = tonumber(string.sub(cur, sep + 1))
+    if cur_at and cur_tb then
+      if at < cur_at or (at == cur_at and tb < cur_tb) then
+        return -1
+      end
+      if at == cur_at and tb == cur_tb then
+        return 0
+      end
+    end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
+return 1
+"#;
+
 pub(super) struct Scripts {
     pub(super) heartbeat: Script,
     pub(super) remove_idle_consumers: Script,
@@ -127,6 +157,7 @@ pub(super) struct Scripts {
     pub(super) claim_due: Script,
     pub(super) lease_acquire: Script,
     pub(super) lease_release: Script,
+    pub(super) latest_put: Script,
 }
 
 impl Scripts {
@@ -138,6 +169,7 @@ impl Scripts {
             claim_due: Script::new(CLAIM_DUE_LUA),
             lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
             lease_release: Script::new(LEASE_RELEASE_LUA),
+            latest_put: Script::new(LATEST_PUT_LUA),
         }
     }
 }
