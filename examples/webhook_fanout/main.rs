@@ -296,7 +296,16 @@ async fn run() -> Result<ExitCode, AnyError> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let ok = summary(&store, &run, &endpoints, &expected, args.orders, &trimmed).await?;
+    let ok = summary(
+        &store,
+        &source,
+        &run,
+        &endpoints,
+        &expected,
+        args.orders,
+        &trimmed,
+    )
+    .await?;
     let requests: Vec<String> = [("healthy", &healthy), ("flaky", &flaky), ("slow", &slow)]
         .iter()
         .map(|(name, r)| format!("{name} {}", r.received().len()))
@@ -341,6 +350,7 @@ fn percentile(sorted: &[i64], p: f64) -> String {
 /// endpoint got all of its own.
 async fn summary(
     store: &Store,
+    source: &str,
     run: &str,
     endpoints: &[Endpoint],
     expected: &HashMap<&str, usize>,
@@ -420,10 +430,14 @@ async fn summary(
         "entries trimmed by retention (acked by every group): {}",
         trimmed.load(Ordering::Relaxed)
     );
-    println!(
-        "dead letters: `{}` per endpoint; inspect with `redstream dlq list <stream>`",
-        dead_letter_stream("<source>:webhooks:<endpoint>")
-    );
+    for e in endpoints {
+        let stream = webhooks::delivery_stream(source, &e.name);
+        println!(
+            "dead letters of `{}` are in `{}`: `redstream dlq list {stream}`",
+            e.name,
+            dead_letter_stream(&stream)
+        );
+    }
     ok &= notes as usize == orders;
     Ok(ok)
 }
