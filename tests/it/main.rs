@@ -27,3 +27,4 @@ mod shutdown;
 mod store;
 mod supervision;
 mod support;
+mod webhook_fanout;

@@ -1,0 +1,868 @@
+//! The webhook fan-out example's domain against real Redis, SQLite and
+//! PostgreSQL, with real HTTP receivers on loopback: three groups each get
+//! every event, a stalled group delays no other, signatures verify, retries
+//! (5xx, 429 with `Retry-After`, timeouts), dead letters (4xx at once, after
+//! the last attempt), per-endpoint isolation, the attempt records, exactly
+//! one analytics count and notification under redelivery, and fan-out-safe
+//! trimming.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, KeyInit, Mac};
+use redstream::prelude::*;
+use redstream::{RedisBroker, dead_letter_stream};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
+
+use crate::support::db::TestDb;
+use crate::support::{TestContext, eventually};
+
+#[path = "../../examples/webhook_fanout/webhooks.rs"]
+#[allow(dead_code)]
+mod webhooks;
+
+#[path = "../../examples/webhook_fanout/receivers.rs"]
+#[allow(dead_code)]
+mod receivers;
+
+#[path = "../../examples/webhook_fanout/retention.rs"]
+#[allow(dead_code)]
+mod retention;
+
+use receivers::{Received, Receiver, Reply};
+use retention::{RetentionPolicy, trim_once};
+use webhooks::{
+    ANALYTICS_GROUP, Endpoint, NOTIFICATION_GROUP, ORDER_CREATED, WEBHOOK_GROUP, Wiring,
+    attempt_row, delivery_stream, event_count, notification,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn secret(name: &str) -> String {
+    format!("whsec_{}", BASE64.encode(format!("test-secret-{name}")))
+}
+
+fn endpoint(name: &str, url: &str, types: &[&str], timeout_ms: u64) -> Endpoint {
+    Endpoint {
+        name: name.to_owned(),
+        url: url.to_owned(),
+        secret: secret(name),
+        event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+        timeout_ms,
+    }
+}
+
+fn policy(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy::default()
+        .with_max_attempts(max_attempts)
+        .with_initial_delay(Duration::from_millis(50))
+        .with_factor(2.0)
+        .with_max_delay(Duration::from_millis(500))
+        .with_jitter(0.0)
+}
+
+fn wiring(ctx: &TestContext, endpoints: Vec<Endpoint>, policy: RetryPolicy) -> Wiring {
+    Wiring {
+        source: ctx.stream("orders"),
+        endpoints: Arc::from(endpoints),
+        policy,
+        members: 2,
+        in_flight: 8,
+    }
+}
+
+fn order(i: usize) -> Event {
+    Event::new(
+        ORDER_CREATED,
+        &serde_json::json!({
+            "order_id": format!("o-{i}"),
+            "customer_id": format!("c-{}", i % 3),
+            "items": [{"sku": "s-1", "qty": 1, "unit_price_cents": 100 + i}],
+        }),
+    )
+    .unwrap()
+    .with_id(format!("e-{i}"))
+}
+
+fn replying(reply: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> receivers::Behaviour {
+    Arc::new(reply)
+}
+
+async fn healthy() -> Receiver {
+    Receiver::start(replying(|_| Reply::Status(200)))
+        .await
+        .unwrap()
+}
+
+async fn store_for(db: &TestDb) -> Store {
+    let store = db.store().await;
+    webhooks::create_tables(store.connection()).await.unwrap();
+    store
+}
+
+async fn start(ctx: &TestContext, store: &Store, groups: Vec<Group>) -> Processor {
+    let mut settings = ctx.settings();
+    settings.outbox.poll_ms = 20;
+    let mut builder = Processor::builder(settings).outbox(store);
+    for g in groups {
+        builder = builder.group(g);
+    }
+    builder.start().await.unwrap()
+}
+
+/// Every attempt recorded for an endpoint, by event then attempt.
+async fn attempts(store: &Store, endpoint: &str) -> Vec<attempt_row::Model> {
+    attempt_row::Entity::find()
+        .filter(attempt_row::Column::Endpoint.eq(endpoint))
+        .order_by_asc(attempt_row::Column::EventId)
+        .order_by_asc(attempt_row::Column::Attempt)
+        .all(store.connection())
+        .await
+        .unwrap()
+}
+
+async fn notifications(store: &Store) -> u64 {
+    notification::Entity::find()
+        .count(store.connection())
+        .await
+        .unwrap()
+}
+
+/// Events counted by analytics, per type.
+async fn counted(store: &Store) -> HashMap<String, i64> {
+    let mut by_type = HashMap::new();
+    for row in event_count::Entity::find()
+        .all(store.connection())
+        .await
+        .unwrap()
+    {
+        *by_type.entry(row.event_type).or_insert(0) += row.events;
+    }
+    by_type
+}
+
+fn distinct_ids(received: &[Received]) -> HashMap<String, usize> {
+    let mut ids = HashMap::new();
+    for r in received {
+        *ids.entry(r.webhook_id.clone()).or_insert(0) += 1;
+    }
+    ids
+}
+
+fn field(fields: &[(String, String)], name: &str) -> String {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn retry_after_reads_seconds_and_http_dates() {
+    assert_eq!(
+        webhooks::parse_retry_after(" 7 "),
+        Some(Duration::from_secs(7))
+    );
+    let later = SystemTime::now() + Duration::from_secs(120);
+    let parsed = webhooks::parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+    assert!(parsed > Duration::from_secs(110) && parsed <= Duration::from_secs(120));
+    assert_eq!(webhooks::parse_retry_after("soon"), None);
+}
+
+/// The three groups on `orders` each get every event: every event reaches
+/// the endpoint once, is counted once and (orders) notified once.
+#[actix_rt::test]
+async fn each_of_the_three_groups_gets_every_event() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let store = store_for(&db).await;
+        let receiver = healthy().await;
+        let w = wiring(
+            &ctx,
+            vec![endpoint("all", &receiver.url, &["*"], 2_000)],
+            policy(3),
+        );
+        let mut groups = w.fan_out_groups(&store);
+        groups.extend(w.delivery_groups(&store).unwrap());
+        let processor = start(&ctx, &store, groups).await;
+        let mut events: Vec<Event> = (0..30).map(order).collect();
+        for i in 0..5 {
+            events.push(
+                Event::new(
+                    "order.cancelled",
+                    &serde_json::json!({"order_id": format!("o-{i}")}),
+                )
+                .unwrap()
+                .with_id(format!("x-{i}")),
+            );
+        }
+        for r in processor
+            .producer()
+            .publish_batch(&w.source, events)
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+        eventually(WAIT, "every group handled every event", || async {
+            distinct_ids(&receiver.received()).len() == 35
+                && notifications(&store).await == 30
+                && counted(&store).await.values().sum::<i64>() == 35
+        })
+        .await;
+        let counts = counted(&store).await;
+        assert_eq!(
+            counts.get(ORDER_CREATED),
+            Some(&30),
+            "{db:?}",
+            db = db.backend
+        );
+        assert_eq!(counts.get("order.cancelled"), Some(&5));
+        assert_eq!(receiver.received().len(), 35, "each event POSTed once");
+        for group in [WEBHOOK_GROUP, ANALYTICS_GROUP, NOTIFICATION_GROUP] {
+            let status = processor.group_status(&w.source, group).await.unwrap();
+            assert_eq!(status.acked, 35, "group {group}");
+            assert_eq!(ctx.pending(&w.source, group).await, 0, "group {group}");
+        }
+        processor.shutdown().await.unwrap();
+        receiver.stop().await;
+    }
+}
+
+/// Analytics is stuck in its handler; webhooks and notifications finish
+/// every event anyway, and analytics catches up once released.
+#[actix_rt::test]
+async fn a_stalled_group_does_not_delay_the_others() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let db = TestDb::sqlite();
+    let store = store_for(&db).await;
+    let receiver = healthy().await;
+    let w = wiring(
+        &ctx,
+        vec![endpoint("a", &receiver.url, &["*"], 2_000)],
+        policy(3),
+    );
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let entered = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (e, d) = (Arc::clone(&entered), Arc::clone(&done));
+    let stalled = handler_fn(move |_: serde_json::Value, _: Meta| {
+        let mut gate = gate.clone();
+        let (e, d) = (Arc::clone(&e), Arc::clone(&d));
+        async move {
+            e.fetch_add(1, Ordering::SeqCst);
+            let _ = gate.wait_for(|open| *open).await;
+            d.fetch_add(1, Ordering::SeqCst);
+            Ok(Outcome::Ack)
+        }
+    });
+    let mut groups: Vec<Group> = w
+        .fan_out_groups(&store)
+        .into_iter()
+        .filter(|g| g.name() != ANALYTICS_GROUP)
+        .collect();
+    groups.push(
+        Group::new(&w.source, ANALYTICS_GROUP, stalled).with_min_idle(Duration::from_secs(30)),
+    );
+    groups.extend(w.delivery_groups(&store).unwrap());
+    let processor = start(&ctx, &store, groups).await;
+    let events: Vec<Event> = (0..20).map(order).collect();
+    for r in processor
+        .producer()
+        .publish_batch(&w.source, events)
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    eventually(
+        WAIT,
+        "webhooks and notifications done while analytics is stuck",
+        || async {
+            distinct_ids(&receiver.received()).len() == 20 && notifications(&store).await == 20
+        },
+    )
+    .await;
+    assert!(entered.load(Ordering::SeqCst) > 0, "analytics did start");
+    assert_eq!(done.load(Ordering::SeqCst), 0, "analytics is still stuck");
+    assert!(ctx.pending(&w.source, ANALYTICS_GROUP).await > 0);
+    open.send(true).unwrap();
+    eventually(WAIT, "analytics catches up", || async {
+        done.load(Ordering::SeqCst) == 20 && ctx.pending(&w.source, ANALYTICS_GROUP).await == 0
+    })
+    .await;
+    processor.shutdown().await.unwrap();
+    receiver.stop().await;
+}
+
+/// Recomputes the Standard Webhooks signature from what the receiver got.
+#[actix_rt::test]
+async fn deliveries_are_signed_and_carry_their_headers() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let db = TestDb::sqlite();
+    let store = store_for(&db).await;
+    let receiver = healthy().await;
+    let ep = endpoint("signed", &receiver.url, &[ORDER_CREATED], 2_000);
+    let key = BASE64
+        .decode(ep.secret.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let w = wiring(&ctx, vec![ep], policy(3));
+    let mut groups = w.fan_out_groups(&store);
+    groups.extend(w.delivery_groups(&store).unwrap());
+    let processor = start(&ctx, &store, groups).await;
+    let events: Vec<Event> = (0..3).map(order).collect();
+    for r in processor
+        .producer()
+        .publish_batch(&w.source, events)
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    eventually(WAIT, "three deliveries", || async {
+        receiver.received().len() == 3
+    })
+    .await;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut ids: Vec<String> = Vec::new();
+    for r in receiver.received() {
+        let ts: i64 = r.timestamp.parse().unwrap();
+        assert!((now - ts).abs() < 60, "timestamp {ts} is now");
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+        mac.update(format!("{}.{}.", r.webhook_id, r.timestamp).as_bytes());
+        mac.update(&r.body);
+        let expected = format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()));
+        assert_eq!(r.signature, expected, "signature of {}", r.webhook_id);
+        // A different secret does not verify.
+        let mut other = Hmac::<sha2::Sha256>::new_from_slice(b"not-the-secret").unwrap();
+        other.update(format!("{}.{}.", r.webhook_id, r.timestamp).as_bytes());
+        other.update(&r.body);
+        assert_ne!(
+            r.signature,
+            format!("v1,{}", BASE64.encode(other.finalize().into_bytes()))
+        );
+        assert_eq!(r.event_type, ORDER_CREATED);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["type"], ORDER_CREATED);
+        let n = r.webhook_id.strip_prefix("e-").unwrap();
+        assert_eq!(body["data"]["order_id"], format!("o-{n}"));
+        assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+        ids.push(r.webhook_id.clone());
+    }
+    ids.sort();
+    assert_eq!(ids, ["e-0", "e-1", "e-2"], "webhook-id is the event id");
+    processor.shutdown().await.unwrap();
+    receiver.stop().await;
+}
+
+/// 503, then 429 with `Retry-After: 2`, then a timeout, then 200: retried
+/// each time, delivered on the 4th attempt, the wait after the 429 at
+/// least the 2 s asked, and one recorded row per attempt.
+#[actix_rt::test]
+async fn transient_failures_are_retried_until_delivered() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let db = TestDb::sqlite();
+    let store = store_for(&db).await;
+    let receiver = Receiver::start(replying(|r| match r.nth {
+        1 => Reply::Status(503),
+        2 => Reply::RetryAfter(429, 2),
+        3 => Reply::Slow(Duration::from_millis(1_500), 200),
+        _ => Reply::Status(200),
+    }))
+    .await
+    .unwrap();
+    let w = wiring(
+        &ctx,
+        vec![endpoint("flaky", &receiver.url, &["*"], 300)],
+        policy(5),
+    );
+    let mut groups = w.fan_out_groups(&store);
+    groups.extend(w.delivery_groups(&store).unwrap());
+    let processor = start(&ctx, &store, groups).await;
+    processor
+        .producer()
+        .publish(&w.source, order(1))
+        .await
+        .unwrap();
+    eventually(WAIT, "delivered", || async {
+        attempts(&store, "flaky")
+            .await
+            .iter()
+            .any(|r| r.outcome == "delivered")
+    })
+    .await;
+    let rows = attempts(&store, "flaky").await;
+    let summary: Vec<(i32, Option<i32>, &str)> = rows
+        .iter()
+        .map(|r| (r.attempt, r.status_code, r.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (1, Some(503), "retry"),
+            (2, Some(429), "retry"),
+            (3, None, "retry"),
+            (4, Some(200), "delivered"),
+        ]
+    );
+    assert!(
+        rows[2].error.as_deref().unwrap().contains("timeout"),
+        "{:?}",
+        rows[2].error
+    );
+    assert!(
+        rows[2].latency_ms >= 300,
+        "timed out after the request timeout"
+    );
+    assert!(rows.iter().all(|r| r.event_id == "e-1"));
+    let got = receiver.received();
+    assert_eq!(got.len(), 4, "one request per recorded attempt");
+    let waited = got[2].at.duration_since(got[1].at);
+    assert!(
+        waited >= Duration::from_secs(2),
+        "Retry-After honoured: waited {waited:?}"
+    );
+    let dlq = dead_letter_stream(&delivery_stream(&w.source, "flaky"));
+    assert_eq!(ctx.xlen(&dlq).await, 0);
+    processor.shutdown().await.unwrap();
+    receiver.stop().await;
+}
+
+/// A 404 is dead-lettered at once, with the status in the reason.
+#[actix_rt::test]
+async fn a_client_error_is_dead_lettered_at_once() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let db = TestDb::sqlite();
+    let store = store_for(&db).await;
+    let receiver = Receiver::start(replying(|_| Reply::Status(404)))
+        .await
+        .unwrap();
+    let w = wiring(
+        &ctx,
+        vec![endpoint("gone", &receiver.url, &["*"], 2_000)],
+        policy(5),
+    );
+    let mut groups = w.fan_out_groups(&store);
+    groups.extend(w.delivery_groups(&store).unwrap());
+    let processor = start(&ctx, &store, groups).await;
+    processor
+        .producer()
+        .publish(&w.source, order(7))
+        .await
+        .unwrap();
+    let dlq = dead_letter_stream(&delivery_stream(&w.source, "gone"));
+    eventually(WAIT, "dead-lettered", || async {
+        ctx.xlen(&dlq).await == 1
+    })
+    .await;
+    // Longer than the first retry delay: a retry would have come by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 1, "no retry");
+    let letters = ctx.entries(&dlq).await;
+    let reason = field(&letters[0].1, "reason");
+    assert!(reason.starts_with("rejected: http_404"), "{reason}");
+    assert_eq!(field(&letters[0].1, "attempts"), "1");
+    let rows = attempts(&store, "gone").await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].status_code, rows[0].outcome.as_str()),
+        (Some(404), "rejected")
+    );
+    processor.shutdown().await.unwrap();
+    receiver.stop().await;
+}
+
+/// Always 500: three attempts, then a dead letter with the last error.
+#[actix_rt::test]
+async fn exhausted_retries_are_dead_lettered() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let db = TestDb::sqlite();
+    let store = store_for(&db).await;
+    let receiver = Receiver::start(replying(|_| Reply::Status(500)))
+        .await
+        .unwrap();
+    let w = wiring(
+        &ctx,
+        vec![endpoint("broken", &receiver.url, &["*"], 2_000)],
+        policy(3),
+    );
+    let mut groups = w.fan_out_groups(&store);
+    groups.extend(w.delivery_groups(&store).unwrap());
+    let processor = start(&ctx, &store, groups).await;
+    processor
+        .producer()
+        .publish(&w.source, order(2))
+        .await
+        .unwrap();
+    let dlq = dead_letter_stream(&delivery_stream(&w.source, "broken"));
+    eventually(WAIT, "dead-lettered", || async {
+        ctx.xlen(&dlq).await == 1
+    })
+    .await;
+    let letters = ctx.entries(&dlq).await;
+    let reason = field(&letters[0].1, "reason");
+    assert!(reason.starts_with("max_attempts_exceeded"), "{reason}");
+    assert!(
+        field(&letters[0].1, "error").contains("500"),
+        "{:?}",
+        letters[0].1
+    );
+    assert_eq!(field(&letters[0].1, "attempts"), "3");
+    let rows = attempts(&store, "broken").await;
+    let outcomes: Vec<(i32, Option<i32>, &str)> = rows
+        .iter()
+        .map(|r| (r.attempt, r.status_code, r.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (1, Some(500), "retry"),
+            (2, Some(500), "retry"),
+            (3, Some(500), "exhausted")
+        ]
+    );
+    assert_eq!(receiver.received().len(), 3);
+    processor.shutdown().await.unwrap();
+    receiver.stop().await;
+}
+
+/// One endpoint times out on every request and is being retried; the
+/// healthy one gets every event once, without waiting for it, and its
+/// deliveries are never re-sent by the other's retries.
+#[actix_rt::test]
+async fn a_failing_endpoint_does_not_stall_a_healthy_one() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let db = TestDb::sqlite();
+    let store = store_for(&db).await;
+    let ok = healthy().await;
+    let down = Receiver::start(replying(|_| Reply::Slow(Duration::from_secs(3), 200)))
+        .await
+        .unwrap();
+    let mut w = wiring(
+        &ctx,
+        vec![
+            endpoint("ok", &ok.url, &["*"], 1_000),
+            endpoint("down", &down.url, &["*"], 1_000),
+        ],
+        policy(10).with_initial_delay(Duration::from_millis(300)),
+    );
+    w.members = 1;
+    w.in_flight = 2;
+    let mut groups = w.fan_out_groups(&store);
+    groups.extend(w.delivery_groups(&store).unwrap());
+    let processor = start(&ctx, &store, groups).await;
+    let events: Vec<Event> = (0..30).map(order).collect();
+    for r in processor
+        .producer()
+        .publish_batch(&w.source, events)
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the healthy endpoint got all 30",
+        || async { distinct_ids(&ok.received()).len() == 30 },
+    )
+    .await;
+    // With 2 requests at a time of 1 s each, the failing one is far behind.
+    assert!(distinct_ids(&down.received()).len() < 30);
+    eventually(WAIT, "the failing endpoint is being retried", || async {
+        down.received().iter().any(|r| r.nth >= 2)
+    })
+    .await;
+    let per_id = distinct_ids(&ok.received());
+    assert!(
+        per_id.values().all(|n| *n == 1),
+        "each event once at the healthy endpoint: {per_id:?}"
+    );
+    assert_eq!(ok.received().len(), 30);
+    assert!(
+        attempts(&store, "ok")
+            .await
+            .iter()
+            .all(|r| r.outcome == "delivered" && r.attempt == 1)
+    );
+    processor.shutdown().await.unwrap();
+    ok.stop().await;
+    down.stop().await;
+}
+
+/// Analytics counts and notifications have one effect per event (and per
+/// order) although events are published twice and the whole stream is
+/// delivered to both groups again.
+#[actix_rt::test]
+async fn analytics_and_notifications_are_exactly_once_under_redelivery() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let store = store_for(&db).await;
+        let w = wiring(&ctx, Vec::new(), policy(3));
+        let groups = || {
+            w.fan_out_groups(&store)
+                .into_iter()
+                .filter(|g| g.name() != WEBHOOK_GROUP)
+                .collect::<Vec<_>>()
+        };
+        let processor = start(&ctx, &store, groups()).await;
+        let mut events: Vec<Event> = (0..10).map(order).collect();
+        // The same event again (a retried publish), twice.
+        events.push(order(1));
+        events.push(order(2));
+        // The same order in a new event: counted as an event, notified once.
+        events.push(order(3).with_id("e-3-again"));
+        for r in processor
+            .producer()
+            .publish_batch(&w.source, events)
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+        let settled = || async {
+            ctx.pending(&w.source, ANALYTICS_GROUP).await == 0
+                && ctx.pending(&w.source, NOTIFICATION_GROUP).await == 0
+                && processor
+                    .group_status(&w.source, ANALYTICS_GROUP)
+                    .await
+                    .unwrap()
+                    .acked
+                    == 13
+                && processor
+                    .group_status(&w.source, NOTIFICATION_GROUP)
+                    .await
+                    .unwrap()
+                    .acked
+                    == 13
+        };
+        eventually(WAIT, "both groups acked all 13 entries", settled).await;
+        assert_eq!(counted(&store).await.get(ORDER_CREATED), Some(&11));
+        assert_eq!(notifications(&store).await, 10);
+        processor.shutdown().await.unwrap();
+
+        // Redeliver everything: both groups start over from the beginning.
+        let mut c = ctx.conn().await;
+        for group in [ANALYTICS_GROUP, NOTIFICATION_GROUP] {
+            let _: () = redis::cmd("XGROUP")
+                .arg("SETID")
+                .arg(&w.source)
+                .arg(group)
+                .arg("0")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        let before = store.stats().duplicates;
+        let processor = start(&ctx, &store, groups()).await;
+        eventually(WAIT, "all 26 redeliveries absorbed", || async {
+            store.stats().duplicates - before >= 26
+                && ctx.pending(&w.source, ANALYTICS_GROUP).await == 0
+                && ctx.pending(&w.source, NOTIFICATION_GROUP).await == 0
+        })
+        .await;
+        assert_eq!(store.stats().duplicates - before, 26);
+        assert_eq!(
+            counted(&store).await.get(ORDER_CREATED),
+            Some(&11),
+            "{:?}",
+            db.backend
+        );
+        assert_eq!(notifications(&store).await, 10);
+        processor.shutdown().await.unwrap();
+    }
+}
+
+async fn xadd(c: &mut redis::aio::MultiplexedConnection, stream: &str, id: &str) -> String {
+    redis::cmd("XADD")
+        .arg(stream)
+        .arg(id)
+        .arg("f")
+        .arg("v")
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
+async fn create_group(c: &mut redis::aio::MultiplexedConnection, stream: &str, group: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(c)
+        .await
+        .unwrap();
+}
+
+/// Reads `count` new entries as `consumer` and acks the first `ack` of them.
+async fn read_and_ack(
+    c: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    count: usize,
+    ack: usize,
+) {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg("c1")
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(c)
+        .await
+        .unwrap();
+    let ids: Vec<String> = reply
+        .keys
+        .iter()
+        .flat_map(|k| k.ids.iter().map(|i| i.id.clone()))
+        .take(ack)
+        .collect();
+    if !ids.is_empty() {
+        let _: u64 = redis::cmd("XACK")
+            .arg(stream)
+            .arg(group)
+            .arg(&ids)
+            .query_async(c)
+            .await
+            .unwrap();
+    }
+}
+
+/// Ten entries from long ago (ids `1-0`…`10-0`), then three from now;
+/// returns the new ids.
+async fn old_and_new(c: &mut redis::aio::MultiplexedConnection, stream: &str) -> Vec<String> {
+    for i in 1..=10 {
+        xadd(c, stream, &format!("{i}-0")).await;
+    }
+    let mut new = Vec::new();
+    for _ in 0..3 {
+        new.push(xadd(c, stream, "*").await);
+    }
+    new
+}
+
+async fn ids(ctx: &TestContext, stream: &str) -> Vec<String> {
+    ctx.entries(stream)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Trimming keeps every entry some group has not acked: pending entries of
+/// a slow group and entries a lagging group has not read yet.
+#[actix_rt::test]
+async fn fan_out_trim_never_removes_what_a_group_still_needs() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let admin = RedisBroker::connect(&ctx.settings().redis, "trim-test")
+        .await
+        .unwrap();
+    let stream = ctx.stream("fanout");
+    let mut c = ctx.conn().await;
+    for g in ["fast", "slow", "behind"] {
+        create_group(&mut c, &stream, g).await;
+    }
+    let mut all = Vec::new();
+    for _ in 0..10 {
+        all.push(xadd(&mut c, &stream, "*").await);
+    }
+    read_and_ack(&mut c, &stream, "fast", 10, 10).await;
+    read_and_ack(&mut c, &stream, "slow", 10, 6).await; // 7th..10th pending
+    read_and_ack(&mut c, &stream, "behind", 3, 3).await; // 4th.. not read yet
+    let policy = RetentionPolicy {
+        dead_after: Duration::from_secs(3600),
+        max_age: Duration::from_secs(24 * 3600),
+    };
+    let report = trim_once(&admin, &stream, policy).await.unwrap();
+    assert_eq!(report.removed, 3);
+    assert!(report.overridden.is_empty());
+    assert_eq!(
+        ids(&ctx, &stream).await,
+        all[3..],
+        "what `behind` has not read is kept"
+    );
+
+    read_and_ack(&mut c, &stream, "behind", 5, 5).await; // now through the 8th
+    let report = trim_once(&admin, &stream, policy).await.unwrap();
+    assert_eq!(report.removed, 3);
+    assert_eq!(
+        ids(&ctx, &stream).await,
+        all[6..],
+        "the slow group's pending entries are kept"
+    );
+    assert_eq!(ctx.pending(&stream, "slow").await, 4);
+
+    // A trim with nothing to remove removes nothing.
+    assert_eq!(trim_once(&admin, &stream, policy).await.unwrap().removed, 0);
+}
+
+/// A group with no consumer seen for `dead_after` holds entries only up to
+/// the age ceiling (logged); a live group past the ceiling is still kept.
+#[actix_rt::test]
+async fn a_dead_group_is_overridden_by_the_age_ceiling_a_live_one_is_not() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let admin = RedisBroker::connect(&ctx.settings().redis, "trim-test")
+        .await
+        .unwrap();
+    let policy = RetentionPolicy {
+        dead_after: Duration::from_secs(3600),
+        max_age: Duration::from_secs(3600),
+    };
+    let mut c = ctx.conn().await;
+
+    let dead = ctx.stream("dead");
+    create_group(&mut c, &dead, "live").await;
+    create_group(&mut c, &dead, "gone").await; // never read: no consumer
+    let new = old_and_new(&mut c, &dead).await;
+    read_and_ack(&mut c, &dead, "live", 13, 13).await;
+    let report = trim_once(&admin, &dead, policy).await.unwrap();
+    assert_eq!(report.overridden, ["gone"]);
+    assert_eq!(report.removed, 10);
+    assert_eq!(
+        ids(&ctx, &dead).await,
+        new,
+        "entries younger than max_age are kept"
+    );
+
+    let slow = ctx.stream("slow");
+    create_group(&mut c, &slow, "live").await;
+    create_group(&mut c, &slow, "slowpoke").await;
+    old_and_new(&mut c, &slow).await;
+    read_and_ack(&mut c, &slow, "live", 13, 13).await;
+    read_and_ack(&mut c, &slow, "slowpoke", 1, 0).await; // seen now, holds 1-0
+    let report = trim_once(&admin, &slow, policy).await.unwrap();
+    assert!(report.overridden.is_empty());
+    assert_eq!(report.removed, 0, "a live group is never overridden");
+    assert_eq!(ctx.xlen(&slow).await, 13);
+}
