@@ -105,7 +105,7 @@ impl DeadLetterEntry {
             if name == field::ID {
                 event_id = Some(String::from_utf8_lossy(value).into_owned());
             }
-            fields.push((Arc::from(name), value.clone()));
+            fields.push((std::borrow::Cow::Owned(name.to_owned()), value.clone()));
         }
         Ok(OutgoingEntry {
             event_id: event_id.unwrap_or_default(),

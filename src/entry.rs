@@ -18,7 +18,7 @@
 //! that cannot be decoded becomes a [`DecodeError`] with a specific reason
 //! and goes to the dead-letter stream, and its batch-mates are unaffected.
 
-use std::sync::Arc;
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -253,24 +253,25 @@ impl Event {
             Some(id) if !id.is_empty() => id,
             _ => default_id(),
         };
-        let mut fields: Vec<(Arc<str>, Vec<u8>)> = Vec::with_capacity(6 + self.headers.len());
-        fields.push((Arc::from(field::ID), id.clone().into_bytes()));
-        fields.push((Arc::from(field::TYPE), self.event_type.into_bytes()));
+        let mut fields: Vec<(Cow<'static, str>, Vec<u8>)> =
+            Vec::with_capacity(6 + self.headers.len());
+        fields.push((Cow::Borrowed(field::ID), id.clone().into_bytes()));
+        fields.push((Cow::Borrowed(field::TYPE), self.event_type.into_bytes()));
         fields.push((
-            Arc::from(field::VERSION),
+            Cow::Borrowed(field::VERSION),
             self.version.to_string().into_bytes(),
         ));
-        fields.push((Arc::from(field::TS), now_ms().to_string().into_bytes()));
+        fields.push((Cow::Borrowed(field::TS), now_ms().to_string().into_bytes()));
         if let Some(key) = self.key {
-            fields.push((Arc::from(field::KEY), key.into_bytes()));
+            fields.push((Cow::Borrowed(field::KEY), key.into_bytes()));
         }
         if let Some(tp) = self.traceparent {
-            fields.push((Arc::from(field::TRACEPARENT), tp.into_bytes()));
+            fields.push((Cow::Borrowed(field::TRACEPARENT), tp.into_bytes()));
         }
         for (name, value) in self.headers {
-            fields.push((Arc::from(name), value.into_bytes()));
+            fields.push((Cow::Owned(name), value.into_bytes()));
         }
-        fields.push((Arc::from(field::DATA), self.data));
+        fields.push((Cow::Borrowed(field::DATA), self.data));
         Ok(OutgoingEntry {
             event_id: id,
             fields,
@@ -284,7 +285,7 @@ pub struct OutgoingEntry {
     /// The event id (also present as the `id` field).
     pub event_id: String,
     /// Field names and values, in the order they are written.
-    pub fields: Vec<(Arc<str>, Vec<u8>)>,
+    pub fields: Vec<(Cow<'static, str>, Vec<u8>)>,
 }
 
 impl OutgoingEntry {

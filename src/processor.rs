@@ -368,6 +368,7 @@ impl ProcessorBuilder {
                 permits: Arc::clone(&permits),
                 capacity: p.buffer,
                 batch_size: p.batch_size,
+                max_in_flight: p.max_in_flight,
                 linger: Duration::from_millis(p.linger_ms),
                 attempts: p.publish_attempts,
                 retry_min: Duration::from_millis(p.retry_initial_ms),

@@ -108,15 +108,24 @@ async fn run_async(spec: &Spec) -> anyhow::Result<RunResult> {
 async fn publish(conn: &mut MultiplexedConnection, spec: &Spec) -> anyhow::Result<()> {
     let mut schedule = crate::Schedule::new(spec.events, spec.rate, BATCH);
     while let Some(range) = schedule.next().await {
-        let mut pipe = redis::pipe();
-        for seq in range {
-            pipe.cmd("XADD").arg(&spec.stream).arg("*");
-            for (k, v) in workload::baseline_fields(seq, now_us()) {
-                pipe.arg(k).arg(v);
-            }
-        }
-        let _: Vec<String> = pipe.query_async(conn).await?;
+        publish_range(conn, &spec.stream, range).await?;
     }
+    Ok(())
+}
+
+async fn publish_range(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    range: std::ops::Range<u64>,
+) -> anyhow::Result<()> {
+    let mut pipe = redis::pipe();
+    for seq in range {
+        pipe.cmd("XADD").arg(stream).arg("*");
+        for (k, v) in workload::baseline_fields(seq, now_us()) {
+            pipe.arg(k).arg(v);
+        }
+    }
+    let _: Vec<String> = pipe.query_async(conn).await?;
     Ok(())
 }
 
@@ -175,7 +184,8 @@ async fn read_loop(
     Ok(())
 }
 
-/// The producer-only scenario: pipelined XADD batches of 100.
+/// The producer-only scenario: concurrent publishers, each writing pipelined
+/// batches.
 pub fn produce(spec: &Spec) -> anyhow::Result<RunResult> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -186,7 +196,19 @@ pub fn produce(spec: &Spec) -> anyhow::Result<RunResult> {
         let mut conn = client.get_multiplexed_async_connection().await?;
         let cpu_before = workload::redis_cpu_seconds(&mut conn).await;
         let start = std::time::Instant::now();
-        publish(&mut conn, spec).await?;
+        let tasks = crate::publishers(spec.events).map(|chunks| {
+            let mut conn = conn.clone();
+            let stream = spec.stream.clone();
+            tokio::spawn(async move {
+                for range in chunks {
+                    publish_range(&mut conn, &stream, range).await?;
+                }
+                anyhow::Ok(())
+            })
+        });
+        for task in futures_util::future::join_all(tasks).await {
+            task??;
+        }
         let seconds = start.elapsed().as_secs_f64();
         let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
         crate::produced_result(&mut conn, spec, seconds, cpu_after - cpu_before).await

@@ -187,15 +187,21 @@ async fn run_async(spec: Spec) -> anyhow::Result<RunResult> {
 async fn publish(producer: &Producer, spec: &Spec) -> anyhow::Result<()> {
     let mut schedule = crate::Schedule::new(spec.events, spec.rate, BATCH);
     while let Some(range) = schedule.next().await {
-        let events = range
-            .map(|seq| {
-                let data = workload::payload(seq, now_us());
-                Event::from_json("bench.event", data)
-            })
-            .collect();
-        for r in producer.publish_batch(&spec.stream, events).await? {
-            r?;
-        }
+        publish_range(producer, &spec.stream, range).await?;
+    }
+    Ok(())
+}
+
+async fn publish_range(
+    producer: &Producer,
+    stream: &str,
+    range: std::ops::Range<u64>,
+) -> anyhow::Result<()> {
+    let events = range
+        .map(|seq| Event::from_json("bench.event", workload::payload(seq, now_us())))
+        .collect();
+    for r in producer.publish_batch(stream, events).await? {
+        r?;
     }
     Ok(())
 }
@@ -211,7 +217,19 @@ pub fn produce(spec: &Spec) -> anyhow::Result<RunResult> {
         let mut conn = client.get_multiplexed_async_connection().await?;
         let cpu_before = workload::redis_cpu_seconds(&mut conn).await;
         let start = std::time::Instant::now();
-        publish(&producer, &spec).await?;
+        let tasks = crate::publishers(spec.events).map(|chunks| {
+            let producer = producer.clone();
+            let stream = spec.stream.clone();
+            actix_rt::spawn(async move {
+                for range in chunks {
+                    publish_range(&producer, &stream, range).await?;
+                }
+                anyhow::Ok(())
+            })
+        });
+        for task in futures_util::future::join_all(tasks).await {
+            task??;
+        }
         let seconds = start.elapsed().as_secs_f64();
         let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
         processor.shutdown().await?;

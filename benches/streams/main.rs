@@ -282,6 +282,19 @@ fn redis_benchmark(spec: &Spec) -> anyhow::Result<RunResult> {
     })
 }
 
+/// The producer-only scenario's publishers: 4 tasks, each writing every
+/// fourth batch of 1,000 events, back to back.
+pub fn publishers(events: u64) -> impl Iterator<Item = Vec<Range<u64>>> {
+    const TASKS: u64 = 4;
+    const BATCH: u64 = 1_000;
+    (0..TASKS).map(move |t| {
+        (0..events.div_ceil(BATCH))
+            .filter(|k| k % TASKS == t)
+            .map(|k| k * BATCH..((k + 1) * BATCH).min(events))
+            .collect()
+    })
+}
+
 /// How long a run may take before it counts as stuck.
 pub fn ceiling(spec: &Spec) -> Duration {
     let expected = spec

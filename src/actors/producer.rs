@@ -2,9 +2,10 @@
 //! round trip.
 //!
 //! A batch is written when it reaches `producer.batch_size`, when its oldest
-//! entry has waited `producer.linger_ms`, or as soon as the previous batch is
-//! written (whichever comes first). One batch is in flight at a time, so
-//! entries keep their publish order unless a write has to be retried. A
+//! entry has waited `producer.linger_ms`, or as soon as a write slot is free
+//! (whichever comes first). Up to `producer.max_in_flight` batches are being
+//! written at once; they are sent in order on one connection, so Redis
+//! applies entries in publish order unless a write has to be retried. A
 //! write that fails on a transient error is retried with backoff up to
 //! `producer.publish_attempts` times; then every publisher of the batch gets
 //! the error. Nothing is dropped silently.
@@ -132,6 +133,7 @@ pub(crate) struct ProducerOptions {
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
     pub(crate) capacity: usize,
     pub(crate) batch_size: usize,
+    pub(crate) max_in_flight: usize,
     pub(crate) linger: Duration,
     pub(crate) attempts: u32,
     pub(crate) retry_min: Duration,
@@ -144,7 +146,8 @@ pub(crate) struct ProducerActor {
     options: ProducerOptions,
     stats: Arc<StatCounters>,
     buffer: Vec<Queued>,
-    writing: bool,
+    /// Batches being written.
+    writing: usize,
     linger_armed: bool,
     flush_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -160,25 +163,28 @@ impl ProducerActor {
             options,
             stats,
             buffer: Vec::new(),
-            writing: false,
+            writing: 0,
             linger_armed: false,
             flush_waiters: Vec::new(),
         }
     }
 
+    /// Starts writing batches while there are entries and free write slots.
     fn write_next(&mut self, ctx: &mut Context<Self>) {
-        if self.writing {
-            return;
+        while self.writing < self.options.max_in_flight && !self.buffer.is_empty() {
+            self.write_one(ctx);
         }
-        if self.buffer.is_empty() {
+        if self.buffer.is_empty() && self.writing == 0 {
             for waiter in self.flush_waiters.drain(..) {
                 let _ = waiter.send(());
             }
-            return;
         }
+    }
+
+    fn write_one(&mut self, ctx: &mut Context<Self>) {
         let n = self.buffer.len().min(self.options.batch_size);
         let batch: Vec<Queued> = self.buffer.drain(..n).collect();
-        self.writing = true;
+        self.writing += 1;
         let broker = Arc::clone(&self.broker);
         let options = self.options.clone();
         let stats = Arc::clone(&self.stats);
@@ -186,7 +192,7 @@ impl ProducerActor {
             write_batch(broker, options, stats, batch)
                 .into_actor(self)
                 .map(|(), act, ctx| {
-                    act.writing = false;
+                    act.writing -= 1;
                     let o = &act.options;
                     let buffered = o.capacity.saturating_sub(o.permits.available_permits());
                     crate::metrics::producer_buffer(buffered, o.capacity);
@@ -206,32 +212,46 @@ async fn write_batch(
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut written_per_stream: Vec<Arc<str>> = Vec::new();
-    let mut pending = batch;
+    // The entries, and beside them who waits for each (so that nothing is
+    // copied to write them).
+    let (mut items, mut waiters): (Vec<PublishItem>, Vec<Waiter>) = batch
+        .into_iter()
+        .map(|q| {
+            let waiter = Waiter {
+                collector: q.collector,
+                index: q.index,
+                _permit: q._permit,
+            };
+            (q.item, waiter)
+        })
+        .unzip();
     let mut backoff = Backoff::new(options.retry_min, options.retry_max);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let items: Vec<PublishItem> = pending.iter().map(|q| q.item.clone()).collect();
         let last_try = attempt >= options.attempts;
-        let mut retry = Vec::new();
+        let mut retry = (Vec::new(), Vec::new());
         stats.round_trips.fetch_add(1, Relaxed);
         match broker.publish(&items).await {
             Ok(results) => {
-                for (queued, result) in pending.into_iter().zip(results) {
+                for ((item, waiter), result) in items.into_iter().zip(waiters).zip(results) {
                     match result {
                         Ok(entry_id) => {
+                            written_per_stream.push(Arc::clone(&item.stream));
                             let published = Published {
                                 entry_id,
-                                event_id: queued.item.entry.event_id.clone(),
+                                event_id: item.entry.event_id,
                             };
-                            queued.collector.set(queued.index, Ok(published));
+                            waiter.collector.set(waiter.index, Ok(published));
                             stats.written.fetch_add(1, Relaxed);
-                            written_per_stream.push(Arc::clone(&queued.item.stream));
                         }
-                        Err(e) if e.is_transient() && !last_try => retry.push(queued),
+                        Err(e) if e.is_transient() && !last_try => {
+                            retry.0.push(item);
+                            retry.1.push(waiter);
+                        }
                         Err(e) => {
                             stats.failed.fetch_add(1, Relaxed);
-                            fail(queued, attempt, &e);
+                            fail(&item.stream, waiter, attempt, &e);
                         }
                     }
                 }
@@ -240,26 +260,34 @@ async fn write_batch(
             // may duplicate entries, which carry the same event id.
             Err(e) if e.is_transient() && !last_try => {
                 tracing::warn!(
-                    count = pending.len(),
+                    count = items.len(),
                     attempt,
                     "publish failed: {e}; retrying"
                 );
-                retry = pending;
+                retry = (items, waiters);
             }
             Err(e) => {
-                stats.failed.fetch_add(pending.len() as u64, Relaxed);
-                for queued in pending {
-                    fail(queued, attempt, &e);
+                stats.failed.fetch_add(items.len() as u64, Relaxed);
+                for (item, waiter) in items.into_iter().zip(waiters) {
+                    fail(&item.stream, waiter, attempt, &e);
                 }
             }
         }
         count_written(&mut written_per_stream);
-        if retry.is_empty() {
+        if retry.0.is_empty() {
             return;
         }
-        pending = retry;
+        (items, waiters) = retry;
         tokio::time::sleep(backoff.next_delay()).await;
     }
+}
+
+/// Who waits for one entry of a batch being written.
+struct Waiter {
+    collector: Arc<Collector>,
+    index: usize,
+    /// Released when the entry is written (or given up on).
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Adds written events to the per-stream counters.
@@ -276,15 +304,15 @@ fn count_written(streams: &mut Vec<Arc<str>>) {
     }
 }
 
-fn fail(queued: Queued, attempts: u32, error: &Error) {
-    tracing::error!(stream = %queued.item.stream, attempts, "publish failed: {error}");
-    crate::metrics::published(&queued.item.stream, 0, 1);
+fn fail(stream: &str, waiter: Waiter, attempts: u32, error: &Error) {
+    tracing::error!(stream, attempts, "publish failed: {error}");
+    crate::metrics::published(stream, 0, 1);
     let e = Error::PublishFailed {
-        stream: queued.item.stream.to_string(),
+        stream: stream.to_owned(),
         attempts,
         last_error: error.to_string(),
     };
-    queued.collector.set(queued.index, Err(e));
+    waiter.collector.set(waiter.index, Err(e));
 }
 
 impl Actor for ProducerActor {
@@ -304,7 +332,7 @@ impl Handler<Publish> for ProducerActor {
         self.buffer.extend(msg.0);
         if self.buffer.len() >= self.options.batch_size || self.options.linger.is_zero() {
             self.write_next(ctx);
-        } else if !self.linger_armed && !self.writing {
+        } else if !self.linger_armed && self.writing == 0 {
             self.linger_armed = true;
             ctx.run_later(self.options.linger, |act, ctx| {
                 act.linger_armed = false;

@@ -203,9 +203,14 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, items: &[PublishItem]) -> Result<Vec<Result<String>>> {
-        let mut pipe = redis::pipe();
+        let mut pipe = redis::Pipeline::with_capacity(items.len());
         for item in items {
-            let cmd = pipe.cmd("XADD").arg(&*item.stream);
+            // Sized up front: one allocation per command, not one per
+            // argument that outgrows the buffer.
+            let args = 6 + 2 * item.entry.fields.len();
+            let bytes = 32 + item.stream.len() + item.entry.encoded_len();
+            let mut cmd = redis::Cmd::with_capacity(args, bytes);
+            cmd.arg("XADD").arg(&*item.stream);
             if let Some(n) = item.max_len {
                 cmd.arg("MAXLEN").arg("~").arg(n);
             }
@@ -213,6 +218,7 @@ impl Broker for RedisBroker {
             for (name, value) in &item.entry.fields {
                 cmd.arg(name.as_bytes()).arg(value.as_slice());
             }
+            pipe.add_command(cmd);
         }
         pipe.ignore_errors();
         let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(&mut self.conn()).await?;
