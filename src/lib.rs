@@ -82,6 +82,7 @@
 //! | `status` | [`GroupStatus`] |
 //! | `store` | [`Store`], [`TxHandler`] (exactly one effect), [`enqueue`] (outbox) |
 //! | `error` | [`Error`], [`Result`] |
+//! | [`failpoints`] | named crash points for the fault-injection suite (feature `failpoints`) |
 //!
 //! The library installs no global tracing subscriber, metrics recorder or
 //! panic hook: the host application owns those.
@@ -91,6 +92,7 @@ pub mod broker;
 pub mod dead_letters;
 mod entry;
 mod error;
+pub mod failpoints;
 mod handle;
 mod handler;
 mod latest;

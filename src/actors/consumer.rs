@@ -585,6 +585,7 @@ async fn read_once(
             None
         };
         let entries = reader.read(&from, count).await?;
+        crate::failpoints::crash_point!("consumer.after_read");
         if from == ReadFrom::New || entries.is_empty() {
             return Ok(entries
                 .into_iter()

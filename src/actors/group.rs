@@ -239,6 +239,9 @@ impl GroupSupervisor {
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
             let result = rt.broker.ack(&rt.stream, &rt.group, &ids, &forget).await;
+            if result.is_ok() {
+                crate::failpoints::crash_point!("ack.after_xack");
+            }
             (ids, forget, result)
         };
         ctx.spawn(fut.into_actor(self).map(|(ids, forget, result), act, ctx| {
@@ -321,6 +324,7 @@ impl GroupSupervisor {
             for attempt in 1..=WRITE_TRIES {
                 match rt.broker.dead_letter(&rt.stream, &rt.group, &pending).await {
                     Ok(failed) => {
+                        crate::failpoints::crash_point!("dlq.after_write");
                         let (bad, good): (Vec<DeadLetter>, Vec<DeadLetter>) = pending
                             .into_iter()
                             .partition(|l| failed.iter().any(|(id, _)| *id == l.origin_id));

@@ -232,7 +232,9 @@ async fn write_batch(
         let last_try = attempt >= options.attempts;
         let mut retry = (Vec::new(), Vec::new());
         stats.round_trips.fetch_add(1, Relaxed);
-        match broker.publish(&items).await {
+        let written = broker.publish(&items).await;
+        crate::failpoints::crash_point!("producer.after_send");
+        match written {
             Ok(results) => {
                 for ((item, waiter), result) in items.into_iter().zip(waiters).zip(results) {
                     match result {

@@ -362,6 +362,7 @@ async fn finish(
         tx.rollback().await.map_err(db_error)?;
         return Err(Rerun::OwnershipLost);
     }
+    crate::failpoints::crash_point!("handler.before_commit");
     tx.commit().await.map_err(|e| {
         if db_is_transient(&e) {
             unavailable(e)
@@ -369,6 +370,7 @@ async fn finish(
             Rerun::CommitRefused(e.to_string())
         }
     })?;
+    crate::failpoints::crash_point!("handler.after_commit_before_ack");
     store.count(committed, duplicates);
     if duplicates > 0
         && let Some(meta) = metas.first()

@@ -386,6 +386,7 @@ async fn pass(store: &Store, producer: &Producer, batch: usize) -> Result<usize>
             }
         }
     }
+    crate::failpoints::crash_point!("outbox.after_xadd_before_mark");
     mark_sent(store, &marks).await?;
     match blocked {
         Some(e) => Err(e),
