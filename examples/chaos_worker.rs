@@ -1,0 +1,257 @@
+//! The worker process of the fault-injection suite (`tests/chaos`).
+//!
+//! Runs one `Group::transactional` handler on a deliberately
+//! non-idempotent ledger: in the library's transaction it adds the event's
+//! `amount` to an account (`UPDATE accounts SET balance = balance + amount`)
+//! and appends a row to `effects_log` (no unique key). The library's
+//! `processed_events` is the only fence against a second effect, so a
+//! duplicated effect shows as an `effects_log` row twice or a balance that
+//! is not the sum of the amounts.
+//!
+//! Configured by environment (the test sets these):
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `REDIS_URL` | Redis | settings |
+//! | `DATABASE_URL` | SQLite or PostgreSQL | settings |
+//! | `CHAOS_STREAM`, `CHAOS_GROUP` | stream and group | `chaos`, `ledger` |
+//! | `CHAOS_MEMBERS` | members in this process | 2 |
+//! | `CHAOS_INSTANCE` | instance name (members `<instance>-<i>`) | settings |
+//! | `CHAOS_FAIL_PCT`, `CHAOS_FAIL_FIRST` | this % of events (by seq) fail their first N attempts | 0, 0 |
+//! | `CHAOS_PANIC_SEQ` | the event with this seq panics on every attempt | none |
+//! | `CHAOS_SLEEP_MS` | sleep per event, inside the transaction | 0 |
+//! | `CHAOS_METRICS_MS` | period of the metrics line | 500 |
+//!
+//! Every other setting (retry policy, timers) comes from `REDSTREAM__…`
+//! variables, e.g. `REDSTREAM__RETRY__MAX_ATTEMPTS=5`.
+//!
+//! Prints JSON lines on stdout: `{"event":"started",…}` once the
+//! processor runs, `{"event":"metrics",…}` periodically, and
+//! `{"event":"stopped",…}` after a graceful stop (SIGTERM or SIGINT).
+//!
+//! ```text
+//! CHAOS_STREAM=s DATABASE_URL=sqlite:///tmp/l.db?mode=rwc cargo run --example chaos_worker
+//! ```
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redstream::prelude::*;
+use redstream::{HandlerResult, Meta};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use serde::Deserialize;
+
+type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Accounts the ledger spreads events over (`seq % ACCOUNTS`).
+const ACCOUNTS: i64 = 8;
+
+/// What the test publishes.
+#[derive(Deserialize)]
+struct Deposit {
+    seq: i64,
+    amount: i64,
+}
+
+/// The handler's behaviour, from the environment.
+struct Ledger {
+    fail_pct: u64,
+    fail_first: u32,
+    panic_seq: Option<i64>,
+    sleep: Duration,
+    /// Calls per seq in this process (attempts seen here).
+    calls: Mutex<HashMap<i64, u32>>,
+    in_handler: AtomicU64,
+    max_overlap: AtomicU64,
+}
+
+/// Whether `seq` is in the failing share: a fixed hash, so every process
+/// agrees.
+fn in_failing_share(seq: i64, pct: u64) -> bool {
+    pct > 0 && (seq as u64).wrapping_mul(2_654_435_761) % 100 < pct
+}
+
+impl TxHandler for Ledger {
+    type Event = Deposit;
+
+    async fn handle(&self, d: Deposit, meta: &Meta, tx: &DatabaseTransaction) -> HandlerResult {
+        let calls = {
+            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            let n = calls.entry(d.seq).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let now = self.in_handler.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_overlap.fetch_max(now, Ordering::SeqCst);
+        let result = self.apply(d, meta, tx, calls).await;
+        self.in_handler.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+}
+
+impl Ledger {
+    async fn apply(
+        &self,
+        d: Deposit,
+        meta: &Meta,
+        tx: &DatabaseTransaction,
+        calls: u32,
+    ) -> HandlerResult {
+        if self.panic_seq == Some(d.seq) {
+            #[allow(clippy::panic)]
+            {
+                panic!("poison event seq {}", d.seq);
+            }
+        }
+        if in_failing_share(d.seq, self.fail_pct) && meta.attempt() <= self.fail_first {
+            return Err(format!("injected failure, attempt {}", meta.attempt()).into());
+        }
+        if !self.sleep.is_zero() {
+            tokio::time::sleep(self.sleep).await;
+        }
+        let credit = Query::update()
+            .table(Alias::new("accounts"))
+            .value(
+                Alias::new("balance"),
+                Expr::col(Alias::new("balance")).add(d.amount),
+            )
+            .and_where(Expr::col(Alias::new("id")).eq(d.seq.rem_euclid(ACCOUNTS)))
+            .to_owned();
+        tx.execute(&credit).await?;
+        let log = Query::insert()
+            .into_table(Alias::new("effects_log"))
+            .columns([
+                Alias::new("event_id"),
+                Alias::new("seq"),
+                Alias::new("attempt"),
+                Alias::new("calls"),
+                Alias::new("member"),
+            ])
+            .values_panic([
+                meta.event_id().unwrap_or_default().into(),
+                d.seq.into(),
+                i64::from(meta.attempt()).into(),
+                i64::from(calls).into(),
+                meta.member().into(),
+            ])
+            .to_owned();
+        tx.execute(&log).await?;
+        Ok(Outcome::Ack)
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn line(value: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+#[actix::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            line(serde_json::json!({"event": "error", "error": e.to_string()}));
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), AnyError> {
+    let mut settings = Settings::load()?;
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        settings.redis.url = url.parse()?;
+    }
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        settings.database.url = url.parse()?;
+    }
+    if let Ok(name) = std::env::var("CHAOS_INSTANCE") {
+        settings.instance.name = name;
+    }
+    let stream: String = env_or("CHAOS_STREAM", "chaos".to_owned());
+    let group: String = env_or("CHAOS_GROUP", "ledger".to_owned());
+    let members: usize = env_or("CHAOS_MEMBERS", 2);
+    let ledger = std::sync::Arc::new(Ledger {
+        fail_pct: env_or("CHAOS_FAIL_PCT", 0),
+        fail_first: env_or("CHAOS_FAIL_FIRST", 0),
+        panic_seq: std::env::var("CHAOS_PANIC_SEQ")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        sleep: Duration::from_millis(env_or("CHAOS_SLEEP_MS", 0)),
+        calls: Mutex::new(HashMap::new()),
+        in_handler: AtomicU64::new(0),
+        max_overlap: AtomicU64::new(0),
+    });
+    let period = Duration::from_millis(env_or("CHAOS_METRICS_MS", 500));
+
+    let store = Store::connect(&settings.database).await?;
+    let processor = Processor::builder(settings)
+        .group(
+            Group::transactional(&stream, &group, &store, std::sync::Arc::clone(&ledger))
+                .with_members(members),
+        )
+        .start()
+        .await?;
+    line(serde_json::json!({
+        "event": "started",
+        "pid": std::process::id(),
+        "instance": processor.instance(),
+        "redis_warnings": processor.server().warnings,
+    }));
+
+    let handle = processor.handle();
+    let metrics_store = store.clone();
+    let metrics_ledger = std::sync::Arc::clone(&ledger);
+    let (stream2, group2) = (stream.clone(), group.clone());
+    let metrics = actix::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            let status = handle.group_status(&stream2, &group2).await.ok();
+            let stats = metrics_store.stats();
+            line(serde_json::json!({
+                "event": "metrics",
+                "acked": status.as_ref().map(|s| s.acked),
+                "retried": status.as_ref().map(|s| s.retried),
+                "dead_lettered": status.as_ref().map(|s| s.dead_lettered),
+                "restarts": status.as_ref().map(|s| s.restarts()),
+                "pending": status.as_ref().and_then(|s| s.pending),
+                "committed": stats.committed,
+                "duplicates": stats.duplicates,
+                "db_retried_batches": stats.retried_batches,
+                "max_overlap": metrics_ledger.max_overlap.load(Ordering::SeqCst),
+            }));
+        }
+    });
+    let report = processor.run_until_signal().await?;
+    metrics.abort();
+    let stats = store.stats();
+    line(serde_json::json!({
+        "event": "stopped",
+        "released": report.released,
+        "settled": report.settled,
+        "took_ms": report.took.as_millis() as u64,
+        "committed": stats.committed,
+        "duplicates": stats.duplicates,
+    }));
+    Ok(())
+}

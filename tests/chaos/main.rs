@@ -1,0 +1,52 @@
+//! The fault-injection suite: nothing lost, nothing done twice, under real
+//! faults (RELIABILITY.md). One `#[test]` per scenario and database; they
+//! take a global lock and run one at a time. Workers are child processes
+//! (`examples/chaos_worker.rs`) on a test-owned redis-server (free port,
+//! AOF `always` unless the scenario says otherwise) and a fresh SQLite file
+//! or PostgreSQL database.
+//!
+//! ```text
+//! cargo test --test chaos                                   # CI tier
+//! CHAOS_TIER=soak cargo test --release --test chaos         # soak tier (or: -- --ignored soak)
+//! CHAOS_SEED=123 cargo test --test chaos f01                # replay a schedule
+//! CHAOS_REPORT=chaos.md cargo test --test chaos             # append the result rows to a file
+//! ```
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub,
+    missing_docs,
+    dead_code
+)]
+
+#[path = "../it/support/db.rs"]
+mod db;
+#[path = "../it/support/redis_server.rs"]
+mod redis_server;
+
+mod checker;
+mod harness;
+mod ledger;
+mod report;
+mod worker;
+mod workload;
+
+mod f01_worker_kill;
+
+/// Whether the tests run in CI, where a missing service is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Installs a test log subscriber once (RUST_LOG to see it).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_test_writer()
+        .try_init();
+}
