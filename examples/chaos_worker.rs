@@ -21,6 +21,8 @@
 //! | `CHAOS_PANIC_SEQ` | the event with this seq panics on every attempt | none |
 //! | `CHAOS_SLEEP_MS` | sleep per event, inside the transaction | 0 |
 //! | `CHAOS_METRICS_MS` | period of the metrics line | 500 |
+//! | `CHAOS_OUTBOX` | `1`: each effect also writes an event to `<stream>:out` through the outbox, relayed by this process | off |
+//! | `CHAOS_CRASH_POINT`, `CHAOS_CRASH_AT` | abort the process the Nth time execution passes this crash point (needs the `failpoints` feature; see `redstream::failpoints`) | none, 1 |
 //!
 //! Every other setting (retry policy, timers) comes from `REDSTREAM__…`
 //! variables, e.g. `REDSTREAM__RETRY__MAX_ATTEMPTS=5`.
@@ -60,6 +62,8 @@ struct Deposit {
 
 /// The handler's behaviour, from the environment.
 struct Ledger {
+    /// Writes an event per effect to this stream through the outbox.
+    outbox_to: Option<String>,
     fail_pct: u64,
     fail_first: u32,
     panic_seq: Option<i64>,
@@ -141,6 +145,11 @@ impl Ledger {
             ])
             .to_owned();
         tx.execute(&log).await?;
+        if let Some(out) = &self.outbox_to {
+            let event = Event::new("deposit.applied", &serde_json::json!({"seq": d.seq}))?
+                .with_id(meta.event_id().unwrap_or_default());
+            enqueue(tx, out, event).await?;
+        }
         Ok(Outcome::Ack)
     }
 }
@@ -191,7 +200,10 @@ async fn run() -> Result<(), AnyError> {
     let stream: String = env_or("CHAOS_STREAM", "chaos".to_owned());
     let group: String = env_or("CHAOS_GROUP", "ledger".to_owned());
     let members: usize = env_or("CHAOS_MEMBERS", 2);
+    arm_crash_point()?;
+    let outbox = env_or("CHAOS_OUTBOX", 0u8) == 1;
     let ledger = std::sync::Arc::new(Ledger {
+        outbox_to: outbox.then(|| format!("{stream}:out")),
         fail_pct: env_or("CHAOS_FAIL_PCT", 0),
         fail_first: env_or("CHAOS_FAIL_FIRST", 0),
         panic_seq: std::env::var("CHAOS_PANIC_SEQ")
@@ -205,7 +217,11 @@ async fn run() -> Result<(), AnyError> {
     let period = Duration::from_millis(env_or("CHAOS_METRICS_MS", 500));
 
     let store = Store::connect(&settings.database).await?;
-    let processor = Processor::builder(settings)
+    let mut builder = Processor::builder(settings);
+    if outbox {
+        builder = builder.outbox(&store);
+    }
+    let processor = builder
         .group(
             Group::transactional(&stream, &group, &store, std::sync::Arc::clone(&ledger))
                 .with_members(members),
@@ -254,4 +270,22 @@ async fn run() -> Result<(), AnyError> {
         "duplicates": stats.duplicates,
     }));
     Ok(())
+}
+
+/// `CHAOS_CRASH_POINT` / `CHAOS_CRASH_AT`: abort at a crash point.
+fn arm_crash_point() -> Result<(), AnyError> {
+    let point = std::env::var("CHAOS_CRASH_POINT").unwrap_or_default();
+    if point.is_empty() {
+        return Ok(());
+    }
+    #[cfg(feature = "failpoints")]
+    {
+        let hit: u64 = env_or("CHAOS_CRASH_AT", 1);
+        redstream::failpoints::crash_at(&point, hit)?;
+        Ok(())
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        Err(format!("CHAOS_CRASH_POINT={point} needs the `failpoints` feature").into())
+    }
 }

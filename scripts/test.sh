@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 scripts/services.sh redis postgres chromium
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/test}"
-cargo test --all-targets "$@"
+cargo test --all-targets --features failpoints "$@"
 cargo test --doc

@@ -8,11 +8,11 @@
 //!
 //! | point | where |
 //! |---|---|
-//! | `consumer.after_read` | a member's `XREADGROUP` returned, before any handler runs |
+//! | `consumer.after_read` | a member's `XREADGROUP` returned entries, before any handler runs |
 //! | `handler.before_commit` | an exactly-once batch ran its handlers, before `COMMIT` |
 //! | `handler.after_commit_before_ack` | the batch committed, before its outcomes are reported (so before `XACK`) |
 //! | `ack.after_xack` | an `XACK` returned, before the supervisor records it |
-//! | `reclaimer.after_claim` | `XAUTOCLAIM` returned, before the entries are handed on |
+//! | `reclaimer.after_claim` | `XAUTOCLAIM` returned entries, before they are handed on |
 //! | `dlq.after_write` | the dead-letter script returned (its `XADD` and the original's `XACK` are one atomic step, so there is no point between them) |
 //! | `producer.after_send` | a batch's `XADD`s were answered, before the publishers are |
 //! | `outbox.after_xadd_before_mark` | the relay published rows, before it marks them sent |

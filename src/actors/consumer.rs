@@ -585,7 +585,9 @@ async fn read_once(
             None
         };
         let entries = reader.read(&from, count).await?;
-        crate::failpoints::crash_point!("consumer.after_read");
+        if !entries.is_empty() {
+            crate::failpoints::crash_point!("consumer.after_read");
+        }
         if from == ReadFrom::New || entries.is_empty() {
             return Ok(entries
                 .into_iter()

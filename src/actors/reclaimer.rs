@@ -196,8 +196,10 @@ async fn idle_scan(
                     opts.reclaim_count,
                 )
                 .await?;
-            crate::failpoints::crash_point!("reclaimer.after_claim");
             let ids: Vec<String> = reply.claimed.iter().map(|e| e.id.clone()).collect();
+            if !ids.is_empty() {
+                crate::failpoints::crash_point!("reclaimer.after_claim");
+            }
             let states = rt.broker.entry_states(&rt.stream, &rt.group, &ids).await?;
             Ok::<_, crate::error::Error>((reply, states))
         };

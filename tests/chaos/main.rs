@@ -34,6 +34,9 @@ mod worker;
 mod workload;
 
 mod f01_worker_kill;
+mod f02_crash_points;
+mod proxy;
+mod retry_wait_kill;
 
 /// Whether the tests run in CI, where a missing service is a failure.
 pub fn in_ci() -> bool {

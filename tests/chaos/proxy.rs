@@ -275,21 +275,39 @@ mod tests {
     async fn modes_do_what_they_say() {
         let proxy = Proxy::start(echo().await).await;
         let quick = Duration::from_millis(500);
-        assert_eq!(round_trip(proxy.port, quick).await.as_deref(), Some(&b"ping"[..]));
+        assert_eq!(
+            round_trip(proxy.port, quick).await.as_deref(),
+            Some(&b"ping"[..])
+        );
 
         proxy.set(Mode::Latency(Duration::from_millis(200)));
         let started = std::time::Instant::now();
-        assert!(round_trip(proxy.port, Duration::from_secs(2)).await.is_some());
-        assert!(started.elapsed() >= Duration::from_millis(400), "both directions delayed");
+        assert!(
+            round_trip(proxy.port, Duration::from_secs(2))
+                .await
+                .is_some()
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "both directions delayed"
+        );
 
         proxy.set(Mode::Blackhole);
-        assert_eq!(round_trip(proxy.port, quick).await, None, "nothing comes back");
+        assert_eq!(
+            round_trip(proxy.port, quick).await,
+            None,
+            "nothing comes back"
+        );
 
         proxy.set(Mode::Reset);
         assert_eq!(round_trip(proxy.port, quick).await, None, "reset at once");
 
         proxy.set(Mode::SeverAfter(2));
-        assert_eq!(round_trip(proxy.port, quick).await, None, "cut after 2 bytes");
+        assert_eq!(
+            round_trip(proxy.port, quick).await,
+            None,
+            "cut after 2 bytes"
+        );
 
         proxy.set(Mode::Pass);
         assert!(round_trip(proxy.port, quick).await.is_some(), "recovers");

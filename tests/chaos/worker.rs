@@ -15,7 +15,14 @@ pub fn worker_binary() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let status = Command::new(env!("CARGO"))
-                .args(["build", "--quiet", "--example", "chaos_worker"])
+                .args([
+                    "build",
+                    "--quiet",
+                    "--example",
+                    "chaos_worker",
+                    "--features",
+                    "failpoints",
+                ])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .expect("cargo build --example chaos_worker");
