@@ -34,6 +34,11 @@ mod worker;
 mod workload;
 
 mod f01_worker_kill;
+mod f03_panic;
+mod f21_identity;
+mod f24_sigterm_loop;
+mod redis_restart;
+mod redis_stall;
 
 /// Whether the tests run in CI, where a missing service is a failure.
 pub fn in_ci() -> bool {
