@@ -2,7 +2,7 @@
 //!
 //! Runs one `Group::transactional` handler on a deliberately
 //! non-idempotent ledger: in the library's transaction it adds the event's
-//! `amount` to an account (`UPDATE accounts SET balance = balance + amount`)
+//! `amount` to the member's account (`balance = balance + amount`, an upsert)
 //! and appends a row to `effects_log` (no unique key). The library's
 //! `processed_events` is the only fence against a second effect, so a
 //! duplicated effect shows as an `effects_log` row twice or a balance that
@@ -44,14 +44,11 @@ use std::time::Duration;
 
 use redstream::prelude::*;
 use redstream::{HandlerResult, Meta};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+use sea_orm::sea_query::{Alias, Expr, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use serde::Deserialize;
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Accounts the ledger spreads events over (`seq % ACCOUNTS`).
-const ACCOUNTS: i64 = 8;
 
 /// What the test publishes.
 #[derive(Deserialize)]
@@ -118,13 +115,20 @@ impl Ledger {
         if !self.sleep.is_zero() {
             tokio::time::sleep(self.sleep).await;
         }
-        let credit = Query::update()
-            .table(Alias::new("accounts"))
-            .value(
-                Alias::new("balance"),
-                Expr::col(Alias::new("balance")).add(d.amount),
+        // balance = balance + amount, on the member's own account (one row
+        // lock per member: no lock-order deadlocks between members).
+        let credit = Query::insert()
+            .into_table(Alias::new("accounts"))
+            .columns([Alias::new("id"), Alias::new("balance")])
+            .values_panic([meta.member().into(), d.amount.into()])
+            .on_conflict(
+                OnConflict::column(Alias::new("id"))
+                    .value(
+                        Alias::new("balance"),
+                        Expr::cust("accounts.balance + excluded.balance"),
+                    )
+                    .to_owned(),
             )
-            .and_where(Expr::col(Alias::new("id")).eq(d.seq.rem_euclid(ACCOUNTS)))
             .to_owned();
         tx.execute(&credit).await?;
         let log = Query::insert()

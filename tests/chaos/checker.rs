@@ -99,7 +99,14 @@ pub async fn dead_letters(redis_url: &str, stream: &str) -> HashMap<String, (Str
             .or_else(|| fields.get("origin_id"))
             .cloned()
             .unwrap_or_default();
-        let reason = fields.get("reason").cloned().unwrap_or_default();
+        // The reason code, then the last error (a panic's message lives there).
+        let reason = match fields.get("error") {
+            Some(error) => format!(
+                "{}: {error}",
+                fields.get("reason").cloned().unwrap_or_default()
+            ),
+            None => fields.get("reason").cloned().unwrap_or_default(),
+        };
         let attempts = fields
             .get("attempts")
             .and_then(|a| a.parse().ok())

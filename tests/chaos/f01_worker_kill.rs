@@ -22,6 +22,7 @@ async fn run(backend: Backend, tier: Tier) {
     for name in ["a", "b", "c"].iter().take(WORKERS) {
         c.spawn_worker(&format!("f01-{name}"), MEMBERS, true).await;
     }
+    c.phase("workers started");
     c.start_sampler();
     let producing = c
         .start_producing(n, Duration::from_secs(tier.pick(12, 240)))
@@ -35,7 +36,9 @@ async fn run(backend: Backend, tier: Tier) {
         c.fault();
         c.respawn(i, MEMBERS, false).await;
     }
+    c.phase("faults done");
     let history = producing.await.expect("producer task");
+    c.phase("produced");
     for w in &mut c.workers {
         assert!(
             w.wait_started(Duration::from_secs(30)).await,
@@ -43,6 +46,7 @@ async fn run(backend: Backend, tier: Tier) {
             c.seed
         );
     }
+    c.phase("restarted");
     let drain = c.wait_drained(Duration::from_secs(60)).await;
     let consumers = c.consumers().await;
     let (v, _) = c

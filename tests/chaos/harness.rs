@@ -229,6 +229,16 @@ impl Chaos {
         self.workers[i] = w;
     }
 
+    /// Logs how far into the scenario a phase is reached.
+    pub fn phase(&self, what: &str) {
+        eprintln!(
+            "  [{:>6.2}s] {} {}: {what}",
+            self.started.elapsed().as_secs_f64(),
+            self.scenario,
+            self.db_label
+        );
+    }
+
     /// Records a fault now.
     pub fn fault(&mut self) {
         self.faults += 1;

@@ -3,26 +3,17 @@
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
-/// Accounts (the worker credits `seq % ACCOUNTS`).
-pub const ACCOUNTS: i64 = 8;
-
-/// Creates the ledger tables and the accounts, at balance 0.
+/// Creates the ledger tables (an account per member, created on its first
+/// credit).
 pub async fn create(db: &DatabaseConnection) {
     for sql in [
-        "CREATE TABLE IF NOT EXISTS accounts (id BIGINT PRIMARY KEY, balance BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS accounts (id TEXT PRIMARY KEY, balance BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS effects_log (event_id TEXT NOT NULL, seq BIGINT NOT NULL, \
          attempt BIGINT NOT NULL, calls BIGINT NOT NULL, member TEXT NOT NULL)",
     ] {
         db.execute_unprepared(sql)
             .await
             .expect("create ledger table");
-    }
-    for id in 0..ACCOUNTS {
-        db.execute_unprepared(&format!(
-            "INSERT INTO accounts (id, balance) VALUES ({id}, 0)"
-        ))
-        .await
-        .expect("insert account");
     }
 }
 

@@ -35,7 +35,12 @@ mod workload;
 
 mod f01_worker_kill;
 mod f02_crash_points;
+mod f03_panic;
+mod f21_identity;
+mod f24_sigterm_loop;
 mod proxy;
+mod redis_restart;
+mod redis_stall;
 mod retry_wait_kill;
 
 /// Whether the tests run in CI, where a missing service is a failure.
