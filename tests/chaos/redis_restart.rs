@@ -18,6 +18,10 @@ struct Plan {
     losses_expected: bool,
     /// (percent of events, failing first attempts, max attempts).
     failing: Option<(u32, u32, u32)>,
+    /// Handler time per event: > 0 makes the consumers slower than the
+    /// producer, so a backlog of published, not yet consumed entries is in
+    /// Redis at each crash (what weaker persistence can lose).
+    handler_sleep_ms: u64,
 }
 
 async fn run(backend: Backend, tier: Tier, plan: Plan) {
@@ -33,6 +37,9 @@ async fn run(backend: Backend, tier: Tier, plan: Plan) {
         c.set_env("REDSTREAM__RETRY__MAX_ATTEMPTS", max);
         c.set_env("REDSTREAM__RETRY__INITIAL_DELAY_MS", 200);
         c.set_env("REDSTREAM__RETRY__JITTER", 0);
+    }
+    if plan.handler_sleep_ms > 0 {
+        c.set_env("CHAOS_SLEEP_MS", plan.handler_sleep_ms);
     }
     if plan.losses_expected {
         // The group may vanish with the data: recreate it.
@@ -112,6 +119,7 @@ fn f05() -> Plan {
         restarts: 3,
         losses_expected: false,
         failing: None,
+        handler_sleep_ms: 0,
     }
 }
 
@@ -123,6 +131,7 @@ fn f04() -> Plan {
         restarts: 2,
         losses_expected: false,
         failing: Some((10, 3, 5)),
+        handler_sleep_ms: 0,
     }
 }
 
@@ -134,6 +143,9 @@ fn f06a() -> Plan {
         restarts: 3,
         losses_expected: true,
         failing: None,
+        // 4 members × 1/20 ms = 200 events/s against 300 published: a
+        // growing backlog.
+        handler_sleep_ms: 20,
     }
 }
 
@@ -145,6 +157,9 @@ fn f06c() -> Plan {
         restarts: 3,
         losses_expected: true,
         failing: None,
+        // 4 members × 1/20 ms = 200 events/s against 300 published: a
+        // growing backlog.
+        handler_sleep_ms: 20,
     }
 }
 
