@@ -1074,6 +1074,11 @@ async fn a_disabled_endpoint_gets_nothing_new() {
             "nothing new while disabled ({:?})",
             db.backend
         );
+        assert_eq!(
+            ctx.xlen(&delivery_stream(&w.source, "target")).await,
+            1,
+            "the fan-out wrote nothing for it while disabled"
+        );
 
         assert!(
             webhooks::set_endpoint_enabled(store.connection(), "target", true)
