@@ -18,10 +18,20 @@
 //! endpoint and exits 0. Retention runs meanwhile, trimming what every group
 //! has acked.
 //!
+//! Endpoints come from the table `webhook_endpoints` (created here on
+//! SQLite or PostgreSQL). The demo upserts its three receivers into it at
+//! start; other rows are delivered to as well. The table is re-read every
+//! `--refresh-secs` (5 s): a changed or disabled endpoint takes effect,
+//! and a new one gets its delivery group, within that delay, without a
+//! restart. A new endpoint gets only events published after it was added.
+//!
 //! ```text
 //! cargo run --example webhook_fanout                    # demo: 40 orders + 8 cancellations, summary, exit
 //! cargo run --example webhook_fanout -- --orders 200    # more orders
 //! cargo run --example webhook_fanout -- --follow        # keep running (receivers, groups, retention) until SIGINT/SIGTERM
+//! cargo run --example webhook_fanout -- endpoints add crm https://crm.example/hooks --types order.created,order.cancelled [--secret whsec_…] [--timeout-ms 5000]
+//! cargo run --example webhook_fanout -- endpoints list
+//! cargo run --example webhook_fanout -- endpoints disable crm    # or enable
 //! ```
 //!
 //! Settings come from `settings/` and `REDSTREAM__…` variables (Redis:
@@ -46,11 +56,11 @@ use base64::Engine;
 use redstream::prelude::*;
 use redstream::settings::StartFrom;
 use redstream::{RedisBroker, dead_letter_stream};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
 
 use receivers::{Receiver, Reply, dice};
 use retention::RetentionPolicy;
-use webhooks::{Endpoint, Wiring, attempt_row, notification};
+use webhooks::{Endpoint, EndpointCache, EndpointWatcher, Wiring, attempt_row, notification};
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -58,32 +68,55 @@ type AnyError = Box<dyn std::error::Error + Send + Sync>;
 /// to it; counted by analytics).
 const ORDER_CANCELLED: &str = "order.cancelled";
 
-struct Args {
-    follow: bool,
+/// Webhook fan-out demo and endpoint management.
+#[derive(clap::Parser, Debug)]
+#[command(name = "webhook_fanout")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Orders to publish in the demo.
+    #[arg(long, default_value_t = 40)]
     orders: usize,
+    /// Keep running after the summary until SIGINT/SIGTERM.
+    #[arg(long)]
+    follow: bool,
+    /// How often `webhook_endpoints` is re-read, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    refresh_secs: u64,
 }
 
-fn parse_args() -> Result<Args, AnyError> {
-    let mut args = Args {
-        follow: false,
-        orders: 40,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--follow" => args.follow = true,
-            "--orders" => {
-                let v = it.next().ok_or("--orders needs a number")?;
-                args.orders = v
-                    .parse()
-                    .map_err(|_| format!("--orders needs a number, got `{v}`"))?;
-            }
-            other => {
-                return Err(format!("unknown argument `{other}`: use --orders N, --follow").into());
-            }
-        }
-    }
-    Ok(args)
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Manage the rows of `webhook_endpoints`.
+    #[command(subcommand)]
+    Endpoints(EndpointsCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum EndpointsCommand {
+    /// Adds an endpoint, or replaces the one with this name (enabled).
+    Add {
+        /// `[a-z0-9_-]`, part of its delivery stream's key.
+        name: String,
+        /// Where deliveries are POSTed (http or https).
+        url: String,
+        /// Event types it subscribes to, comma-separated; `*` for all.
+        #[arg(long)]
+        types: String,
+        /// The signing secret, `whsec_<base64>`; a random one if left out.
+        #[arg(long)]
+        secret: Option<String>,
+        /// Per-request timeout.
+        #[arg(long, default_value_t = 5_000)]
+        timeout_ms: u64,
+    },
+    /// Lists every endpoint, invalid rows included.
+    List,
+    /// Stops new deliveries to an endpoint.
+    Disable { name: String },
+    /// Resumes deliveries to an endpoint (events published while it was
+    /// disabled are not sent).
+    Enable { name: String },
 }
 
 #[actix::main]
@@ -114,9 +147,98 @@ fn demo_secret(name: &str) -> String {
     )
 }
 
+/// A random `whsec_` secret (24 bytes).
+fn random_secret() -> String {
+    let raw: [u8; 24] = rand::random();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+async fn manage(store: &Store, command: EndpointsCommand) -> Result<ExitCode, AnyError> {
+    let db = store.connection();
+    match command {
+        EndpointsCommand::Add {
+            name,
+            url,
+            types,
+            secret,
+            timeout_ms,
+        } => {
+            let event_types =
+                webhooks::parse_event_types(&types).map_err(|e| format!("--types: {e}"))?;
+            let generated = secret.is_none();
+            let endpoint = Endpoint::new(
+                name,
+                url,
+                secret.unwrap_or_else(random_secret),
+                event_types,
+                timeout_ms,
+            );
+            webhooks::upsert_endpoint(db, &endpoint).await?;
+            println!(
+                "endpoint `{}` → {} for {} (timeout {} ms), enabled",
+                endpoint.name,
+                endpoint.url,
+                endpoint.event_types.join(","),
+                endpoint.timeout_ms
+            );
+            if generated {
+                println!("secret: {}", endpoint.secret);
+            }
+            println!(
+                "running processes pick it up at their next refresh (--refresh-secs, 5 s by default); it gets events published from now on"
+            );
+        }
+        EndpointsCommand::List => {
+            let rows = webhooks::endpoint_row::Entity::find()
+                .order_by_asc(webhooks::endpoint_row::Column::Name)
+                .all(db)
+                .await?;
+            if rows.is_empty() {
+                println!("no endpoints");
+            }
+            for row in rows {
+                let created = chrono::DateTime::from_timestamp_millis(row.created_at)
+                    .unwrap_or_default()
+                    .format("%Y-%m-%d %H:%M:%SZ");
+                let state = if row.enabled { "enabled" } else { "disabled" };
+                let problem = webhooks::endpoint_from_row(row.clone())
+                    .err()
+                    .map(|p| format!("  INVALID, skipped: {p}"))
+                    .unwrap_or_default();
+                println!(
+                    "{:<12} {:<8} {:<40} {:<32} {:>6}ms  added {created}{problem}",
+                    row.name, state, row.url, row.event_types, row.timeout_ms
+                );
+            }
+        }
+        EndpointsCommand::Disable { name } => return set_enabled(store, &name, false).await,
+        EndpointsCommand::Enable { name } => return set_enabled(store, &name, true).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn set_enabled(store: &Store, name: &str, enabled: bool) -> Result<ExitCode, AnyError> {
+    if !webhooks::set_endpoint_enabled(store.connection(), name, enabled).await? {
+        return Err(format!("no endpoint named `{name}` (see `endpoints list`)").into());
+    }
+    let state = if enabled { "enabled" } else { "disabled" };
+    println!(
+        "endpoint `{name}` {state}; running processes apply it at their next refresh (--refresh-secs, 5 s by default)"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run() -> Result<ExitCode, AnyError> {
-    let args = parse_args()?;
+    let args = <Cli as clap::Parser>::parse();
     let settings = Settings::load()?;
+    if let Some(Command::Endpoints(command)) = args.command {
+        let store = Store::connect(&settings.database).await?;
+        webhooks::create_tables(store.connection()).await?;
+        return manage(&store, command).await;
+    }
     let source = std::env::var("WEBHOOK_ORDERS_STREAM").unwrap_or_else(|_| "orders".to_owned());
     let seed: u64 = match std::env::var("WEBHOOK_FLAKY_SEED") {
         Ok(v) => v
@@ -125,16 +247,12 @@ async fn run() -> Result<ExitCode, AnyError> {
         Err(_) => 7,
     };
 
+    let store = Store::connect(&settings.database).await?;
+    webhooks::create_tables(store.connection()).await?;
+
     // The receivers. The healthy one checks signatures and answers 401 to
     // a bad one.
-    let healthy_key = Endpoint {
-        name: "healthy".into(),
-        url: String::new(),
-        secret: demo_secret("healthy"),
-        event_types: Vec::new(),
-        timeout_ms: 1,
-    }
-    .key()?;
+    let healthy_key = Endpoint::new("healthy", "", demo_secret("healthy"), Vec::new(), 1).key()?;
     let healthy = Receiver::start(Arc::new(move |r: &receivers::Received| {
         if r.event_type.is_empty() {
             return Reply::Status(400);
@@ -166,36 +284,45 @@ async fn run() -> Result<ExitCode, AnyError> {
         Reply::Slow(Duration::from_secs(3), 200)
     }))
     .await?;
-    let endpoints: Arc<[Endpoint]> = Arc::from(vec![
-        Endpoint {
-            name: "healthy".into(),
-            url: healthy.url.clone(),
-            secret: demo_secret("healthy"),
-            event_types: vec!["*".into()],
-            timeout_ms: 1_000,
-        },
-        Endpoint {
-            name: "flaky".into(),
-            url: flaky.url.clone(),
-            secret: demo_secret("flaky"),
-            event_types: vec![webhooks::ORDER_CREATED.into()],
-            timeout_ms: 1_000,
-        },
-        Endpoint {
-            name: "slow".into(),
-            url: slow.url.clone(),
-            secret: demo_secret("slow"),
-            event_types: vec![webhooks::ORDER_CREATED.into(), ORDER_CANCELLED.into()],
-            timeout_ms: 1_000,
-        },
-    ]);
+    // Into the table: upserted, since the receivers' ports change between
+    // runs (and enabled again if an operator disabled them).
+    let types = |t: &[&str]| t.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    for demo in [
+        Endpoint::new(
+            "healthy",
+            healthy.url.clone(),
+            demo_secret("healthy"),
+            types(&["*"]),
+            1_000,
+        ),
+        Endpoint::new(
+            "flaky",
+            flaky.url.clone(),
+            demo_secret("flaky"),
+            types(&[webhooks::ORDER_CREATED]),
+            1_000,
+        ),
+        Endpoint::new(
+            "slow",
+            slow.url.clone(),
+            demo_secret("slow"),
+            types(&[webhooks::ORDER_CREATED, ORDER_CANCELLED]),
+            1_000,
+        ),
+    ] {
+        webhooks::upsert_endpoint(store.connection(), &demo).await?;
+    }
+    let cache = EndpointCache::default();
+    let problems = cache.refresh(store.connection()).await?;
+    for p in &problems {
+        eprintln!("webhook_endpoints: row skipped: {p}");
+    }
+    let endpoints = cache.snapshot();
 
-    let store = Store::connect(&settings.database).await?;
-    webhooks::create_tables(store.connection()).await?;
     // A demo-sized policy: 4 attempts, 250 ms doubling to 2 s, ±20 %.
     let wiring = Wiring {
         source: source.clone(),
-        endpoints: Arc::clone(&endpoints),
+        endpoints: cache.clone(),
         policy: RetryPolicy::default()
             .with_max_attempts(4)
             .with_initial_delay(Duration::from_millis(250))
@@ -206,7 +333,7 @@ async fn run() -> Result<ExitCode, AnyError> {
         in_flight: 16,
     };
     let admin = Arc::new(RedisBroker::connect(&settings.redis, "webhook-retention").await?);
-    let mut builder = Processor::builder(settings).outbox(&store);
+    let mut builder = Processor::builder(settings.clone()).outbox(&store);
     // The demo's groups start at the end of `orders`, so a first run does
     // not deliver the stream's history to these loopback receivers.
     for group in wiring.fan_out_groups(&store) {
@@ -216,11 +343,20 @@ async fn run() -> Result<ExitCode, AnyError> {
         builder = builder.group(group);
     }
     let processor = builder.start().await?;
+    // New endpoints get their delivery group here, within a refresh.
+    let watcher = EndpointWatcher::spawn(
+        wiring.clone(),
+        store.clone(),
+        settings,
+        endpoints.iter().map(|e| e.name.clone()),
+        Duration::from_secs(args.refresh_secs),
+    );
 
     let trimmed = Arc::new(AtomicU64::new(0));
+    let streams_of = wiring.clone();
     let retention = retention::spawn_periodic(
         admin,
-        wiring.streams(),
+        move || streams_of.streams(),
         RetentionPolicy {
             dead_after: Duration::from_secs(3600),
             max_age: Duration::from_secs(7 * 24 * 3600),
@@ -248,12 +384,13 @@ async fn run() -> Result<ExitCode, AnyError> {
         let data = serde_json::json!({"order_id": format!("{run}-o{i}"), "reason": "customer"});
         events.push(Event::new(ORDER_CANCELLED, &data)?.with_id(format!("{run}-cancelled-{i}")));
     }
+    let publishing = webhooks::now_ms();
     for e in endpoints.iter() {
-        let n = if e.subscribes(webhooks::ORDER_CREATED) {
+        let n = if e.wants(webhooks::ORDER_CREATED, publishing) {
             args.orders
         } else {
             0
-        } + if e.subscribes(ORDER_CANCELLED) {
+        } + if e.wants(ORDER_CANCELLED, publishing) {
             cancellations
         } else {
             0
@@ -315,6 +452,10 @@ async fn run() -> Result<ExitCode, AnyError> {
         println!(
             "\nfollowing `{source}`: receivers, groups and retention keep running; Ctrl-C to stop"
         );
+        println!(
+            "endpoints are re-read from `webhook_endpoints` every {} s (`endpoints add|disable|enable|list`)",
+            args.refresh_secs
+        );
         for e in endpoints.iter() {
             println!("  endpoint `{}` at {}", e.name, e.url);
         }
@@ -326,6 +467,7 @@ async fn run() -> Result<ExitCode, AnyError> {
     } else {
         processor.shutdown().await?;
     }
+    watcher.stop().await;
     retention.abort();
     for r in [&healthy, &flaky, &slow] {
         r.stop().await;

@@ -104,11 +104,12 @@ pub(crate) async fn trim_once(
     })
 }
 
-/// Trims `streams` every `every` until the returned task is aborted;
-/// `removed` counts what went.
+/// Trims the streams `streams()` names (asked on every round, so streams
+/// added meanwhile are included) every `every` until the returned task is
+/// aborted; `removed` counts what went.
 pub(crate) fn spawn_periodic(
     admin: Arc<dyn Admin>,
-    streams: Vec<String>,
+    streams: impl Fn() -> Vec<String> + 'static,
     policy: RetentionPolicy,
     every: Duration,
     removed: Arc<AtomicU64>,
@@ -118,7 +119,7 @@ pub(crate) fn spawn_periodic(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            for stream in &streams {
+            for stream in &streams() {
                 match trim_once(admin.as_ref(), stream, policy).await {
                     Ok(report) => {
                         removed.fetch_add(report.removed, Ordering::Relaxed);

@@ -36,8 +36,8 @@ mod retention;
 use receivers::{Received, Receiver, Reply};
 use retention::{RetentionPolicy, trim_once};
 use webhooks::{
-    ANALYTICS_GROUP, Endpoint, NOTIFICATION_GROUP, ORDER_CREATED, WEBHOOK_GROUP, Wiring,
-    attempt_row, delivery_stream, event_count, notification,
+    ANALYTICS_GROUP, Endpoint, EndpointCache, EndpointWatcher, NOTIFICATION_GROUP, ORDER_CREATED,
+    WEBHOOK_GROUP, Wiring, attempt_row, delivery_stream, event_count, notification,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -47,13 +47,13 @@ fn secret(name: &str) -> String {
 }
 
 fn endpoint(name: &str, url: &str, types: &[&str], timeout_ms: u64) -> Endpoint {
-    Endpoint {
-        name: name.to_owned(),
-        url: url.to_owned(),
-        secret: secret(name),
-        event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+    Endpoint::new(
+        name,
+        url,
+        secret(name),
+        types.iter().map(|t| (*t).to_owned()).collect(),
         timeout_ms,
-    }
+    )
 }
 
 fn policy(max_attempts: u32) -> RetryPolicy {
@@ -68,7 +68,7 @@ fn policy(max_attempts: u32) -> RetryPolicy {
 fn wiring(ctx: &TestContext, endpoints: Vec<Endpoint>, policy: RetryPolicy) -> Wiring {
     Wiring {
         source: ctx.stream("orders"),
-        endpoints: Arc::from(endpoints),
+        endpoints: EndpointCache::fixed(endpoints),
         policy,
         members: 2,
         in_flight: 8,
@@ -865,4 +865,435 @@ async fn a_dead_group_is_overridden_by_the_age_ceiling_a_live_one_is_not() {
     assert!(report.overridden.is_empty());
     assert_eq!(report.removed, 0, "a live group is never overridden");
     assert_eq!(ctx.xlen(&slow).await, 13);
+}
+
+// ---- Endpoints from the `webhook_endpoints` table ----
+
+/// How often the tests' watchers re-read the table.
+const REFRESH: Duration = Duration::from_millis(200);
+
+/// A wiring whose endpoints are read from `webhook_endpoints`.
+async fn table_wiring(ctx: &TestContext, store: &Store) -> Wiring {
+    let cache = EndpointCache::default();
+    let problems = cache.refresh(store.connection()).await.unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    Wiring {
+        source: ctx.stream("orders"),
+        endpoints: cache,
+        policy: policy(3),
+        members: 1,
+        in_flight: 4,
+    }
+}
+
+/// The fan-out groups and the delivery group of every endpoint in the
+/// table, plus the watcher that re-reads it.
+async fn start_watched(
+    ctx: &TestContext,
+    store: &Store,
+    w: &Wiring,
+) -> (Processor, EndpointWatcher) {
+    let mut groups = w.fan_out_groups(store);
+    groups.extend(w.delivery_groups(store).unwrap());
+    let processor = start(ctx, store, groups).await;
+    let running = w
+        .endpoints
+        .snapshot()
+        .iter()
+        .map(|e| e.name.clone())
+        .collect::<Vec<_>>();
+    let watcher =
+        EndpointWatcher::spawn(w.clone(), store.clone(), ctx.settings(), running, REFRESH);
+    (processor, watcher)
+}
+
+async fn put(store: &Store, e: &Endpoint) {
+    webhooks::upsert_endpoint(store.connection(), e)
+        .await
+        .unwrap();
+}
+
+/// A row written as is (no validation), as an operator's SQL would.
+async fn put_raw(store: &Store, name: &str, url: &str, types: &str) {
+    use sea_orm::{ActiveModelTrait, Set};
+    webhooks::endpoint_row::ActiveModel {
+        name: Set(name.to_owned()),
+        url: Set(url.to_owned()),
+        secret: Set(secret(name)),
+        event_types: Set(types.to_owned()),
+        timeout_ms: Set(2_000),
+        enabled: Set(true),
+        created_at: Set(webhooks::now_ms()),
+    }
+    .insert(store.connection())
+    .await
+    .unwrap();
+}
+
+fn cancellation(i: usize) -> Event {
+    Event::new(
+        "order.cancelled",
+        &serde_json::json!({"order_id": format!("o-{i}")}),
+    )
+    .unwrap()
+    .with_id(format!("x-{i}"))
+}
+
+async fn publish(p: &Processor, stream: &str, events: Vec<Event>) {
+    for r in p.producer().publish_batch(stream, events).await.unwrap() {
+        r.unwrap();
+    }
+}
+
+fn sorted_ids(received: &[Received]) -> Vec<String> {
+    let mut ids: Vec<String> = distinct_ids(received).into_keys().collect();
+    ids.sort();
+    ids
+}
+
+/// Three endpoints in the table, subscribed by a comma list, a JSON array
+/// and `*`: each gets the event types it subscribes to and no other.
+#[actix_rt::test]
+async fn endpoints_come_from_the_table_with_their_event_types() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let store = store_for(&db).await;
+        let (created, cancelled, all) = (healthy().await, healthy().await, healthy().await);
+        put(
+            &store,
+            &endpoint("created", &created.url, &[ORDER_CREATED], 2_000),
+        )
+        .await;
+        put_raw(
+            &store,
+            "cancelled",
+            &cancelled.url,
+            r#"["order.cancelled"]"#,
+        )
+        .await;
+        put_raw(&store, "all", &all.url, " * ").await;
+        let w = table_wiring(&ctx, &store).await;
+        let read: Vec<(String, Vec<String>)> = w
+            .endpoints
+            .snapshot()
+            .iter()
+            .map(|e| (e.name.clone(), e.event_types.clone()))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                ("all".to_owned(), vec!["*".to_owned()]),
+                ("cancelled".to_owned(), vec!["order.cancelled".to_owned()]),
+                ("created".to_owned(), vec![ORDER_CREATED.to_owned()]),
+            ],
+            "{:?}",
+            db.backend
+        );
+        let (processor, watcher) = start_watched(&ctx, &store, &w).await;
+        let mut events: Vec<Event> = (0..3).map(order).collect();
+        events.extend((0..2).map(cancellation));
+        publish(&processor, &w.source, events).await;
+        eventually(WAIT, "`all` got all five", || async {
+            distinct_ids(&all.received()).len() == 5
+                && distinct_ids(&created.received()).len() >= 3
+                && distinct_ids(&cancelled.received()).len() >= 2
+        })
+        .await;
+        // Longer than a fan-out and delivery round: a stray one would be here.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(sorted_ids(&created.received()), ["e-0", "e-1", "e-2"]);
+        assert!(
+            created
+                .received()
+                .iter()
+                .all(|r| r.event_type == ORDER_CREATED)
+        );
+        assert_eq!(sorted_ids(&cancelled.received()), ["x-0", "x-1"]);
+        assert!(
+            cancelled
+                .received()
+                .iter()
+                .all(|r| r.event_type == "order.cancelled")
+        );
+        assert_eq!(all.received().len(), 5);
+        watcher.stop().await;
+        processor.shutdown().await.unwrap();
+        for r in [&created, &cancelled, &all] {
+            r.stop().await;
+        }
+    }
+}
+
+/// Disabled in the table while running: no new delivery reaches it (a
+/// second endpoint shows the events went out); enabled again, it gets what
+/// is published from then on, not what it missed.
+#[actix_rt::test]
+async fn a_disabled_endpoint_gets_nothing_new() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let store = store_for(&db).await;
+        let (target, witness) = (healthy().await, healthy().await);
+        put(&store, &endpoint("target", &target.url, &["*"], 2_000)).await;
+        put(&store, &endpoint("witness", &witness.url, &["*"], 2_000)).await;
+        let w = table_wiring(&ctx, &store).await;
+        let (processor, watcher) = start_watched(&ctx, &store, &w).await;
+        publish(&processor, &w.source, vec![order(0)]).await;
+        eventually(WAIT, "both got e-0", || async {
+            target.received().len() == 1 && witness.received().len() == 1
+        })
+        .await;
+
+        assert!(
+            webhooks::set_endpoint_enabled(store.connection(), "target", false)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !webhooks::set_endpoint_enabled(store.connection(), "nobody", false)
+                .await
+                .unwrap(),
+            "an unknown name is reported"
+        );
+        eventually(WAIT, "the refresh saw it disabled", || async {
+            w.endpoints.get("target").is_some_and(|e| !e.enabled)
+        })
+        .await;
+        publish(&processor, &w.source, (1..4).map(order).collect()).await;
+        eventually(WAIT, "the witness got e-1..e-3", || async {
+            distinct_ids(&witness.received()).len() == 4
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            sorted_ids(&target.received()),
+            ["e-0"],
+            "nothing new while disabled ({:?})",
+            db.backend
+        );
+        assert_eq!(
+            ctx.xlen(&delivery_stream(&w.source, "target")).await,
+            1,
+            "the fan-out wrote nothing for it while disabled"
+        );
+
+        assert!(
+            webhooks::set_endpoint_enabled(store.connection(), "target", true)
+                .await
+                .unwrap()
+        );
+        eventually(WAIT, "the refresh saw it enabled", || async {
+            w.endpoints.get("target").is_some_and(|e| e.enabled)
+        })
+        .await;
+        publish(&processor, &w.source, vec![order(4)]).await;
+        eventually(WAIT, "e-4 reached it", || async {
+            distinct_ids(&target.received()).contains_key("e-4")
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sorted_ids(&target.received()), ["e-0", "e-4"]);
+        watcher.stop().await;
+        processor.shutdown().await.unwrap();
+        target.stop().await;
+        witness.stop().await;
+    }
+}
+
+/// An endpoint only gets events published after it was added (one added
+/// while an event waits is not sent it); an endpoint added to the table
+/// while running gets its delivery group and new events within a refresh;
+/// a changed URL and subscription take effect without a restart.
+#[actix_rt::test]
+async fn endpoints_added_or_changed_in_the_table_are_picked_up_while_running() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let store = store_for(&db).await;
+        let (a, a2, b, c) = (
+            healthy().await,
+            healthy().await,
+            healthy().await,
+            healthy().await,
+        );
+        put(&store, &endpoint("a", &a.url, &[ORDER_CREATED], 2_000)).await;
+        // Published before `b` exists, handled by the fan-out after.
+        let publisher = start(&ctx, &store, Vec::new()).await;
+        publish(&publisher, &ctx.stream("orders"), vec![order(0)]).await;
+        publisher.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        put(&store, &endpoint("b", &b.url, &["*"], 2_000)).await;
+
+        let w = table_wiring(&ctx, &store).await;
+        let (processor, watcher) = start_watched(&ctx, &store, &w).await;
+        publish(&processor, &w.source, vec![order(1)]).await;
+        eventually(WAIT, "a got e-0 and e-1, b got e-1", || async {
+            distinct_ids(&a.received()).len() == 2 && !b.received().is_empty()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            sorted_ids(&b.received()),
+            ["e-1"],
+            "not the event published before it was added ({:?})",
+            db.backend
+        );
+
+        // Added while running: its own delivery group starts.
+        put(&store, &endpoint("c", &c.url, &["*"], 2_000)).await;
+        eventually(WAIT, "the watcher started c's delivery group", || async {
+            watcher.started().await == 1 && w.endpoints.get("c").is_some()
+        })
+        .await;
+        // Changed while running: a's URL and subscription.
+        put(&store, &endpoint("a", &a2.url, &["order.cancelled"], 2_000)).await;
+        eventually(WAIT, "the refresh saw a's change", || async {
+            w.endpoints.get("a").is_some_and(|e| e.url == a2.url)
+        })
+        .await;
+        publish(&processor, &w.source, vec![order(2), cancellation(0)]).await;
+        eventually(WAIT, "c and b got e-2 and x-0; a2 got x-0", || async {
+            distinct_ids(&c.received()).len() == 2
+                && distinct_ids(&b.received()).len() == 3
+                && !a2.received().is_empty()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sorted_ids(&c.received()), ["e-2", "x-0"]);
+        assert_eq!(
+            sorted_ids(&a2.received()),
+            ["x-0"],
+            "new subscription, new URL"
+        );
+        assert_eq!(
+            sorted_ids(&a.received()),
+            ["e-0", "e-1"],
+            "old URL: nothing new"
+        );
+        watcher.stop().await;
+        processor.shutdown().await.unwrap();
+        for r in [&a, &a2, &b, &c] {
+            r.stop().await;
+        }
+    }
+}
+
+/// Rows with a bad URL, no event types or a bad name are reported (with
+/// the endpoint and the problem) and skipped, at start and while running;
+/// the good endpoint keeps getting its deliveries. The management path
+/// refuses such input before writing.
+#[actix_rt::test]
+async fn invalid_endpoint_rows_are_reported_and_skipped() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let store = store_for(&db).await;
+        let good = healthy().await;
+        put(&store, &endpoint("good", &good.url, &["*"], 2_000)).await;
+        put_raw(&store, "bad-url", "not a url", "*").await;
+        put_raw(&store, "no-types", &good.url, " , ").await;
+        put_raw(&store, "Bad Name", &good.url, "*").await;
+        let cache = EndpointCache::default();
+        let problems = cache.refresh(store.connection()).await.unwrap();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("`bad-url`") && p.contains("bad url `not a url`")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("`no-types`") && p.contains("event type")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("`Bad Name`")),
+            "{problems:?}"
+        );
+        let names: Vec<String> = cache.snapshot().iter().map(|e| e.name.clone()).collect();
+        assert_eq!(names, ["good"], "{:?}", db.backend);
+
+        let w = Wiring {
+            endpoints: cache,
+            ..table_wiring_no_check(&ctx)
+        };
+        let (processor, watcher) = start_watched(&ctx, &store, &w).await;
+        publish(&processor, &w.source, vec![order(0)]).await;
+        eventually(WAIT, "good got e-0", || async {
+            good.received().len() == 1
+        })
+        .await;
+        // One more bad row while running.
+        put_raw(&store, "later-bad", "ftp://example.com/hook", "*").await;
+        tokio::time::sleep(REFRESH * 3).await;
+        publish(&processor, &w.source, vec![order(1)]).await;
+        eventually(WAIT, "good got e-1", || async {
+            good.received().len() == 2
+        })
+        .await;
+        assert_eq!(watcher.started().await, 0, "no group for invalid rows");
+        assert!(w.endpoints.get("later-bad").is_none());
+        for bad in ["bad-url", "no-types", "later-bad"] {
+            assert_eq!(ctx.xlen(&delivery_stream(&w.source, bad)).await, 0, "{bad}");
+        }
+
+        // The management path checks before writing.
+        let err = webhooks::upsert_endpoint(
+            store.connection(),
+            &endpoint("typo", "htp//nowhere", &["*"], 1_000),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bad url"), "{err}");
+        let err =
+            webhooks::upsert_endpoint(store.connection(), &endpoint("none", &good.url, &[], 1_000))
+                .await
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("event type"), "{err}");
+        let (rows, _) = webhooks::load_endpoints(store.connection()).await.unwrap();
+        assert!(rows.iter().all(|e| e.name != "typo" && e.name != "none"));
+        watcher.stop().await;
+        processor.shutdown().await.unwrap();
+        good.stop().await;
+    }
+}
+
+fn table_wiring_no_check(ctx: &TestContext) -> Wiring {
+    Wiring {
+        source: ctx.stream("orders"),
+        endpoints: EndpointCache::default(),
+        policy: policy(3),
+        members: 1,
+        in_flight: 4,
+    }
+}
+
+#[test]
+fn event_types_are_a_comma_list_or_a_json_array() {
+    assert_eq!(
+        webhooks::parse_event_types(" order.created , order.cancelled ").unwrap(),
+        ["order.created", "order.cancelled"]
+    );
+    assert_eq!(webhooks::parse_event_types(r#"["*"]"#).unwrap(), ["*"]);
+    for bad in ["", " , ", "a,,b", "[]", "[1]", "[\"a\""] {
+        assert!(webhooks::parse_event_types(bad).is_err(), "`{bad}`");
+    }
+    let mut e = endpoint("e", "http://127.0.0.1:1/hook", &["*"], 1_000);
+    e.created_at_ms = 1_000;
+    assert!(e.wants(ORDER_CREATED, 1_000));
+    assert!(
+        !e.wants(ORDER_CREATED, 999),
+        "published before it was added"
+    );
+    e.enabled = false;
+    assert!(!e.wants(ORDER_CREATED, 2_000), "disabled");
 }
