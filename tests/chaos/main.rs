@@ -6,7 +6,7 @@
 //! or PostgreSQL database.
 //!
 //! ```text
-//! cargo test --test chaos                                   # CI tier
+//! cargo test --features failpoints --test chaos            # CI tier (crash points need the feature)
 //! CHAOS_TIER=soak cargo test --release --test chaos         # soak tier (or: -- --ignored soak)
 //! CHAOS_SEED=123 cargo test --test chaos f01                # replay a schedule
 //! CHAOS_REPORT=chaos.md cargo test --test chaos             # append the result rows to a file
