@@ -36,6 +36,8 @@ mod workload;
 mod f01_worker_kill;
 mod f02_crash_points;
 mod f03_panic;
+mod f17_bad_input;
+mod f18_duplicates_replay;
 mod f21_identity;
 mod f24_sigterm_loop;
 mod proxy;
