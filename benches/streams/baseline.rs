@@ -4,7 +4,7 @@
 //! `XREADGROUP … COUNT 100 BLOCK 2000`; one multi-id XACK per batch.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -12,17 +12,14 @@ use redis::streams::StreamReadReply;
 use redis::{AsyncConnectionConfig, Value};
 
 use crate::spec::{RunResult, Spec};
-use crate::workload::{self, BenchEvent, Latencies, Tally, now_us};
+use crate::workload::{self, BenchEvent, Progress, now_us};
 
 const GROUP: &str = "bench";
 const BATCH: u64 = 100;
 
 /// The state readers share.
 struct Shared {
-    tally: Tally,
-    latencies: Latencies,
-    acked: AtomicU64,
-    last_ack_us: AtomicU64,
+    progress: Progress,
     stop: AtomicBool,
 }
 
@@ -46,10 +43,7 @@ async fn run_async(spec: &Spec) -> anyhow::Result<RunResult> {
         .query_async(&mut conn)
         .await?;
     let shared = Arc::new(Shared {
-        tally: Tally::new(spec.events),
-        latencies: Latencies::default(),
-        acked: AtomicU64::new(0),
-        last_ack_us: AtomicU64::new(0),
+        progress: Progress::new(spec.events),
         stop: AtomicBool::new(false),
     });
     let block = Duration::from_millis(2000);
@@ -71,37 +65,16 @@ async fn run_async(spec: &Spec) -> anyhow::Result<RunResult> {
     let cpu_before = workload::redis_cpu_seconds(&mut conn).await;
     let start_us = now_us();
     publish(&mut conn, spec).await?;
-    let ceiling = crate::ceiling(spec);
-    let deadline = tokio::time::Instant::now() + ceiling;
-    while shared.acked.load(Relaxed) < spec.events {
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "only {} of {} acked within {ceiling:?}",
-                shared.acked.load(Relaxed),
-                spec.events
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let end_us = shared.last_ack_us.load(Relaxed);
+    shared.progress.wait_all_acked(spec).await?;
     let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
     shared.stop.store(true, Relaxed);
     for r in &readers {
         r.abort();
     }
     let pending_after = crate::pending_count(&mut conn, &spec.stream, GROUP).await?;
-    let seconds = end_us.saturating_sub(start_us) as f64 / 1e6;
-    Ok(RunResult {
-        events: spec.events,
-        seconds,
-        events_per_s: spec.events as f64 / seconds,
-        latency_ms: shared.latencies.percentiles(),
-        peak_rss_mib: workload::peak_rss_kib() as f64 / 1024.0,
-        redis_cpu_s: cpu_after - cpu_before,
-        check: shared.tally.check(),
-        pending_after,
-        error: None,
-    })
+    Ok(shared
+        .progress
+        .result(spec, start_us, cpu_after - cpu_before, pending_after))
 }
 
 /// Publishes every event: batches of 100 back to back, or paced.
@@ -158,7 +131,7 @@ async fn read_loop(
                     anyhow::bail!("entry {} has no data", entry.id);
                 };
                 let event: BenchEvent = serde_json::from_slice(data)?;
-                shared.tally.record(event.seq);
+                shared.progress.tally.record(event.seq);
                 sent.push(event.sent_us);
                 ids.push(entry.id);
             }
@@ -175,11 +148,11 @@ async fn read_loop(
         let now = now_us();
         if spec.track_latency {
             shared
+                .progress
                 .latencies
                 .extend(sent.iter().map(|s| now.saturating_sub(*s) as u32));
         }
-        shared.last_ack_us.fetch_max(now, Relaxed);
-        shared.acked.fetch_add(ids.len() as u64, Relaxed);
+        shared.progress.acked(ids.len() as u64, now);
     }
     Ok(())
 }

@@ -4,7 +4,6 @@
 //! operation.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,19 +17,16 @@ use redstream::{Broker, RedisBroker, StartFrom};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use crate::spec::{RunResult, Spec};
-use crate::workload::{self, BenchEvent, Latencies, Tally, now_us};
+use crate::workload::{self, BenchEvent, Progress, now_us};
 
 const GROUP: &str = "bench";
 const BATCH: u64 = 100;
 
 /// What the handler and the ack observer share.
 struct Probe {
-    tally: Tally,
-    latencies: Latencies,
+    progress: Progress,
     /// Publish time by entry id, from handling until the ack returns.
     sent: Vec<Mutex<HashMap<String, u64>>>,
-    acked: AtomicU64,
-    last_ack_us: AtomicU64,
     track_latency: bool,
 }
 
@@ -45,7 +41,7 @@ impl Probe {
     }
 
     fn handled(&self, event: &BenchEvent, entry_id: &str) {
-        self.tally.record(event.seq);
+        self.progress.tally.record(event.seq);
         if self.track_latency
             && let Ok(mut m) = self.shard(entry_id).lock()
         {
@@ -61,10 +57,9 @@ impl Probe {
                 .filter_map(|id| self.shard(id).lock().ok()?.remove(id))
                 .map(|sent| now.saturating_sub(sent) as u32)
                 .collect();
-            self.latencies.extend(lat);
+            self.progress.latencies.extend(lat);
         }
-        self.last_ack_us.fetch_max(now, Relaxed);
-        self.acked.fetch_add(n, Relaxed);
+        self.progress.acked(n, now);
     }
 }
 
@@ -102,11 +97,8 @@ fn settings(spec: &Spec) -> anyhow::Result<Settings> {
 async fn run_async(spec: Spec) -> anyhow::Result<RunResult> {
     let settings = settings(&spec)?;
     let probe = Arc::new(Probe {
-        tally: Tally::new(spec.events),
-        latencies: Latencies::default(),
+        progress: Progress::new(spec.events),
         sent: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-        acked: AtomicU64::new(0),
-        last_ack_us: AtomicU64::new(0),
         track_latency: spec.track_latency,
     });
     let redis = RedisBroker::connect(&settings.redis, "bench").await?;
@@ -152,35 +144,13 @@ async fn run_async(spec: Spec) -> anyhow::Result<RunResult> {
     let cpu_before = workload::redis_cpu_seconds(&mut conn).await;
     let start_us = now_us();
     publish(&producer, &spec).await?;
-    let ceiling = crate::ceiling(&spec);
-    let deadline = tokio::time::Instant::now() + ceiling;
-    while probe.acked.load(Relaxed) < spec.events {
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "only {} of {} acked within {ceiling:?} (handled {})",
-                probe.acked.load(Relaxed),
-                spec.events,
-                probe.tally.handled()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let end_us = probe.last_ack_us.load(Relaxed);
+    probe.progress.wait_all_acked(&spec).await?;
     let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
     processor.shutdown().await?;
     let pending_after = crate::pending_count(&mut conn, &spec.stream, GROUP).await?;
-    let seconds = end_us.saturating_sub(start_us) as f64 / 1e6;
-    Ok(RunResult {
-        events: spec.events,
-        seconds,
-        events_per_s: spec.events as f64 / seconds,
-        latency_ms: probe.latencies.percentiles(),
-        peak_rss_mib: workload::peak_rss_kib() as f64 / 1024.0,
-        redis_cpu_s: cpu_after - cpu_before,
-        check: probe.tally.check(),
-        pending_after,
-        error: None,
-    })
+    Ok(probe
+        .progress
+        .result(&spec, start_us, cpu_after - cpu_before, pending_after))
 }
 
 /// Publishes every event through the producer, in the baseline's batches.

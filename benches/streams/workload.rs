@@ -7,6 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
+use crate::spec::{RunResult, Spec};
+
 /// Bytes of each event's `data` field.
 pub const PAYLOAD_BYTES: usize = 100;
 
@@ -112,6 +114,72 @@ impl Latencies {
             f64::from(v[i]) / 1000.0
         };
         Some([at(0.50), at(0.99), at(0.999)])
+    }
+}
+
+/// What either side records while a run goes: which events were handled,
+/// how many acks returned and when, and the latencies.
+pub struct Progress {
+    pub tally: Tally,
+    pub latencies: Latencies,
+    acked: AtomicU64,
+    last_ack_us: AtomicU64,
+}
+
+impl Progress {
+    pub fn new(events: u64) -> Progress {
+        Progress {
+            tally: Tally::new(events),
+            latencies: Latencies::default(),
+            acked: AtomicU64::new(0),
+            last_ack_us: AtomicU64::new(0),
+        }
+    }
+
+    /// `n` entries were acked at `now_us`.
+    pub fn acked(&self, n: u64, now_us: u64) {
+        self.last_ack_us.fetch_max(now_us, Relaxed);
+        self.acked.fetch_add(n, Relaxed);
+    }
+
+    /// Waits until every event of the run is acked, or the run's ceiling.
+    pub async fn wait_all_acked(&self, spec: &Spec) -> anyhow::Result<()> {
+        let ceiling = crate::ceiling(spec);
+        let deadline = tokio::time::Instant::now() + ceiling;
+        while self.acked.load(Relaxed) < spec.events {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "only {} of {} acked within {ceiling:?} (handled {})",
+                    self.acked.load(Relaxed),
+                    spec.events,
+                    self.tally.handled()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    /// The run's result: from `start_us` to the last ack.
+    pub fn result(
+        &self,
+        spec: &Spec,
+        start_us: u64,
+        redis_cpu_s: f64,
+        pending_after: u64,
+    ) -> RunResult {
+        let seconds = self.last_ack_us.load(Relaxed).saturating_sub(start_us) as f64 / 1e6;
+        RunResult {
+            events: spec.events,
+            seconds,
+            events_per_s: spec.events as f64 / seconds,
+            latency_ms: self.latencies.percentiles(),
+            peak_rss_mib: peak_rss_kib() as f64 / 1024.0,
+            redis_cpu_s,
+            check: self.tally.check(),
+            pending_after,
+            error: None,
+        }
     }
 }
 
