@@ -9,7 +9,7 @@ use actix::prelude::*;
 
 use crate::actors::group::{GroupStopReport, GroupSupervisor, Lease, StopGroup};
 use crate::actors::producer::{Flush, ProducerActor, ProducerOptions, StatCounters};
-use crate::actors::scheduler::{SchedulerActor, SchedulerOptions, StopSchedule};
+use crate::actors::scheduler::{SchedulerActor, StopSchedule};
 use crate::actors::{GroupOptions, GroupRuntime};
 use crate::broker::{Broker, RedisBroker, ServerReport};
 use crate::error::{Error, Result};
@@ -408,21 +408,10 @@ impl ProcessorBuilder {
             .into_iter()
             .map(|s| {
                 let counters = Arc::new(ScheduleCounters::new(&s.name));
-                let addr = SchedulerActor::new(
-                    SchedulerOptions {
-                        name: Arc::clone(&s.name),
-                        stream: s.stream,
-                        cadence: s.cadence,
-                        job: s.job,
-                        run_at_start: s.run_at_start,
-                        timeout: s.timeout,
-                    },
-                    producer.clone(),
-                    Arc::clone(&counters),
-                )
-                .start();
+                let name = Arc::clone(&s.name);
+                let addr = SchedulerActor::new(s, producer.clone(), Arc::clone(&counters)).start();
                 ScheduleHandle {
-                    name: s.name,
+                    name,
                     addr,
                     counters,
                 }

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use crate::handler::panic_message;
 use crate::producer::Producer;
 use crate::schedule::{
-    Cadence, Job, ScheduleCounters, Tick, current_boundary, next_boundary, wall_ms,
+    Cadence, Job, Schedule, ScheduleCounters, Tick, current_boundary, next_boundary, wall_ms,
 };
 
 /// How one run ended.
@@ -92,19 +92,9 @@ pub(crate) async fn run_once(
     }
 }
 
-/// What a scheduler needs.
-pub(crate) struct SchedulerOptions {
-    pub(crate) name: Arc<str>,
-    pub(crate) stream: Arc<str>,
-    pub(crate) cadence: Cadence,
-    pub(crate) job: Arc<dyn Job>,
-    pub(crate) run_at_start: bool,
-    pub(crate) timeout: Option<Duration>,
-}
-
 /// Runs one schedule.
 pub(crate) struct SchedulerActor {
-    options: SchedulerOptions,
+    options: Schedule,
     producer: Producer,
     counters: Arc<ScheduleCounters>,
     running: bool,
@@ -119,7 +109,7 @@ pub(crate) struct SchedulerActor {
 
 impl SchedulerActor {
     pub(crate) fn new(
-        options: SchedulerOptions,
+        options: Schedule,
         producer: Producer,
         counters: Arc<ScheduleCounters>,
     ) -> Self {
