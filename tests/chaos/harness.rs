@@ -187,6 +187,20 @@ impl Chaos {
     /// Spawns a worker with `instance` name and `members` members; waits
     /// until it runs when `wait` is set.
     pub async fn spawn_worker(&mut self, instance: &str, members: usize, wait: bool) -> usize {
+        let w = self.start_worker(instance, members, wait, "start").await;
+        self.workers.push(w);
+        self.workers.len() - 1
+    }
+
+    /// Replaces worker `i` by a new process with the same names.
+    pub async fn respawn(&mut self, i: usize, members: usize, wait: bool) {
+        let instance = self.workers[i].instance.clone();
+        self.workers[i] = self.start_worker(&instance, members, wait, "restart").await;
+    }
+
+    /// A worker process with the scenario's environment, its pid sampled;
+    /// when `wait`, asserts it printed `started` within 30 s.
+    async fn start_worker(&self, instance: &str, members: usize, wait: bool, what: &str) -> Worker {
         let mut env = self.worker_env.clone();
         env.push(("CHAOS_MEMBERS".to_owned(), members.to_string()));
         let mut w = Worker::spawn(&env, instance, &self.log_dir);
@@ -198,35 +212,12 @@ impl Chaos {
             let ok = w.wait_started(Duration::from_secs(30)).await;
             assert!(
                 ok,
-                "worker {instance} did not start (seed {}): {}",
+                "worker {instance} did not {what} (seed {}): {}",
                 self.seed,
                 Worker::log_tail(&self.log_dir, instance, 20)
             );
         }
-        self.workers.push(w);
-        self.workers.len() - 1
-    }
-
-    /// Replaces worker `i` by a new process with the same names.
-    pub async fn respawn(&mut self, i: usize, members: usize, wait: bool) {
-        let instance = self.workers[i].instance.clone();
-        let mut env = self.worker_env.clone();
-        env.push(("CHAOS_MEMBERS".to_owned(), members.to_string()));
-        let mut w = Worker::spawn(&env, &instance, &self.log_dir);
-        self.pids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(w.pid());
-        if wait {
-            let ok = w.wait_started(Duration::from_secs(30)).await;
-            assert!(
-                ok,
-                "worker {instance} did not restart (seed {}): {}",
-                self.seed,
-                Worker::log_tail(&self.log_dir, &instance, 20)
-            );
-        }
-        self.workers[i] = w;
+        w
     }
 
     /// Logs how far into the scenario a phase is reached.
