@@ -258,6 +258,14 @@ fn db_error(e: sea_orm::DbErr) -> Rerun {
     unavailable(e)
 }
 
+/// Opens the batch's write transaction.
+async fn begin(store: &Store) -> std::result::Result<DatabaseTransaction, Rerun> {
+    store.begin_write().await.map_err(|e| match e {
+        Error::Database(db) => db_error(db),
+        other => unavailable(other),
+    })
+}
+
 /// One run of a batch: optimistic first, careful if some entry needs it.
 async fn attempt<H: TxHandler>(
     store: &Store,
@@ -281,10 +289,7 @@ async fn optimistic<H: TxHandler>(
     schema: &Schema,
     metas: &[Meta],
 ) -> std::result::Result<Option<Vec<Verdict>>, Rerun> {
-    let tx = store.begin_write().await.map_err(|e| match e {
-        Error::Database(db) => db_error(db),
-        other => unavailable(other),
-    })?;
+    let tx = begin(store).await?;
     let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(metas.len());
     let mut runnable = Vec::with_capacity(metas.len());
     for (i, meta) in metas.iter().enumerate() {
@@ -393,10 +398,7 @@ async fn careful<H: TxHandler>(
     schema: &Schema,
     metas: &[Meta],
 ) -> std::result::Result<Vec<Verdict>, Rerun> {
-    let tx = store.begin_write().await.map_err(|e| match e {
-        Error::Database(db) => db_error(db),
-        other => unavailable(other),
-    })?;
+    let tx = begin(store).await?;
     let mut verdicts = Vec::with_capacity(metas.len());
     let (mut committed, mut duplicates) = (0, 0);
     for meta in metas {
