@@ -51,6 +51,15 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// redstream / other side, per A-B pair.
+fn pair_ratios(ours: &[f64], theirs: &[f64]) -> Vec<f64> {
+    ours.iter()
+        .zip(theirs)
+        .filter(|(_, b)| **b > 0.0)
+        .map(|(a, b)| a / b)
+        .collect()
+}
+
 /// "median (min–max)".
 fn spread(v: &[f64], digits: usize) -> String {
     let (Some(m), Some(lo), Some(hi)) = (
@@ -192,12 +201,7 @@ impl Report {
                 let (other, ratio, target_text, met) = match target {
                     Target::RatioAtLeast(side, t) | Target::RatioAtMost(side, t) => {
                         let theirs = of(side, measure);
-                        let ratios: Vec<f64> = ours
-                            .iter()
-                            .zip(&theirs)
-                            .filter(|(_, b)| **b > 0.0)
-                            .map(|(a, b)| a / b)
-                            .collect();
+                        let ratios = pair_ratios(&ours, &theirs);
                         let r = median(ratios.clone());
                         let at_least = matches!(target, Target::RatioAtLeast(..));
                         let met = r.map(|r| if at_least { r >= t } else { r <= t });
@@ -222,12 +226,7 @@ impl Report {
                     ),
                     Target::None => {
                         let theirs = of(Side::Baseline, measure);
-                        let ratios: Vec<f64> = ours
-                            .iter()
-                            .zip(&theirs)
-                            .filter(|(_, b)| **b > 0.0)
-                            .map(|(a, b)| a / b)
-                            .collect();
+                        let ratios = pair_ratios(&ours, &theirs);
                         (
                             if theirs.is_empty() {
                                 String::new()
