@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::db::Backend;
 use crate::harness::{Chaos, SERIAL, Tier};
+use crate::worker::Worker;
 
 async fn run(backend: Backend, tier: Tier) {
     let _serial = SERIAL.lock().await;
@@ -28,12 +29,26 @@ async fn run(backend: Backend, tier: Tier) {
         let pause = c.jitter_ms(100, 500);
         tokio::time::sleep(pause).await;
         let i = rand::Rng::random_range(&mut c.rng, 0..3);
+        // A SIGTERM that lands before the worker installed its signal
+        // handler (while it connects and migrates) ends it by the default
+        // action; the stop under test is that of a running worker.
+        assert!(
+            c.workers[i].wait_started(Duration::from_secs(30)).await,
+            "worker did not restart (seed {})",
+            c.seed
+        );
         c.sample_rss_now();
         c.fault();
         let (took, clean) = c.workers[i].terminate(Duration::from_secs(15)).await;
         stop_times.push(took);
         if !clean {
             unclean += 1;
+            let instance = &c.workers[i].instance;
+            eprintln!(
+                "unclean stop of {instance}, exit {:?}:\n{}",
+                c.workers[i].exit_code(),
+                Worker::log_tail(&c.log_dir, instance, 20)
+            );
         }
         redelivered_after_clean += c.workers[i]
             .events("metrics")
