@@ -111,6 +111,13 @@ pub struct DatabaseSettings {
     /// SQLite: how long a writer waits for the write lock before the batch
     /// is retried as "database busy". Default 5000.
     pub busy_timeout_ms: u64,
+    /// Longest an exactly-once batch's transaction may take. Past it the
+    /// batch is abandoned (rolled back) and the database is asked whether
+    /// it answers: if not (a hung connection, a partition), the batch runs
+    /// again later and spends no attempt; if it does, the batch's entries
+    /// run one by one, and one that alone takes longer fails like a handler
+    /// error. Keep it above the slowest batch. Default 30000.
+    pub batch_timeout_ms: u64,
 }
 
 impl Default for DatabaseSettings {
@@ -121,6 +128,7 @@ impl Default for DatabaseSettings {
             acquire_timeout_ms: 5_000,
             batch_size: 100,
             busy_timeout_ms: 5_000,
+            batch_timeout_ms: 30_000,
         }
     }
 }
@@ -595,6 +603,11 @@ impl Settings {
         at_least(
             "database.max_connections",
             self.database.max_connections.into(),
+            1,
+        )?;
+        at_least(
+            "database.batch_timeout_ms",
+            self.database.batch_timeout_ms,
             1,
         )?;
         at_least("producer.batch_size", p.batch_size as u64, 1)?;

@@ -34,6 +34,14 @@
 //! is acked without a commit, and no entry's retry budget is used. A commit
 //! whose outcome is unknown is simply run again: the keys it may have
 //! committed make the second run a no-op.
+//!
+//! A run that takes longer than `database.batch_timeout_ms` is abandoned and
+//! rolled back, since a connection that lost its peer without a reset (a
+//! partition that drops packets) would otherwise hold the batch until TCP
+//! gives up. The database is then probed: if it does not answer, that is an
+//! outage as above; if it does, the batch itself is slow, and its entries
+//! run one by one, where one that alone passes the limit fails like a
+//! handler error (and spends an attempt).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -47,7 +55,7 @@ use sea_orm::sea_query::{Alias, InsertStatement, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
 use serde::de::DeserializeOwned;
 
-use super::Store;
+use super::{PROBE_TIMEOUT, Store};
 use crate::entry::{DecodeError, now_ms};
 use crate::error::{Error, Result, db_is_transient, is_transient_db_error};
 use crate::handler::{DynHandler, HandlerResult, Meta, Schema, Verdict, panic_message};
@@ -174,6 +182,9 @@ enum Rerun {
     /// `COMMIT` was refused for a reason that will not pass (a deferred
     /// constraint, say): one of the entries causes it.
     CommitRefused(String),
+    /// The run passed `database.batch_timeout_ms` while the database still
+    /// answers: one of the entries is too slow.
+    TooSlow(Duration),
 }
 
 /// Runs a batch until it commits, retrying while the database is
@@ -186,7 +197,7 @@ async fn run_batch<H: TxHandler>(
 ) -> Vec<Verdict> {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
-        match attempt(&store, handler.as_ref(), &schema, &metas).await {
+        match attempt_within_deadline(&store, handler.as_ref(), &schema, &metas).await {
             Ok(verdicts) => return verdicts,
             Err(Rerun::OwnershipLost) => {}
             Err(Rerun::CommitRefused(error)) if metas.len() == 1 => {
@@ -195,28 +206,25 @@ async fn run_batch<H: TxHandler>(
                     panicked: false,
                 }];
             }
+            Err(Rerun::TooSlow(limit)) if metas.len() == 1 => {
+                return vec![Verdict::Failed {
+                    error: format!(
+                        "the handler's transaction took longer than database.batch_timeout_ms ({} ms)",
+                        limit.as_millis()
+                    ),
+                    panicked: false,
+                }];
+            }
             Err(Rerun::CommitRefused(error)) => {
-                // Find the culprit: each entry in a transaction of its own,
-                // so its batch-mates are not held back by it.
-                if let Some(meta) = metas.first() {
-                    tracing::warn!(
-                        stream = meta.stream(),
-                        group = meta.group(),
-                        member = meta.member(),
-                        "the batch's commit was refused ({error}); running its entries one by one",
-                    );
-                }
-                let mut verdicts = Vec::with_capacity(metas.len());
-                for meta in &metas {
-                    let single = Box::pin(run_batch(
-                        store.clone(),
-                        Arc::clone(&handler),
-                        Arc::clone(&schema),
-                        vec![meta.clone()],
-                    ));
-                    verdicts.extend(single.await);
-                }
-                return verdicts;
+                let why = format!("the batch's commit was refused ({error})");
+                return one_by_one(store, handler, schema, metas, &why).await;
+            }
+            Err(Rerun::TooSlow(limit)) => {
+                let why = format!(
+                    "the batch took longer than database.batch_timeout_ms ({} ms) while the database answers",
+                    limit.as_millis()
+                );
+                return one_by_one(store, handler, schema, metas, &why).await;
             }
             Err(Rerun::Unavailable(error)) => {
                 store.count_retry();
@@ -242,6 +250,64 @@ async fn run_batch<H: TxHandler>(
             }
         }
     }
+}
+
+/// Runs each entry of a batch in a transaction of its own, so that the one
+/// that spoils the batch (`why`) fails alone and its batch-mates commit.
+async fn one_by_one<H: TxHandler>(
+    store: Store,
+    handler: Arc<H>,
+    schema: Arc<Schema>,
+    metas: Vec<Meta>,
+    why: &str,
+) -> Vec<Verdict> {
+    if let Some(meta) = metas.first() {
+        tracing::warn!(
+            stream = meta.stream(),
+            group = meta.group(),
+            member = meta.member(),
+            "{why}; running its entries one by one",
+        );
+    }
+    let mut verdicts = Vec::with_capacity(metas.len());
+    for meta in metas {
+        let single = Box::pin(run_batch(
+            store.clone(),
+            Arc::clone(&handler),
+            Arc::clone(&schema),
+            vec![meta],
+        ));
+        verdicts.extend(single.await);
+    }
+    verdicts
+}
+
+/// One run of a batch, abandoned (and so rolled back) if it takes longer than
+/// `database.batch_timeout_ms`. A run can hang on a connection that will
+/// never answer (a partition that drops packets): the probe then tells a
+/// database that does not answer (run again later, no attempt spent) from
+/// a batch that is too slow on its own.
+async fn attempt_within_deadline<H: TxHandler>(
+    store: &Store,
+    handler: &H,
+    schema: &Schema,
+    metas: &[Meta],
+) -> std::result::Result<Vec<Verdict>, Rerun> {
+    let limit = store.batch_timeout();
+    let Ok(result) = tokio::time::timeout(limit, attempt(store, handler, schema, metas)).await
+    else {
+        let probe_limit = limit.min(PROBE_TIMEOUT);
+        return match tokio::time::timeout(probe_limit, store.ping()).await {
+            Ok(Ok(())) => Err(Rerun::TooSlow(limit)),
+            Ok(Err(e)) => Err(unavailable(format!(
+                "the batch timed out after {limit:?} and the database does not answer: {e}"
+            ))),
+            Err(_) => Err(unavailable(format!(
+                "the batch timed out after {limit:?} and the database did not answer within {probe_limit:?}"
+            ))),
+        };
+    };
+    result
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Rerun {

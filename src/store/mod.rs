@@ -66,9 +66,15 @@ struct Inner {
     backend: DbBackend,
     counters: Counters,
     batch_size: usize,
+    /// Longest a batch's transaction may take (`database.batch_timeout_ms`).
+    batch_timeout: Duration,
     /// The URL without its password, for lease keys and logs.
     shown_url: String,
 }
+
+/// Longest the database may take to answer a probe: after a batch timed out,
+/// and when a PostgreSQL connection goes back to the pool.
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A database connection pool with redstream's tables migrated.
 ///
@@ -105,7 +111,13 @@ impl Store {
             .max_connections(settings.max_connections)
             .min_connections(1)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            // sqlx pings every connection as it goes back to the pool; one
+            // that was idle since is pinged again only after a while.
+            .test_before_acquire_if_idle_for(Duration::from_secs(30))
             .sqlx_logging(false);
+        if !settings.url.is_sqlite() {
+            options.map_sqlx_postgres_pool_opts(|o| o.after_release(close_if_hung));
+        }
         if settings.url.is_sqlite() {
             use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
             let busy = Duration::from_millis(settings.busy_timeout_ms);
@@ -117,28 +129,47 @@ impl Store {
             });
         }
         let db = Database::connect(options).await?;
-        Self::from_connection(db, settings.batch_size, settings.url.to_string()).await
+        let store = Self::wrap(
+            db,
+            settings.batch_size,
+            Duration::from_millis(settings.batch_timeout_ms),
+            settings.url.to_string(),
+        );
+        store.migrate().await?;
+        Ok(store)
     }
 
     /// Wraps an existing connection pool (for example the application's)
-    /// and runs the migrations on it.
+    /// and runs the migrations on it. Batches get the default
+    /// `database.batch_timeout_ms` (30 s).
     pub async fn from_connection(
         db: DatabaseConnection,
         batch_size: usize,
         shown_url: String,
     ) -> Result<Self> {
+        let batch_timeout = Duration::from_millis(DatabaseSettings::default().batch_timeout_ms);
+        let store = Self::wrap(db, batch_size, batch_timeout, shown_url);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    fn wrap(
+        db: DatabaseConnection,
+        batch_size: usize,
+        batch_timeout: Duration,
+        shown_url: String,
+    ) -> Self {
         let backend = db.get_database_backend();
-        let store = Store {
+        Store {
             inner: Arc::new(Inner {
                 db,
                 backend,
                 counters: Counters::default(),
                 batch_size: batch_size.max(1),
+                batch_timeout,
                 shown_url,
             }),
-        };
-        store.migrate().await?;
-        Ok(store)
+        }
     }
 
     /// Runs redstream's migrations, one process at a time (a PostgreSQL
@@ -211,6 +242,10 @@ impl Store {
         self.inner.batch_size
     }
 
+    pub(crate) fn batch_timeout(&self) -> Duration {
+        self.inner.batch_timeout
+    }
+
     /// Begins a transaction that takes SQLite's write lock at once (so two
     /// writers never deadlock upgrading a read lock).
     pub(crate) async fn begin_write(&self) -> Result<sea_orm::DatabaseTransaction> {
@@ -233,6 +268,23 @@ impl Store {
             .retried_batches
             .fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// A connection given back while a statement of its hangs (its batch timed
+/// out on a connection whose peer went silent) is closed, not pinged
+/// forever: otherwise it would hold its pool slot until TCP gives up, and a
+/// few such connections starve the pool after the database is back.
+fn close_if_hung(
+    conn: &mut sea_orm::sqlx::PgConnection,
+    _meta: sea_orm::sqlx::pool::PoolConnectionMetadata,
+) -> futures_util::future::BoxFuture<'_, std::result::Result<bool, sea_orm::sqlx::Error>> {
+    use sea_orm::sqlx::Connection;
+    Box::pin(async move {
+        Ok(matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, conn.ping()).await,
+            Ok(Ok(()))
+        ))
+    })
 }
 
 fn immediate() -> sea_orm::TransactionOptions {

@@ -21,6 +21,8 @@ struct Effects {
     panic_on: HashMap<u64, Vec<u32>>,
     /// Sleep inside the transaction (to make outages overlap a batch).
     work: Duration,
+    /// event number → sleep this long inside the transaction, on every attempt.
+    slow_on: HashMap<u64, Duration>,
 }
 
 impl Effects {
@@ -29,6 +31,7 @@ impl Effects {
             fail_on: HashMap::new(),
             panic_on: HashMap::new(),
             work: Duration::ZERO,
+            slow_on: HashMap::new(),
         }
     }
 }
@@ -59,6 +62,9 @@ impl TxHandler for Effects {
         tx.execute(&insert).await?;
         if !self.work.is_zero() {
             tokio::time::sleep(self.work).await;
+        }
+        if let Some(pause) = self.slow_on.get(&n) {
+            tokio::time::sleep(*pause).await;
         }
         if self
             .panic_on
@@ -255,7 +261,7 @@ async fn a_failing_entry_does_not_undo_its_batch_mates() {
         let handler = Effects {
             fail_on: HashMap::from([(5, vec![1]), (11, vec![1, 2])]),
             panic_on: HashMap::from([(8, vec![1])]),
-            work: Duration::ZERO,
+            ..Effects::plain()
         };
         // Publish before starting, so the 20 arrive in one read.
         let producer_only = Processor::builder(ctx.settings()).start().await.unwrap();
@@ -293,6 +299,72 @@ async fn a_failing_entry_does_not_undo_its_batch_mates() {
         let status = processor.group_status(&stream, "g").await.unwrap();
         assert_eq!(status.retried, 4, "{status:?}");
         assert_eq!(status.dead_lettered, 0);
+        processor.shutdown().await.unwrap();
+    }
+}
+
+/// A batch that passes `database.batch_timeout_ms` while the database
+/// answers is rolled back and its entries run one by one: the slow entry
+/// fails alone (spending its attempts, then dead-lettered with the reason)
+/// and its batch-mates commit at their first attempt.
+#[actix_rt::test]
+async fn an_entry_slower_than_the_batch_timeout_fails_alone() {
+    for db in TestDb::both().await {
+        let Some(ctx) = TestContext::new() else {
+            return;
+        };
+        let stream = ctx.stream("slow");
+        let mut settings = db.settings.clone();
+        settings.batch_timeout_ms = 1_000;
+        let store = Store::connect(&settings).await.unwrap();
+        create_effects_table(&store).await;
+        let handler = Effects {
+            slow_on: HashMap::from([(3, Duration::from_secs(3))]),
+            ..Effects::plain()
+        };
+        let mut c = ctx.conn().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&stream)
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        // Publish before starting, so the 10 arrive in one read.
+        let producer_only = Processor::builder(ctx.settings()).start().await.unwrap();
+        publish_numbers(&producer_only, &stream, 0..10).await;
+        producer_only.shutdown().await.unwrap();
+        let processor = Processor::builder(ctx.settings())
+            .group(
+                Group::transactional(&stream, "g", &store, handler).with_retry(
+                    RetryPolicy::default()
+                        .with_max_attempts(2)
+                        .with_initial_delay(Duration::from_millis(50)),
+                ),
+            )
+            .start()
+            .await
+            .unwrap();
+        let dlq = redstream::dead_letter_stream(&stream);
+        eventually(
+            Duration::from_secs(20),
+            "9 committed, 1 dead-lettered",
+            || async { ctx.xlen(&dlq).await == 1 && ctx.pending(&stream, "g").await == 0 },
+        )
+        .await;
+        let mut rows = effects(&store).await;
+        rows.sort();
+        let expected: Vec<(i64, i64)> = (0..10).filter(|n| *n != 3).map(|n| (n, 1)).collect();
+        assert_eq!(rows, expected, "{:?}", db.backend);
+        let letters = ctx.entries(&dlq).await;
+        let get = |k: &str| letters[0].1.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert!(
+            get("error").contains("database.batch_timeout_ms"),
+            "{letters:?}"
+        );
+        assert_eq!(get("attempts"), "2", "{letters:?}");
         processor.shutdown().await.unwrap();
     }
 }
