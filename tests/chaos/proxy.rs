@@ -37,6 +37,10 @@ pub enum Mode {
     /// connection, then cut it (an ambiguous write: the request may have
     /// reached the server, its answer never returns).
     SeverAfter(u64),
+    /// Forward everything, but cut a connection right after forwarding a
+    /// client → server chunk that contains these bytes (`b"COMMIT"`: the
+    /// server gets the commit, the client never hears whether it held).
+    SeverOn(&'static [u8]),
 }
 
 /// A proxy on a free loopback port, forwarding to `127.0.0.1:<upstream>`.
@@ -44,6 +48,8 @@ pub struct Proxy {
     /// The port clients connect to.
     pub port: u16,
     mode: watch::Sender<Mode>,
+    /// Connections cut by `SeverAfter` or `SeverOn`.
+    severed: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
     task: JoinHandle<()>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -57,14 +63,21 @@ impl Proxy {
         let upstream: SocketAddr = ([127, 0, 0, 1], upstream).into();
         let (mode, watcher) = watch::channel(Mode::Pass);
         let accepted = Arc::new(AtomicU64::new(0));
+        let severed = Arc::new(AtomicU64::new(0));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let task = tokio::spawn({
             let accepted = Arc::clone(&accepted);
             let connections = Arc::clone(&connections);
+            let severed = Arc::clone(&severed);
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     accepted.fetch_add(1, Ordering::Relaxed);
-                    let handle = tokio::spawn(serve(client, upstream, watcher.clone()));
+                    let handle = tokio::spawn(serve(
+                        client,
+                        upstream,
+                        watcher.clone(),
+                        Arc::clone(&severed),
+                    ));
                     if let Ok(mut c) = connections.lock() {
                         c.retain(|h| !h.is_finished());
                         c.push(handle);
@@ -75,6 +88,7 @@ impl Proxy {
         Proxy {
             port,
             mode,
+            severed,
             accepted,
             task,
             connections,
@@ -94,6 +108,11 @@ impl Proxy {
     /// Connections accepted so far (reconnects show here).
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections cut by `SeverAfter` or `SeverOn` so far.
+    pub fn severed(&self) -> u64 {
+        self.severed.load(Ordering::Relaxed)
     }
 
     /// A URL like `base` with its port replaced by the proxy's.
@@ -119,7 +138,12 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-async fn serve(client: TcpStream, upstream: SocketAddr, mut mode: watch::Receiver<Mode>) {
+async fn serve(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut mode: watch::Receiver<Mode>,
+    severed: Arc<AtomicU64>,
+) {
     let initial = *mode.borrow();
     match initial {
         Mode::Reset => return reset(client),
@@ -180,20 +204,26 @@ async fn serve(client: TcpStream, upstream: SocketAddr, mut mode: watch::Receive
                 if server_write.write_all(&up[..take]).await.is_err() {
                     return;
                 }
-                if let Some(b) = budget.as_mut() {
+                let spent = budget.as_mut().is_some_and(|b| {
                     *b -= take as u64;
-                    if *b == 0 {
-                        // Cut: the server got the bytes; the client never
-                        // hears back.
-                        if let (Ok(c), Ok(s)) = (
-                            client_read.reunite(client_write),
-                            server_read.reunite(server_write),
-                        ) {
-                            reset(c);
-                            drop(s);
-                        }
-                        return;
+                    *b == 0
+                });
+                let matched = match current {
+                    Mode::SeverOn(pattern) => up[..n].windows(pattern.len()).any(|w| w == pattern),
+                    _ => false,
+                };
+                if spent || matched {
+                    // Cut: the server got the bytes; the client never
+                    // hears back.
+                    severed.fetch_add(1, Ordering::Relaxed);
+                    if let (Ok(c), Ok(s)) = (
+                        client_read.reunite(client_write),
+                        server_read.reunite(server_write),
+                    ) {
+                        reset(c);
+                        drop(s);
                     }
+                    return;
                 }
             }
             n = server_read.read(&mut down) => {
@@ -309,8 +339,16 @@ mod tests {
             "cut after 2 bytes"
         );
 
+        proxy.set(Mode::SeverOn(b"ng"));
+        assert_eq!(
+            round_trip(proxy.port, quick).await,
+            None,
+            "cut after the chunk with the pattern"
+        );
+        assert_eq!(proxy.severed(), 2);
+
         proxy.set(Mode::Pass);
         assert!(round_trip(proxy.port, quick).await.is_some(), "recovers");
-        assert!(proxy.accepted() >= 6);
+        assert!(proxy.accepted() >= 7);
     }
 }
