@@ -14,7 +14,28 @@ pub fn worker_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let status = Command::new(env!("CARGO"))
+            let mut build = Command::new(env!("CARGO"));
+            // Cargo gives the test process its package's variables
+            // (`CARGO_MANIFEST_DIR`, `CARGO_PKG_…`); some build scripts (ring)
+            // track them, so passing them on would rebuild the dependencies
+            // here, and again at the next `cargo test`.
+            for (key, _) in std::env::vars_os() {
+                let key = key.to_string_lossy();
+                if [
+                    "CARGO_MANIFEST_",
+                    "CARGO_PKG_",
+                    "CARGO_CRATE_",
+                    "CARGO_BIN_",
+                    "CARGO_PRIMARY_",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .iter()
+                .any(|prefix| key.starts_with(prefix))
+                {
+                    build.env_remove(&*key);
+                }
+            }
+            let status = build
                 .args([
                     "build",
                     "--quiet",
