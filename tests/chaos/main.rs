@@ -40,6 +40,7 @@ mod f07_db_outage;
 mod f17_bad_input;
 mod f18_duplicates_replay;
 mod f21_identity;
+mod f21_unique_names;
 mod f24_sigterm_loop;
 mod proxy;
 mod redis_restart;
