@@ -23,7 +23,7 @@
 //! | `CHAOS_METRICS_MS` | period of the metrics line | 500 |
 //! | `CHAOS_OUTBOX` | `1`: each effect also writes an event to `<stream>:out` through the outbox, relayed by this process | off |
 //! | `CHAOS_UNIQUE_NAMES` | `1`: the instance name gets `-p<pid>` appended, so each process has its own member names | off |
-//! | `CHAOS_EXEC_LOG` | append one line per handler execution to this file: `seq pid member start_us end_us completed` (wall-clock µs; `completed` 0 when the handler was dropped, e.g. after its entry was taken over) | none |
+//! | `CHAOS_EXEC_LOG` | append a line to this file when a handler starts (`S seq pid member start_us`) and when it ends (`seq pid member start_us end_us completed`; wall-clock µs; `completed` 0 when the handler was dropped, e.g. after its entry was taken over) | none |
 //! | `CHAOS_CRASH_POINT`, `CHAOS_CRASH_AT` | abort the process the Nth time execution passes this crash point (needs the `failpoints` feature; see `redstream::failpoints`) | none, 1 |
 //!
 //! Every other setting (retry policy, timers) comes from `REDSTREAM__…`
@@ -95,6 +95,23 @@ struct Execution<'a> {
     completed: bool,
 }
 
+impl Execution<'_> {
+    fn started(&self) {
+        if let Some(path) = self.log {
+            append_line(
+                path,
+                &format!(
+                    "S {} {} {} {}\n",
+                    self.seq,
+                    std::process::id(),
+                    self.member,
+                    self.start_us
+                ),
+            );
+        }
+    }
+}
+
 impl Drop for Execution<'_> {
     fn drop(&mut self) {
         self.in_handler.fetch_sub(1, Ordering::SeqCst);
@@ -108,15 +125,19 @@ impl Drop for Execution<'_> {
             epoch_us(),
             u8::from(self.completed)
         );
-        // One write(2) per line on an O_APPEND file: lines from several
-        // processes do not interleave.
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = f.write_all(line.as_bytes());
-        }
+        append_line(path, &line);
+    }
+}
+
+/// One write(2) per line on an O_APPEND file: lines from several processes
+/// do not interleave.
+fn append_line(path: &std::path::Path, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
     }
 }
 
@@ -146,6 +167,7 @@ impl TxHandler for Ledger {
             start_us: epoch_us(),
             completed: false,
         };
+        execution.started();
         let result = self.apply(d, meta, tx, calls).await;
         execution.completed = true;
         result
