@@ -38,6 +38,7 @@ mod f02_crash_points;
 mod f03_panic;
 mod f07_db_outage;
 mod f12_zombie;
+mod f13_large_pel;
 mod f17_bad_input;
 mod f18_duplicates_replay;
 mod f21_identity;
