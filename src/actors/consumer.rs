@@ -482,13 +482,19 @@ impl Member {
         }
     }
 
-    /// Entries held longer than the heartbeat interval.
+    /// Entries to extend at this heartbeat tick: every entry held for half
+    /// an interval or more, so each is extended at every tick (at most one
+    /// interval apart, at most half of `min_idle`). Waiting for a whole
+    /// interval would skip an entry read just after a tick until the tick
+    /// after next: two intervals, up to `min_idle` itself, and the entry of
+    /// a live handler could be reclaimed. Entries already found lost (their
+    /// batch still running) are not asked about again.
     fn due_for_heartbeat(&mut self) -> Vec<String> {
-        let interval = self.runtime.options.heartbeat;
+        let due = self.runtime.options.heartbeat / 2;
         let now = Instant::now();
         self.held
             .iter_mut()
-            .filter(|(_, h)| now.duration_since(h.since) >= interval)
+            .filter(|(_, h)| !h.ownership.is_lost() && now.duration_since(h.since) >= due)
             .map(|(id, h)| {
                 h.since = now;
                 id.clone()
@@ -497,16 +503,20 @@ impl Member {
     }
 
     /// Another member took these over: drop their handlers, report nothing.
+    /// Each loss is logged and counted once.
     fn lose(&mut self, ids: Vec<String>) {
         for id in ids {
+            let Some(held) = self.held.get(&id) else {
+                continue;
+            };
+            if held.ownership.is_lost() {
+                continue;
+            }
             tracing::warn!(
                 stream = %self.info.stream, group = %self.info.group,
                 member = %self.info.member, entry_id = %id,
                 "entry was taken over by another member; dropping its handler before it commits",
             );
-            let Some(held) = self.held.get(&id) else {
-                continue;
-            };
             self.runtime.metrics.ownership_lost.increment(1);
             held.ownership.mark_lost();
             if held.in_batch {
