@@ -22,6 +22,8 @@
 //! | `CHAOS_SLEEP_MS` | sleep per event, inside the transaction | 0 |
 //! | `CHAOS_METRICS_MS` | period of the metrics line | 500 |
 //! | `CHAOS_OUTBOX` | `1`: each effect also writes an event to `<stream>:out` through the outbox, relayed by this process | off |
+//! | `CHAOS_UNIQUE_NAMES` | `1`: the instance name gets `-p<pid>` appended, so each process has its own member names | off |
+//! | `CHAOS_EXEC_LOG` | append a line to this file when a handler starts (`S seq pid member start_us`) and when it ends (`seq pid member start_us end_us completed`; wall-clock µs; `completed` 0 when the handler was dropped, e.g. after its entry was taken over) | none |
 //! | `CHAOS_CRASH_POINT`, `CHAOS_CRASH_AT` | abort the process the Nth time execution passes this crash point (needs the `failpoints` feature; see `redstream::failpoints`) | none, 1 |
 //!
 //! Every other setting (retry policy, timers) comes from `REDSTREAM__…`
@@ -69,6 +71,74 @@ struct Ledger {
     calls: Mutex<HashMap<i64, u32>>,
     in_handler: AtomicU64,
     max_overlap: AtomicU64,
+    /// `CHAOS_EXEC_LOG`: where each execution is recorded.
+    exec_log: Option<std::path::PathBuf>,
+}
+
+fn epoch_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
+}
+
+/// Records one handler execution in `CHAOS_EXEC_LOG` when dropped, whether
+/// the handler finished or its future was dropped midway.
+/// Also leaves the in-handler count, so a dropped handler does not inflate
+/// `max_overlap`.
+struct Execution<'a> {
+    in_handler: &'a AtomicU64,
+    log: Option<&'a std::path::Path>,
+    seq: i64,
+    member: String,
+    start_us: u128,
+    completed: bool,
+}
+
+impl Execution<'_> {
+    fn started(&self) {
+        if let Some(path) = self.log {
+            append_line(
+                path,
+                &format!(
+                    "S {} {} {} {}\n",
+                    self.seq,
+                    std::process::id(),
+                    self.member,
+                    self.start_us
+                ),
+            );
+        }
+    }
+}
+
+impl Drop for Execution<'_> {
+    fn drop(&mut self) {
+        self.in_handler.fetch_sub(1, Ordering::SeqCst);
+        let Some(path) = self.log else { return };
+        let line = format!(
+            "{} {} {} {} {} {}\n",
+            self.seq,
+            std::process::id(),
+            self.member,
+            self.start_us,
+            epoch_us(),
+            u8::from(self.completed)
+        );
+        append_line(path, &line);
+    }
+}
+
+/// One write(2) per line on an O_APPEND file: lines from several processes
+/// do not interleave.
+fn append_line(path: &std::path::Path, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 /// Whether `seq` is in the failing share: a fixed hash, so every process
@@ -89,8 +159,17 @@ impl TxHandler for Ledger {
         };
         let now = self.in_handler.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_overlap.fetch_max(now, Ordering::SeqCst);
+        let mut execution = Execution {
+            in_handler: &self.in_handler,
+            log: self.exec_log.as_deref(),
+            seq: d.seq,
+            member: meta.member().to_owned(),
+            start_us: epoch_us(),
+            completed: false,
+        };
+        execution.started();
         let result = self.apply(d, meta, tx, calls).await;
-        self.in_handler.fetch_sub(1, Ordering::SeqCst);
+        execution.completed = true;
         result
     }
 }
@@ -201,6 +280,9 @@ async fn run() -> Result<(), AnyError> {
     if let Ok(name) = std::env::var("CHAOS_INSTANCE") {
         settings.instance.name = name;
     }
+    if env_or("CHAOS_UNIQUE_NAMES", 0u8) == 1 {
+        settings.instance.name = format!("{}-p{}", settings.instance.name, std::process::id());
+    }
     let stream: String = env_or("CHAOS_STREAM", "chaos".to_owned());
     let group: String = env_or("CHAOS_GROUP", "ledger".to_owned());
     let members: usize = env_or("CHAOS_MEMBERS", 2);
@@ -217,6 +299,7 @@ async fn run() -> Result<(), AnyError> {
         calls: Mutex::new(HashMap::new()),
         in_handler: AtomicU64::new(0),
         max_overlap: AtomicU64::new(0),
+        exec_log: std::env::var_os("CHAOS_EXEC_LOG").map(std::path::PathBuf::from),
     });
     let period = Duration::from_millis(env_or("CHAOS_METRICS_MS", 500));
 

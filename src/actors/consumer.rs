@@ -184,8 +184,6 @@ struct Held {
     abort: Option<AbortHandle>,
     /// Runs in a batch: losing it must not abort its batch-mates.
     in_batch: bool,
-    /// When it was read or last heartbeated.
-    since: Instant,
     ownership: Ownership,
 }
 
@@ -258,7 +256,6 @@ impl Member {
             Held {
                 abort: None,
                 in_batch: false,
-                since: Instant::now(),
                 ownership: Ownership::default(),
             },
         );
@@ -338,7 +335,6 @@ impl Member {
             Held {
                 abort: Some(abort),
                 in_batch: false,
-                since: Instant::now(),
                 ownership,
             },
         );
@@ -381,7 +377,6 @@ impl Member {
                 Held {
                     abort: Some(abort.clone()),
                     in_batch: true,
-                    since: Instant::now(),
                     ownership,
                 },
             );
@@ -482,31 +477,36 @@ impl Member {
         }
     }
 
-    /// Entries held longer than the heartbeat interval.
-    fn due_for_heartbeat(&mut self) -> Vec<String> {
-        let interval = self.runtime.options.heartbeat;
-        let now = Instant::now();
+    /// Entries to extend at this heartbeat tick: every entry held, so each
+    /// is extended at every tick, at most one interval (half of `min_idle`)
+    /// apart. Extending only entries held a whole interval skipped an entry
+    /// read, or moved from the queue to a handler, just after a tick until
+    /// the tick after next: two intervals, up to `min_idle` itself, and the
+    /// entry of a live handler could be reclaimed. Entries already found lost
+    /// (their batch still running) are not asked about again.
+    fn due_for_heartbeat(&self) -> Vec<String> {
         self.held
-            .iter_mut()
-            .filter(|(_, h)| now.duration_since(h.since) >= interval)
-            .map(|(id, h)| {
-                h.since = now;
-                id.clone()
-            })
+            .iter()
+            .filter(|(_, h)| !h.ownership.is_lost())
+            .map(|(id, _)| id.clone())
             .collect()
     }
 
     /// Another member took these over: drop their handlers, report nothing.
+    /// Each loss is logged and counted once.
     fn lose(&mut self, ids: Vec<String>) {
         for id in ids {
+            let Some(held) = self.held.get(&id) else {
+                continue;
+            };
+            if held.ownership.is_lost() {
+                continue;
+            }
             tracing::warn!(
                 stream = %self.info.stream, group = %self.info.group,
                 member = %self.info.member, entry_id = %id,
                 "entry was taken over by another member; dropping its handler before it commits",
             );
-            let Some(held) = self.held.get(&id) else {
-                continue;
-            };
             self.runtime.metrics.ownership_lost.increment(1);
             held.ownership.mark_lost();
             if held.in_batch {
