@@ -43,11 +43,11 @@ async fn run(backend: Backend, tier: Tier) {
         stop_times.push(took);
         if !clean {
             unclean += 1;
-            let instance = &c.workers[i].instance;
+            let instance = c.workers[i].instance.clone();
             eprintln!(
                 "unclean stop of {instance}, exit {:?}:\n{}",
                 c.workers[i].exit_code(),
-                Worker::log_tail(&c.log_dir, instance, 20)
+                Worker::log_tail(&c.log_dir, &instance, 20)
             );
         }
         redelivered_after_clean += c.workers[i]
