@@ -37,6 +37,7 @@ mod f01_worker_kill;
 mod f02_crash_points;
 mod f03_panic;
 mod f07_db_outage;
+mod f16_group_race;
 mod f17_bad_input;
 mod f18_duplicates_replay;
 mod f21_identity;
