@@ -40,6 +40,7 @@ mod f07_db_outage;
 mod f16_group_race;
 mod f17_bad_input;
 mod f18_duplicates_replay;
+mod f19_flood;
 mod f21_identity;
 mod f24_sigterm_loop;
 mod proxy;
