@@ -20,6 +20,7 @@
 //! | `CHAOS_FAIL_PCT`, `CHAOS_FAIL_FIRST` | this % of events (by seq) fail their first N attempts | 0, 0 |
 //! | `CHAOS_PANIC_SEQ` | the event with this seq panics on every attempt | none |
 //! | `CHAOS_SLEEP_MS` | sleep per event, inside the transaction | 0 |
+//! | `CHAOS_SLEEP_FOR_MS` | apply that sleep only this long after start-up (a consumer that is slow, then catches up) | always |
 //! | `CHAOS_METRICS_MS` | period of the metrics line | 500 |
 //! | `CHAOS_OUTBOX` | `1`: each effect also writes an event to `<stream>:out` through the outbox, relayed by this process | off |
 //! | `CHAOS_UNIQUE_NAMES` | `1`: the instance name gets `-p<pid>` appended, so each process has its own member names | off |
@@ -67,6 +68,8 @@ struct Ledger {
     fail_first: u32,
     panic_seq: Option<i64>,
     sleep: Duration,
+    /// The sleep applies until then (`None`: always).
+    sleep_until: Option<std::time::Instant>,
     /// Calls per seq in this process (attempts seen here).
     calls: Mutex<HashMap<i64, u32>>,
     in_handler: AtomicU64,
@@ -191,7 +194,11 @@ impl Ledger {
         if in_failing_share(d.seq, self.fail_pct) && meta.attempt() <= self.fail_first {
             return Err(format!("injected failure, attempt {}", meta.attempt()).into());
         }
-        if !self.sleep.is_zero() {
+        if !self.sleep.is_zero()
+            && self
+                .sleep_until
+                .is_none_or(|until| std::time::Instant::now() < until)
+        {
             tokio::time::sleep(self.sleep).await;
         }
         // balance = balance + amount, on the member's own account (one row
@@ -296,6 +303,10 @@ async fn run() -> Result<(), AnyError> {
             .ok()
             .and_then(|v| v.parse().ok()),
         sleep: Duration::from_millis(env_or("CHAOS_SLEEP_MS", 0)),
+        sleep_until: std::env::var("CHAOS_SLEEP_FOR_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(|ms| std::time::Instant::now() + Duration::from_millis(ms)),
         calls: Mutex::new(HashMap::new()),
         in_handler: AtomicU64::new(0),
         max_overlap: AtomicU64::new(0),

@@ -318,6 +318,7 @@ impl ProcessorBuilder {
             if created {
                 tracing::info!(stream = %group.stream, group = %group.group, "created consumer group");
             }
+            let budget = crate::actors::budget::ReadBudget::new(options.max_pending);
             runtimes.push(Arc::new(GroupRuntime {
                 metrics: GroupMetrics::new(&group.stream, &group.group),
                 broker: Arc::clone(&broker),
@@ -328,6 +329,7 @@ impl ProcessorBuilder {
                 read_turns: Arc::new(tokio::sync::Semaphore::new(
                     settings.consumer.blocked_readers,
                 )),
+                budget,
             }));
         }
 

@@ -654,24 +654,35 @@ async fn member_loop(parts: LoopParts) -> Exit {
     let mut stop_reply: Option<oneshot::Sender<Vec<String>>> = None;
     let mut failure: Option<Exit> = None;
 
+    // Room reserved in the group's read budget for the new-entries read in
+    // progress (`max_pending`).
+    let mut reserved = 0usize;
+
     loop {
         member.fill();
         let stopping = deadline.is_some();
-        if read_fut.is_none()
-            && !stopping
-            && !paused
-            && member.wants_read()
-            && let Some(r) = reader.take()
-        {
-            let count = member.free().clamp(1, opts.count);
+        // Nothing to read until the group's pending list has room again.
+        let mut starved = false;
+        if read_fut.is_none() && !stopping && !paused && reader.is_some() && member.wants_read() {
+            let want = member.free().clamp(1, opts.count);
             let from = member.source.clone();
-            read_fut = Some(Box::pin(read_once(
-                Arc::clone(&runtime),
-                r,
-                from,
-                count,
-                Arc::clone(&stop_flag),
-            )));
+            let count = if from == ReadFrom::New {
+                reserved = runtime.budget.reserve(want);
+                reserved
+            } else {
+                want
+            };
+            if count == 0 {
+                starved = true;
+            } else if let Some(r) = reader.take() {
+                read_fut = Some(Box::pin(read_once(
+                    Arc::clone(&runtime),
+                    r,
+                    from,
+                    count,
+                    Arc::clone(&stop_flag),
+                )));
+            }
         }
         if stopping && read_fut.is_none() && member.idle() {
             break;
@@ -705,9 +716,13 @@ async fn member_loop(parts: LoopParts) -> Exit {
                     member.finish(more);
                 }
             }
+            () = runtime.budget.freed(), if starved => {}
             (r, from, result) = async { match read_fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if read_fut.is_some() => {
                 read_fut = None;
                 reader = Some(r);
+                // Entries read stay counted until they are settled.
+                let got = result.as_ref().map_or(0, Vec::len);
+                runtime.budget.release(std::mem::take(&mut reserved).saturating_sub(got));
                 match result {
                     Ok(entries) if stopping => {
                         // Read just before the stop took effect: give back.
@@ -754,6 +769,7 @@ async fn member_loop(parts: LoopParts) -> Exit {
                 // A read still blocked after the unblock is dropped with its
                 // connection; anything it was handed stays pending for us.
                 read_fut = None;
+                runtime.budget.release(std::mem::take(&mut reserved));
                 deadline = Some(far);
             }
         }

@@ -249,6 +249,7 @@ impl GroupSupervisor {
             match result {
                 Ok(_) => {
                     act.counters.acked += ids.len() as u64;
+                    act.runtime.budget.release(ids.len());
                     act.ack_backoff.reset();
                     act.flush_acks(ctx);
                 }
@@ -292,6 +293,8 @@ impl GroupSupervisor {
             match result {
                 Ok(()) => {
                     act.counters.retried += n as u64;
+                    // Waiting for a retry does not count against max_pending.
+                    act.runtime.budget.release(n);
                     if let Some(r) = &act.reclaimer {
                         let wait = Duration::from_millis(earliest.saturating_sub(now_ms()));
                         r.do_send(RetryDueAt(Instant::now() + wait));
@@ -351,6 +354,7 @@ impl GroupSupervisor {
         ctx.spawn(fut.into_actor(self).map(|(written, failed, error), act, _ctx| {
             act.writes_in_flight -= 1;
             act.counters.dead_lettered += written.len() as u64;
+            act.runtime.budget.release(written.len());
             act.runtime.metrics.dead_lettered.increment(written.len() as u64);
             let rt = Arc::clone(&act.runtime);
             let (stream, group) = (&*rt.stream, &*rt.group);
@@ -508,13 +512,15 @@ impl GroupSupervisor {
         }
         self.checking_pending = true;
         let rt = Arc::clone(&self.runtime);
+        let mark = rt.budget.mark();
         let fut = async move { rt.broker.pending_summary(&rt.stream, &rt.group).await };
         ctx.spawn(
             fut.into_actor(self)
-                .map(|result: Result<PendingSummary>, act, ctx| {
+                .map(move |result: Result<PendingSummary>, act, ctx| {
                     act.checking_pending = false;
                     match result {
                         Ok(summary) => {
+                            act.runtime.budget.rebase(mark, summary.active());
                             act.apply_backpressure(&summary, ctx);
                             act.record_gauges(&summary);
                             act.last_pending = Some(summary);
@@ -699,9 +705,11 @@ impl Actor for GroupSupervisor {
         // Check the pending list before the first read, so a group already
         // over its bound starts paused.
         let rt = Arc::clone(&self.runtime);
+        let mark = rt.budget.mark();
         let first_check = async move { rt.broker.pending_summary(&rt.stream, &rt.group).await };
-        ctx.wait(first_check.into_actor(self).map(|result, act, ctx| {
+        ctx.wait(first_check.into_actor(self).map(move |result, act, ctx| {
             if let Ok(summary) = result {
+                act.runtime.budget.rebase(mark, summary.active());
                 act.apply_backpressure(&summary, ctx);
                 act.last_pending = Some(summary);
             }

@@ -18,6 +18,7 @@
 //! is the plain async function [`crate::handler::run`], and the member's
 //! read loop is the plain async function [`consumer::member_loop`].
 
+pub(crate) mod budget;
 pub(crate) mod consumer;
 pub(crate) mod group;
 pub(crate) mod producer;
@@ -47,6 +48,9 @@ pub(crate) struct GroupRuntime {
     /// Turns at a blocking read (`consumer.blocked_readers`), shared by the
     /// group's members.
     pub(crate) read_turns: Arc<tokio::sync::Semaphore>,
+    /// Room for new reads below `consumer.max_pending`, shared by the
+    /// group's members in this process.
+    pub(crate) budget: budget::ReadBudget,
 }
 
 /// A group's settings after defaults and overrides are resolved.

@@ -420,3 +420,60 @@ async fn reading_pauses_above_the_pending_bound_and_resumes_below_it() {
     assert!(!processor.group_status(&stream, "g").await.unwrap().paused);
     processor.shutdown().await.unwrap();
 }
+
+/// Between two pending checks, members do not read past the pending bound:
+/// a slow handler with plenty of in-flight room and a backlog keeps the
+/// pending list within `max_pending` (RELIABILITY.md F19).
+#[actix_rt::test]
+async fn reads_between_pending_checks_stay_within_the_pending_bound() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("bounded-between-checks");
+    let mut c = ctx.conn().await;
+    for i in 0..300 {
+        let data = serde_json::to_string(&order(i)).unwrap();
+        let _: String = c.xadd(&stream, "*", &[("data", data)]).await.unwrap();
+    }
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&handled);
+    let handler = handler_fn(move |_order: OrderCreated, _meta: Meta| {
+        let counter = Arc::clone(&counter);
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(Outcome::Ack)
+        }
+    });
+    let mut settings = ctx.settings();
+    // Checks far apart: only the read budget holds the members back.
+    settings.consumer.pending_check_ms = 60_000;
+    settings.consumer.count = 10;
+    settings.consumer.in_flight = 100;
+    let processor = Processor::builder(settings)
+        .group(
+            Group::new(&stream, "g", handler)
+                .with_members(2)
+                .with_max_pending(20),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut max_pending = 0;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        max_pending = max_pending.max(ctx.pending(&stream, "g").await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        max_pending <= 20,
+        "{max_pending} pending with max_pending 20"
+    );
+    // Acks free the room: reading went on all the while.
+    assert!(
+        handled.load(std::sync::atomic::Ordering::SeqCst) > 40,
+        "handled {}",
+        handled.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    processor.shutdown().await.unwrap();
+}

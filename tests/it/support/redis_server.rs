@@ -139,6 +139,52 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// A simulated OS crash under `appendfsync everysec`: SIGKILL, then cut
+    /// the last `k` bytes off the newest incremental AOF file
+    /// (`appendonlydir/*.incr.aof`, Redis 7 multi-part AOF), standing in for
+    /// the page cache the kernel never wrote, then start again on the same
+    /// directory. Returns (file, bytes cut, its length before).
+    pub fn crash_truncating_aof(&mut self, k: u64) -> (PathBuf, u64, u64) {
+        self.stop(Stop::Kill9);
+        let file = self.newest_incr_aof();
+        let len = std::fs::metadata(&file).expect("incr AOF metadata").len();
+        let cut = k.min(len);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_len(len - cut))
+            .expect("truncate the incr AOF");
+        self.spawn();
+        (file, cut, len)
+    }
+
+    /// The incremental AOF file Redis appends to now: the highest sequence
+    /// number among `appendonlydir/<name>.<seq>.incr.aof`.
+    fn newest_incr_aof(&self) -> PathBuf {
+        let dir = self.dir.path().join("appendonlydir");
+        std::fs::read_dir(&dir)
+            .expect("appendonlydir (AOF on?)")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| {
+                let name = p.file_name()?.to_str()?.to_owned();
+                let seq: u64 = name
+                    .strip_suffix(".incr.aof")?
+                    .rsplit('.')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((seq, p))
+            })
+            .max_by_key(|(seq, _)| *seq)
+            .map(|(_, p)| p)
+            .expect("an incr AOF file")
+    }
+
+    /// The server's log (`redis.log` in its directory).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
     /// Sends a signal (e.g. "STOP", "CONT") to the server process.
     pub fn signal(&self, signal: &str) {
         if let Some(child) = &self.child {
