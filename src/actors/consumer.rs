@@ -777,6 +777,14 @@ async fn member_loop(parts: LoopParts) -> Exit {
         if let Some(error) = member.panic.take() {
             if deadline.is_none() {
                 deadline = Some(Instant::now() + opts.shutdown_deadline);
+                // Stop reading at once, so the restart does not wait for a
+                // blocked read to time out.
+                stop_flag.store(true, Ordering::Release);
+                if read_fut.is_some()
+                    && let Some(token) = unblock_token
+                {
+                    let _ = runtime.broker.unblock(token).await;
+                }
             }
             failure.get_or_insert(Exit::HandlerPanicked(error));
         }

@@ -65,11 +65,23 @@ async fn a_handler_panic_restarts_its_consumer_and_the_entry_is_handled_later() 
         ctx.pending(&stream, "g").await == 0
     })
     .await;
-    let status = processor.group_status(&stream, "g").await.unwrap();
-    // The member that ran the panicking handler was restarted; its sibling
-    // was not.
+    // The member that ran the panicking handler is restarted (once its
+    // other handlers finished); its sibling is not.
     let seven = tally.lock().unwrap()[&7].clone();
     let crashed = &seven[0].1;
+    eventually(
+        Duration::from_secs(5),
+        "the crashed member restarted",
+        || async {
+            let status = processor.group_status(&stream, "g").await.unwrap();
+            status
+                .members
+                .iter()
+                .any(|m| &m.name == crashed && m.restarts > 0)
+        },
+    )
+    .await;
+    let status = processor.group_status(&stream, "g").await.unwrap();
     let by_name: HashMap<&str, u64> = status
         .members
         .iter()
