@@ -111,9 +111,6 @@ impl Store {
             .max_connections(settings.max_connections)
             .min_connections(1)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
-            // sqlx pings every connection as it goes back to the pool; one
-            // that was idle since is pinged again only after a while.
-            .test_before_acquire_if_idle_for(Duration::from_secs(30))
             .sqlx_logging(false);
         if !settings.url.is_sqlite() {
             options.map_sqlx_postgres_pool_opts(|o| o.after_release(close_if_hung));
