@@ -351,7 +351,8 @@ pub struct ConsumerSettings {
     pub count: usize,
     /// How long a read blocks waiting for new entries. Default 2000.
     pub block_ms: u64,
-    /// Most handlers running at once per member. Default 100.
+    /// Most entries a member holds at once (running or queued; a batch of
+    /// an exactly-once handler counts each of its entries). Default 100.
     pub in_flight: usize,
     /// A group stops reading while its pending entries (not counting those
     /// waiting for a retry) are above this; 0 means no bound. Default 10000.

@@ -219,9 +219,10 @@ impl Member {
         self.runtime.options.in_flight
     }
 
+    /// Room for more entries: `in_flight` counts entries held (running or
+    /// queued), not handler futures, so a batch of 100 fills 100 places.
     fn free(&self) -> usize {
-        self.capacity()
-            .saturating_sub(self.running.len() + self.queued.len())
+        self.capacity().saturating_sub(self.held.len())
     }
 
     /// Whether to issue a read now: enough room for a worthwhile batch.
