@@ -76,6 +76,10 @@ struct Inner {
 /// and when a PostgreSQL connection goes back to the pool.
 pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long start-up waits for a busy or unreachable database to run the
+/// migrations.
+const MIGRATE_PATIENCE: Duration = Duration::from_secs(30);
+
 /// A database connection pool with redstream's tables migrated.
 ///
 /// ```no_run
@@ -170,8 +174,32 @@ impl Store {
     }
 
     /// Runs redstream's migrations, one process at a time (a PostgreSQL
-    /// advisory lock, or SQLite's write lock).
+    /// advisory lock, or SQLite's write lock). A database that is busy (a
+    /// writer of another process holding SQLite's lock) or briefly
+    /// unreachable is retried with a backoff for up to 30 s before start-up
+    /// fails.
     pub async fn migrate(&self) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut backoff =
+            crate::outcome::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            match self.migrate_once().await {
+                Err(Error::Database(e))
+                    if crate::error::db_is_transient(&e)
+                        && started.elapsed() < MIGRATE_PATIENCE =>
+                {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        "migrations: the database is busy or unavailable ({e}); trying again in {delay:?}"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn migrate_once(&self) -> Result<()> {
         let db = &self.inner.db;
         match self.inner.backend {
             DbBackend::Postgres => {

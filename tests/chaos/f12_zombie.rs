@@ -258,9 +258,10 @@ async fn zombie(backend: Backend) {
     // running, and SQLite writers do not queue behind each other for long.
     c.set_env("REDSTREAM__CONSUMER__COUNT", 2);
     c.set_env("REDSTREAM__CONSUMER__IN_FLIGHT", 2);
-    let z = c.spawn_worker("f12a-zombie", 1, true).await;
-    let h = c.spawn_worker("f12a-healthy", 1, true).await;
-    let zombie_member = "f12a-zombie-0";
+    let instances = ["f12a-a", "f12a-b"];
+    for name in instances {
+        c.spawn_worker(name, 1, true).await;
+    }
     reset_stats(&c).await;
     c.start_sampler();
     let (pel, pel_task) = sample_pel(&c);
@@ -270,24 +271,31 @@ async fn zombie(backend: Backend) {
         .await
         .expect("producer");
 
-    // Stop the zombie while one of its handlers runs (it sleeps 400 ms per
-    // entry inside the transaction) and it holds entries.
-    let zombie_pid = c.workers[z].pid();
+    // Stop a worker while one of its handlers runs (it sleeps 400 ms per
+    // entry inside the transaction) and it holds entries: that one is the
+    // zombie. Either may be: on SQLite a writer that keeps the write lock
+    // can starve the other for many seconds (the lock is not fair).
     let wait = Instant::now();
-    let mut held = Vec::new();
-    while wait.elapsed() < Duration::from_secs(10) {
-        if running_in(&exec_log, zombie_pid) {
-            held = pending_of(&c, zombie_member).await;
-            if !held.is_empty() {
-                break;
+    let mut caught = None;
+    while caught.is_none() && wait.elapsed() < Duration::from_secs(20) {
+        for (i, name) in instances.iter().enumerate() {
+            if running_in(&exec_log, c.workers[i].pid()) {
+                let held = pending_of(&c, &format!("{name}-0")).await;
+                if !held.is_empty() {
+                    caught = Some((i, held));
+                    break;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(
-        !held.is_empty(),
-        "the zombie never held an entry mid-handler"
-    );
+    let Some((z, held)) = caught else {
+        panic!("no worker held an entry mid-handler (seed {})", c.seed);
+    };
+    let h = 1 - z;
+    let zombie_member = format!("{}-0", instances[z]);
+    let zombie_member = zombie_member.as_str();
+    let zombie_pid = c.workers[z].pid();
     c.fault();
     let stopped_at_us = epoch_us();
     signal(zombie_pid, "STOP");
@@ -324,7 +332,7 @@ async fn zombie(backend: Backend) {
     let heartbeats = command_calls(&c, "xclaim").await;
     let log = std::mem::take(&mut *pel.lock().unwrap_or_else(|e| e.into_inner()));
     let taken_back = log.taken_back();
-    let took_over = Path::new(&c.log_dir).join("f12a-zombie.log");
+    let took_over = Path::new(&c.log_dir).join(format!("{}.log", instances[z]));
     let lost_warnings = std::fs::read_to_string(&took_over)
         .unwrap_or_default()
         .matches("taken over by another member")
