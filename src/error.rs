@@ -205,6 +205,18 @@ pub(crate) fn db_is_transient(e: &sea_orm::DbErr) -> bool {
     }
 }
 
+/// Like [`db_is_transient`], but a failed connection counts only when its
+/// cause may pass (refused, reset, busy), not when it never will (a wrong
+/// password, a missing database): for start-up, which should fail fast on a
+/// bad setting.
+pub(crate) fn db_may_recover(e: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    match e {
+        DbErr::Conn(RuntimeErr::SqlxError(s)) => sqlx_is_transient(s),
+        other => db_is_transient(other),
+    }
+}
+
 fn sqlx_is_transient(e: &sea_orm::sqlx::Error) -> bool {
     use sea_orm::sqlx::Error as E;
     match e {

@@ -76,9 +76,37 @@ struct Inner {
 /// and when a PostgreSQL connection goes back to the pool.
 pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long start-up waits for a busy or unreachable database to run the
-/// migrations.
-const MIGRATE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long start-up waits for a busy or unreachable database (to connect
+/// and run the migrations).
+const START_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs a start-up step again, with a backoff, while the database is busy
+/// (SQLite's write lock held by another process) or unreachable, for up to
+/// `START_PATIENCE`.
+async fn patiently<T, E, F, Fut>(step: &str, mut run: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+    E: Into<Error>,
+{
+    let started = std::time::Instant::now();
+    let mut backoff =
+        crate::outcome::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    loop {
+        match run().await.map_err(Into::into) {
+            Err(Error::Database(e))
+                if crate::error::db_may_recover(&e) && started.elapsed() < START_PATIENCE =>
+            {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    "{step}: the database is busy or unavailable ({e}); trying again in {delay:?}"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// A database connection pool with redstream's tables migrated.
 ///
@@ -129,7 +157,7 @@ impl Store {
                     .foreign_keys(true)
             });
         }
-        let db = Database::connect(options).await?;
+        let db = patiently("connecting", || Database::connect(options.clone())).await?;
         let store = Self::wrap(
             db,
             settings.batch_size,
@@ -179,24 +207,7 @@ impl Store {
     /// unreachable is retried with a backoff for up to 30 s before start-up
     /// fails.
     pub async fn migrate(&self) -> Result<()> {
-        let started = std::time::Instant::now();
-        let mut backoff =
-            crate::outcome::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-        loop {
-            match self.migrate_once().await {
-                Err(Error::Database(e))
-                    if crate::error::db_is_transient(&e)
-                        && started.elapsed() < MIGRATE_PATIENCE =>
-                {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        "migrations: the database is busy or unavailable ({e}); trying again in {delay:?}"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                other => return other,
-            }
-        }
+        patiently("migrations", || self.migrate_once()).await
     }
 
     async fn migrate_once(&self) -> Result<()> {

@@ -810,3 +810,41 @@ async fn a_crash_between_commit_and_ack_gives_no_second_effect() {
         processor.shutdown().await.unwrap();
     }
 }
+
+/// Start-up waits for a SQLite file that another process's writer holds,
+/// instead of failing on the first "database is locked".
+#[actix_rt::test]
+async fn migrations_wait_for_a_busy_sqlite_database() {
+    let db = TestDb::sqlite();
+    let mut settings = db.settings.clone();
+    settings.busy_timeout_ms = 100;
+    // Another writer holds the write lock for 1.5 s.
+    let other = sea_orm::Database::connect(settings.url.expose())
+        .await
+        .unwrap();
+    let lock = other
+        .begin_with_options(sea_orm::TransactionOptions {
+            sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Exclusive),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    lock.execute_unprepared("CREATE TABLE held (x INTEGER)")
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        lock.commit().await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    let store = Store::connect(&settings)
+        .await
+        .expect("connects once the lock is released");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_000),
+        "it waited for the lock: {:?}",
+        started.elapsed()
+    );
+    assert!(!store.is_processed("g", "e").await.unwrap(), "migrated");
+    release.await.unwrap();
+}
