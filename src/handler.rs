@@ -45,7 +45,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
@@ -243,19 +243,68 @@ impl Schema {
     }
 }
 
-/// Whether this process still owns an entry. A heartbeat that finds another
-/// member took the entry over flips it; the handler's future is then dropped
-/// and nothing about the entry is acked.
+/// Whether this process still owns an entry, and when that was last
+/// confirmed. A heartbeat that finds another member took the entry over
+/// flips it; the handler's future is then dropped and nothing about the
+/// entry is acked.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Ownership(Arc<AtomicBool>);
+pub(crate) struct Ownership(Arc<OwnershipState>);
+
+#[derive(Debug, Default)]
+struct OwnershipState {
+    lost: AtomicBool,
+    /// Unix ms of the read or the last heartbeat that found it ours.
+    confirmed_ms: AtomicU64,
+}
 
 impl Ownership {
+    /// Owned, as of now (the entry was just read or claimed).
+    pub(crate) fn confirmed_now() -> Self {
+        let ownership = Ownership::default();
+        ownership.confirm();
+        ownership
+    }
+
     pub(crate) fn mark_lost(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.lost.store(true, Ordering::Release);
     }
 
     pub(crate) fn is_lost(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.lost.load(Ordering::Acquire)
+    }
+
+    /// A heartbeat found the entry still ours.
+    pub(crate) fn confirm(&self) {
+        self.0
+            .confirmed_ms
+            .store(crate::entry::now_ms(), Ordering::Release);
+    }
+
+    fn confirmed_ms(&self) -> u64 {
+        self.0.confirmed_ms.load(Ordering::Acquire)
+    }
+}
+
+/// Asks the broker which of these entries another member took over (and
+/// extends the rest, like a heartbeat).
+pub(crate) type ConfirmFn =
+    Arc<dyn Fn(Vec<String>) -> BoxFuture<'static, crate::error::Result<Vec<String>>> + Send + Sync>;
+
+/// How a member re-checks ownership before a commit, when its heartbeats
+/// may have stalled (the process was stopped, the machine froze).
+#[derive(Clone)]
+pub(crate) struct OwnershipCheck {
+    /// Confirmations older than this are checked again before a commit
+    /// (1.5 heartbeat intervals, below `min_idle`).
+    pub(crate) stale_after: Duration,
+    pub(crate) confirm: ConfirmFn,
+}
+
+impl fmt::Debug for OwnershipCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnershipCheck")
+            .field("stale_after", &self.stale_after)
+            .finish_non_exhaustive()
     }
 }
 
@@ -265,6 +314,51 @@ pub(crate) struct MemberInfo {
     pub(crate) stream: Arc<str>,
     pub(crate) group: Arc<str>,
     pub(crate) member: Arc<str>,
+    pub(crate) check: Option<OwnershipCheck>,
+}
+
+/// Longest the ownership check before a commit waits for the broker; if it
+/// does not answer, the commit goes ahead (`processed_events` still keeps
+/// one effect).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Before a commit: if this member's last confirmation of some entries is
+/// stale, asks the broker whether they are still ours, and marks the ones
+/// another member took over as lost, so the commit leaves them out.
+pub(crate) async fn confirm_stale_ownership(metas: &[Meta]) {
+    let Some(check) = metas.first().and_then(|m| m.member.check.clone()) else {
+        return;
+    };
+    let now = crate::entry::now_ms();
+    let limit = u64::try_from(check.stale_after.as_millis()).unwrap_or(u64::MAX);
+    let stale: Vec<&Meta> = metas
+        .iter()
+        .filter(|m| {
+            !m.ownership.is_lost() && now.saturating_sub(m.ownership.confirmed_ms()) > limit
+        })
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    let ids = stale.iter().map(|m| m.entry.id().to_owned()).collect();
+    match tokio::time::timeout(CONFIRM_TIMEOUT, (check.confirm)(ids)).await {
+        Ok(Ok(lost)) => {
+            for meta in stale {
+                if lost.iter().any(|id| id == meta.entry.id()) {
+                    tracing::warn!(
+                        stream = %meta.member.stream, group = %meta.member.group,
+                        member = %meta.member.member, entry_id = meta.entry.id(),
+                        "entry was taken over while this member stalled; its effect is not committed here",
+                    );
+                    meta.ownership.mark_lost();
+                } else {
+                    meta.ownership.confirm();
+                }
+            }
+        }
+        Ok(Err(e)) => tracing::debug!("ownership check before commit failed: {e}"),
+        Err(_) => tracing::debug!("ownership check before commit timed out"),
+    }
 }
 
 /// An entry was taken over by another member while its handler ran.
@@ -305,6 +399,7 @@ impl Meta {
                 stream: stream.into(),
                 group: group.into(),
                 member: "test-0".into(),
+                check: None,
             }),
             attempt,
             Ownership::default(),

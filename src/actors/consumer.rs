@@ -38,7 +38,7 @@ use super::{
 use crate::broker::{EntryState, FROM_START, GroupReader, ReadFrom};
 use crate::entry::{Entry, RawEntry};
 use crate::error::{Error, Result};
-use crate::handler::{self, MemberInfo, Meta, Ownership, Verdict};
+use crate::handler::{self, ConfirmFn, MemberInfo, Meta, Ownership, OwnershipCheck, Verdict};
 use crate::outcome::Outcome;
 
 /// Orders from the actor to its loop.
@@ -188,6 +188,8 @@ struct Held {
 }
 
 type Finished = Vec<(String, std::result::Result<EntryResult, Aborted>)>;
+/// The ids a heartbeat asked about, and those another member had taken.
+type HeartbeatReply = (Vec<String>, Result<Vec<String>>);
 type ReadOutput = (
     Box<dyn GroupReader>,
     ReadFrom,
@@ -257,7 +259,7 @@ impl Member {
             Held {
                 abort: None,
                 in_batch: false,
-                ownership: Ownership::default(),
+                ownership: Ownership::confirmed_now(),
             },
         );
         self.queued.push_back((raw, attempts));
@@ -292,7 +294,7 @@ impl Member {
     }
 
     fn meta_for(&mut self, entry: &Arc<Entry>, prior_attempts: u32) -> (Meta, Ownership) {
-        let ownership = Ownership::default();
+        let ownership = Ownership::confirmed_now();
         let meta = Meta::new(
             Arc::clone(entry),
             Arc::clone(&self.info),
@@ -493,6 +495,17 @@ impl Member {
             .collect()
     }
 
+    /// A heartbeat asked about `asked`; those not `lost` are still ours.
+    fn confirm(&self, asked: &[String], lost: &[String]) {
+        for id in asked {
+            if !lost.contains(id)
+                && let Some(held) = self.held.get(id)
+            {
+                held.ownership.confirm();
+            }
+        }
+    }
+
     /// Another member took these over: drop their handlers, report nothing.
     /// Each loss is logged and counted once.
     fn lose(&mut self, ids: Vec<String>) {
@@ -616,10 +629,28 @@ async fn member_loop(parts: LoopParts) -> Exit {
         mut deliveries,
     } = parts;
     let opts = runtime.options.clone();
+    let member_name = Arc::clone(&opts.member_names[index]);
+    let confirm: ConfirmFn = {
+        let rt = Arc::clone(&runtime);
+        let name = Arc::clone(&member_name);
+        Arc::new(move |ids: Vec<String>| {
+            let rt = Arc::clone(&rt);
+            let name = Arc::clone(&name);
+            Box::pin(async move {
+                rt.broker
+                    .heartbeat(&rt.stream, &rt.group, &name, &ids)
+                    .await
+            })
+        })
+    };
     let info = Arc::new(MemberInfo {
         stream: Arc::clone(&runtime.stream),
         group: Arc::clone(&runtime.group),
-        member: Arc::clone(&opts.member_names[index]),
+        member: member_name,
+        check: Some(OwnershipCheck {
+            stale_after: opts.heartbeat * 3 / 2,
+            confirm,
+        }),
     });
     let reader = match runtime
         .broker
@@ -646,7 +677,7 @@ async fn member_loop(parts: LoopParts) -> Exit {
         panic: None,
     };
     let mut read_fut: Option<BoxFuture<'static, ReadOutput>> = None;
-    let mut heartbeat_fut: Option<BoxFuture<'static, Result<Vec<String>>>> = None;
+    let mut heartbeat_fut: Option<BoxFuture<'static, HeartbeatReply>> = None;
     let mut heartbeat = tokio::time::interval(opts.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut paused = false;
@@ -750,15 +781,19 @@ async fn member_loop(parts: LoopParts) -> Exit {
                         let rt = Arc::clone(&runtime);
                         let name = Arc::clone(&info.member);
                         heartbeat_fut = Some(Box::pin(async move {
-                            rt.broker.heartbeat(&rt.stream, &rt.group, &name, &ids).await
+                            let lost = rt.broker.heartbeat(&rt.stream, &rt.group, &name, &ids).await;
+                            (ids, lost)
                         }));
                     }
                 }
             }
-            lost = async { match heartbeat_fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if heartbeat_fut.is_some() => {
+            (asked, lost) = async { match heartbeat_fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if heartbeat_fut.is_some() => {
                 heartbeat_fut = None;
                 match lost {
-                    Ok(ids) => member.lose(ids),
+                    Ok(ids) => {
+                        member.confirm(&asked, &ids);
+                        member.lose(ids);
+                    }
                     Err(e) => tracing::warn!(
                         stream = %info.stream, group = %info.group, member = %info.member,
                         "heartbeat failed: {e}; will try again",

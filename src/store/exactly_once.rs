@@ -424,6 +424,7 @@ async fn finish(
     committed: u64,
     duplicates: u64,
 ) -> std::result::Result<Vec<Verdict>, Rerun> {
+    crate::handler::confirm_stale_ownership(metas).await;
     let lost_while_running = metas
         .iter()
         .zip(&verdicts)

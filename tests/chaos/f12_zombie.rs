@@ -373,6 +373,13 @@ async fn zombie(backend: Backend) {
         taken_back.is_empty(),
         "the zombie took entries back after SIGCONT: {taken_back:?}"
     );
+    // After SIGCONT the zombie checks ownership before committing (its
+    // confirmations are stale) and leaves out what was taken over.
+    assert!(
+        by_zombie <= held_after_stall.len(),
+        "the zombie committed {by_zombie} effects of entries taken over during its stall (seed {})",
+        c.seed
+    );
     assert!(
         c.workers[z].alive() && c.workers[h].alive(),
         "workers alive"
