@@ -630,6 +630,8 @@ async fn member_loop(parts: LoopParts) -> Exit {
     } = parts;
     let opts = runtime.options.clone();
     let member_name = Arc::clone(&opts.member_names[index]);
+    // One owner-checked heartbeat call serves the periodic heartbeat and the
+    // check before a commit.
     let confirm: ConfirmFn = {
         let rt = Arc::clone(&runtime);
         let name = Arc::clone(&member_name);
@@ -649,7 +651,7 @@ async fn member_loop(parts: LoopParts) -> Exit {
         member: member_name,
         check: Some(OwnershipCheck {
             stale_after: opts.heartbeat * 3 / 2,
-            confirm,
+            confirm: Arc::clone(&confirm),
         }),
     });
     let reader = match runtime
@@ -778,12 +780,8 @@ async fn member_loop(parts: LoopParts) -> Exit {
                 if heartbeat_fut.is_none() {
                     let ids = member.due_for_heartbeat();
                     if !ids.is_empty() {
-                        let rt = Arc::clone(&runtime);
-                        let name = Arc::clone(&info.member);
-                        heartbeat_fut = Some(Box::pin(async move {
-                            let lost = rt.broker.heartbeat(&rt.stream, &rt.group, &name, &ids).await;
-                            (ids, lost)
-                        }));
+                        let asked = confirm(ids.clone());
+                        heartbeat_fut = Some(Box::pin(async move { (ids, asked.await) }));
                     }
                 }
             }

@@ -129,6 +129,24 @@ async fn publish_numbers(processor: &Processor, stream: &str, range: std::ops::R
     assert!(results.iter().all(Result::is_ok));
 }
 
+/// Creates group `g` at the start of `stream` and publishes `range` before
+/// any consumer runs, so the events arrive in one read.
+async fn publish_before_start(ctx: &TestContext, stream: &str, range: std::ops::Range<u64>) {
+    let mut c = ctx.conn().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("g")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let producer_only = Processor::builder(ctx.settings()).start().await.unwrap();
+    publish_numbers(&producer_only, stream, range).await;
+    producer_only.shutdown().await.unwrap();
+}
+
 async fn exactly_one_effect_under_redelivery(db: TestDb) {
     let Some(ctx) = TestContext::new() else {
         return;
@@ -263,20 +281,7 @@ async fn a_failing_entry_does_not_undo_its_batch_mates() {
             panic_on: HashMap::from([(8, vec![1])]),
             ..Effects::plain()
         };
-        // Publish before starting, so the 20 arrive in one read.
-        let producer_only = Processor::builder(ctx.settings()).start().await.unwrap();
-        let mut c = ctx.conn().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&stream)
-            .arg("g")
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        publish_numbers(&producer_only, &stream, 0..20).await;
-        producer_only.shutdown().await.unwrap();
+        publish_before_start(&ctx, &stream, 0..20).await;
         let processor = Processor::builder(ctx.settings())
             .group(Group::transactional(&stream, "g", &store, handler))
             .start()
@@ -322,20 +327,7 @@ async fn an_entry_slower_than_the_batch_timeout_fails_alone() {
             slow_on: HashMap::from([(3, Duration::from_secs(3))]),
             ..Effects::plain()
         };
-        let mut c = ctx.conn().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&stream)
-            .arg("g")
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        // Publish before starting, so the 10 arrive in one read.
-        let producer_only = Processor::builder(ctx.settings()).start().await.unwrap();
-        publish_numbers(&producer_only, &stream, 0..10).await;
-        producer_only.shutdown().await.unwrap();
+        publish_before_start(&ctx, &stream, 0..10).await;
         let processor = Processor::builder(ctx.settings())
             .group(
                 Group::transactional(&stream, "g", &store, handler).with_retry(
@@ -661,19 +653,7 @@ async fn a_commit_refused_because_of_one_entry_does_not_block_the_batch() {
     ] {
         store.connection().execute_unprepared(sql).await.unwrap();
     }
-    let mut c = ctx.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let producer_only = Processor::builder(ctx.settings()).start().await.unwrap();
-    publish_numbers(&producer_only, &stream, 0..10).await;
-    producer_only.shutdown().await.unwrap();
+    publish_before_start(&ctx, &stream, 0..10).await;
     let processor = Processor::builder(ctx.settings())
         .group(
             Group::transactional(&stream, "g", &store, Children).with_retry(
