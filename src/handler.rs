@@ -540,6 +540,13 @@ pub(crate) trait DynHandler: Send + Sync + 'static {
         None
     }
 
+    /// Whether the handler cannot make progress now: its database refuses
+    /// writes. A member that is stopping releases its running entries at
+    /// once then, instead of waiting for the shutdown deadline.
+    fn stalled(&self) -> bool {
+        false
+    }
+
     /// Runs a batch; one verdict per entry, in order. Only called when
     /// [`DynHandler::batch_size`] is `Some`.
     fn run_batch(&self, metas: Vec<Meta>) -> BoxFuture<'static, Vec<Verdict>> {

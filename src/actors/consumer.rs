@@ -41,6 +41,10 @@ use crate::error::{Error, Result};
 use crate::handler::{self, ConfirmFn, MemberInfo, Meta, Ownership, OwnershipCheck, Verdict};
 use crate::outcome::Outcome;
 
+/// How often a stopping member checks whether its handler's database
+/// refuses writes (then it releases its running entries at once).
+const STALL_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Orders from the actor to its loop.
 enum Control {
     Pause(bool),
@@ -797,6 +801,19 @@ async fn member_loop(parts: LoopParts) -> Exit {
                         "heartbeat failed: {e}; will try again",
                     ),
                 }
+            }
+            // Stopping while the database refuses writes: the running
+            // batches cannot commit, so they are released now rather than at
+            // the deadline (nothing of theirs is acked).
+            _ = tokio::time::sleep(STALL_CHECK), if stopping && !member.running.is_empty() && runtime.handler.stalled() => {
+                tracing::info!(
+                    stream = %info.stream, group = %info.group, member = %info.member,
+                    "stopping while the database refuses writes: running entries are released now, not at the deadline",
+                );
+                member.abandon_all();
+                read_fut = None;
+                runtime.budget.release(std::mem::take(&mut reserved));
+                deadline = Some(far);
             }
             _ = tokio::time::sleep_until(stop_at), if stopping => {
                 member.abandon_all();

@@ -184,6 +184,10 @@ impl<H: TxHandler> DynHandler for TxErased<H> {
         Some(self.store.batch_size())
     }
 
+    fn stalled(&self) -> bool {
+        self.store.outage().is_some()
+    }
+
     fn run_batch(&self, metas: Vec<Meta>) -> BoxFuture<'static, Vec<Verdict>> {
         let store = self.store.clone();
         let handler = Arc::clone(&self.handler);
