@@ -407,3 +407,110 @@ async fn f26_every_error_at_every_statement_postgres() {
         matrix(db).await;
     }
 }
+
+/// A stop while the database refuses writes ends long before the shutdown
+/// deadline (the running batches cannot commit, so they are released at
+/// once), acks nothing, and the next processor effects every event once.
+async fn stop_during_outage(db: TestDb) {
+    let _serial = SERIAL.lock().await;
+    let backend = db.backend;
+    let Some(world) = World::new(db).await else {
+        return;
+    };
+    let stream = world.ctx.stream("stop");
+    let group = "g-stop";
+    let mut c = world.ctx.conn().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let events = (0..EVENTS)
+        .map(|n| Event::new("n", &serde_json::json!({ "n": n })).unwrap())
+        .collect();
+    world
+        .producer
+        .producer()
+        .publish_batch(&stream, events)
+        .await
+        .unwrap();
+    let name = format!("{backend:?} stop during outage");
+    let store = world.cell_store().await;
+    let mut settings = world.settings();
+    settings.shutdown.deadline_ms = 20_000;
+    inject_db_fault("db.commit", DbFault::Full, true, 0, u32::MAX).unwrap();
+    let processor = Processor::builder(settings.clone())
+        .group(Group::transactional(
+            &stream,
+            group,
+            &store,
+            Effects { cell: name.clone() },
+        ))
+        .start()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the outage is seen", || async {
+        store.outage().is_some()
+    })
+    .await;
+    let health = processor.health().await;
+    assert!(
+        !health.ready
+            && health
+                .checks
+                .iter()
+                .any(|c| c.name == "database" && !c.ok && c.detail.contains("writes failing")),
+        "the health check shows the failing writes: {health:?}"
+    );
+    let report = processor.shutdown().await.unwrap();
+    clear_db_faults();
+    assert!(
+        report.took < Duration::from_secs(10),
+        "a stop during an outage does not wait for the 20 s deadline: {report:?}"
+    );
+    assert_eq!(
+        world.ctx.pending(&stream, group).await,
+        EVENTS as u64,
+        "nothing acked"
+    );
+    assert!(world.effects(&name).await.is_empty(), "nothing committed");
+
+    let processor = Processor::builder(settings)
+        .group(Group::transactional(
+            &stream,
+            group,
+            &store,
+            Effects { cell: name.clone() },
+        ))
+        .start()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "every event effected", || async {
+        world.effects(&name).await.len() == EVENTS as usize
+            && world.ctx.pending(&stream, group).await == 0
+    })
+    .await;
+    processor.shutdown().await.unwrap();
+    let effects = world.effects(&name).await;
+    assert!(
+        effects.values().all(|attempts| attempts.len() == 1),
+        "one effect each: {effects:?}"
+    );
+    world.producer.shutdown().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_stop_during_an_outage_releases_at_once_sqlite() {
+    stop_during_outage(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn a_stop_during_an_outage_releases_at_once_postgres() {
+    if let Some(db) = TestDb::postgres().await {
+        stop_during_outage(db).await;
+    }
+}
