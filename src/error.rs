@@ -190,10 +190,21 @@ fn redis_is_transient(e: &redis::RedisError) -> bool {
     }
 }
 
-/// Whether a database error can go away by itself: the connection or pool
-/// failed, the server is shutting down, or a lock or serialization conflict
-/// (SQLite `BUSY`/`LOCKED`, PostgreSQL class 08, 40001, 40P01, 55P03, 57P0x,
-/// 53300). Constraint violations and bad SQL are not transient.
+/// Whether a database error can go away by itself, so that the batch is
+/// run again later with no attempt spent: the connection or pool failed, the
+/// server is shutting down, a lock or serialization conflict, or the
+/// database ran out of a resource (disk, memory) or hit an I/O error.
+///
+/// - SQLite, by primary result code: `BUSY` (5), `LOCKED` (6), `NOMEM` (7),
+///   `IOERR` (10), `FULL` (13), `PROTOCOL` (15). After `FULL`, `IOERR`,
+///   `BUSY` and `NOMEM` SQLite may already have rolled the transaction back:
+///   the exactly-once runner checks before `COMMIT` that it is still inside
+///   it, and a connection left in doubt is closed (see `store`).
+/// - PostgreSQL, by SQLSTATE: class 08 (connection), 53 (insufficient
+///   resources: disk full, out of memory, too many connections), 57P
+///   (shutdown), 58 (system and I/O errors), 40001, 40P01, 55P03, 25P03.
+///
+/// Constraint violations and bad SQL are not transient.
 pub(crate) fn db_is_transient(e: &sea_orm::DbErr) -> bool {
     use sea_orm::{DbErr, RuntimeErr};
     match e {
@@ -230,14 +241,47 @@ fn sqlx_is_transient(e: &sea_orm::sqlx::Error) -> bool {
         E::Database(db) => {
             let code = db.code();
             let code = code.as_deref().unwrap_or("");
-            code.starts_with("08")
-                || code.starts_with("57P")
-                || matches!(code, "40001" | "40P01" | "55P03" | "53300")
-                // SQLite primary and extended codes of BUSY (5) and LOCKED (6).
-                || matches!(code, "5" | "6" | "261" | "262" | "517" | "773")
+            if db
+                .try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
+                .is_some()
+            {
+                sqlite_code_is_transient(code)
+            } else if db
+                .try_downcast_ref::<sea_orm::sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                pg_code_is_transient(code)
+            } else {
+                // Another driver's error (or one the fault suite injects):
+                // SQLite's numeric codes and PostgreSQL's SQLSTATEs do not
+                // overlap among the transient ones.
+                sqlite_code_is_transient(code) || pg_code_is_transient(code)
+            }
         }
         _ => false,
     }
+}
+
+/// SQLite result codes (extended codes carry the primary code in their low
+/// byte) after which trying again later can succeed.
+fn sqlite_code_is_transient(code: &str) -> bool {
+    const BUSY: u32 = 5;
+    const LOCKED: u32 = 6;
+    const NOMEM: u32 = 7;
+    const IOERR: u32 = 10;
+    const FULL: u32 = 13;
+    const PROTOCOL: u32 = 15;
+    code.parse::<u32>()
+        .is_ok_and(|c| matches!(c & 0xff, BUSY | LOCKED | NOMEM | IOERR | FULL | PROTOCOL))
+}
+
+/// PostgreSQL SQLSTATEs after which trying again later can succeed.
+fn pg_code_is_transient(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code.starts_with("58")
+        || matches!(code, "40001" | "40P01" | "55P03" | "25P03")
 }
 
 /// Whether a handler's error is really a transient database failure (a

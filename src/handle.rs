@@ -83,8 +83,8 @@ pub struct HealthCheck {
 pub struct Health {
     /// The actor system answers (restart the process when this is false).
     pub live: bool,
-    /// Redis and every database answer, and every group's consumers run
-    /// (send traffic only when this is true).
+    /// Redis and every database answer (and take writes), and every group's
+    /// consumers run (send traffic only when this is true).
     pub ready: bool,
     /// Each check, passed or not.
     pub checks: Vec<HealthCheck>,
@@ -158,10 +158,21 @@ impl ProcessorHandle {
         ));
         for store in &self.inner.stores {
             let db = tokio::time::timeout(CHECK_TIMEOUT, store.ping()).await;
-            checks.push(check(
+            let mut db_check = check(
                 "database",
                 db.map_err(|_| "no answer within 2 s".to_owned()),
-            ));
+            );
+            // A full disk still answers a ping: failing writes count too.
+            if let Some(outage) = store.outage() {
+                db_check.ok = false;
+                db_check.detail = format!(
+                    "writes failing for {:.1} s ({} failures): {}",
+                    outage.for_ms as f64 / 1000.0,
+                    outage.failures,
+                    outage.last_error
+                );
+            }
+            checks.push(db_check);
         }
         let mut live = true;
         for g in &self.inner.groups {

@@ -121,7 +121,7 @@ pub use producer::{Producer, ProducerStats, Published};
 pub use schedule::{Cadence, JobResult, Schedule, ScheduleStats, Tick};
 pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};
 pub use status::{GroupStatus, MemberStatus};
-pub use store::{Store, StoreStats, TxHandler, enqueue};
+pub use store::{DatabaseOutage, Store, StoreStats, TxHandler, enqueue};
 
 /// The names most programs need: `use redstream::prelude::*;`.
 pub mod prelude {

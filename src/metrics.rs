@@ -67,6 +67,11 @@ pub mod names {
     pub const OWNERSHIP_LOST: &str = "redstream_ownership_lost_total";
     /// Exactly-once batches rerun because the database was unavailable.
     pub const DATABASE_RETRIES: &str = "redstream_database_retries_total";
+    /// 1 while the database takes writes, 0 during an outage (label
+    /// `database`: its URL without the password).
+    pub const DATABASE_AVAILABLE: &str = "redstream_database_available";
+    /// Database outages begun: episodes of failing writes.
+    pub const DATABASE_OUTAGES: &str = "redstream_database_outages_total";
     /// Scheduled runs by outcome (`ok`, `failed`, `skipped`).
     pub const SCHEDULE_RUNS: &str = "redstream_schedule_runs_total";
     /// Scheduled run time, publish included.
@@ -111,6 +116,14 @@ pub fn describe() {
     describe_counter!(
         DATABASE_RETRIES,
         "Exactly-once batches rerun because the database was unavailable"
+    );
+    describe_gauge!(
+        DATABASE_AVAILABLE,
+        "1 while the database takes writes, 0 while writes fail"
+    );
+    describe_counter!(
+        DATABASE_OUTAGES,
+        "Episodes in which the database refused writes"
     );
     describe_counter!(
         SCHEDULE_RUNS,

@@ -669,10 +669,12 @@ impl Processor {
             })
             .collect();
         if let Some(relay) = &self.relay {
-            // A last pass, so rows committed by the handlers just stopped go out.
+            // A last pass, so rows committed by the handlers just stopped go
+            // out. It ends by the deadline even while the database is down;
+            // giving up the lease takes half a second more at most.
             let _ = tokio::time::timeout(
-                deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
-                relay.send(StopRelay),
+                deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1),
+                relay.send(StopRelay { deadline }),
             )
             .await;
         }

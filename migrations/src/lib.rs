@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `processed_events` | one row per (group, event id) whose effect committed: the exactly-once fence |
 //! | `outbox` | events written inside the application's transactions, waiting to be relayed to a stream |
-//! | `redstream_leases` | named leases, e.g. which process relays the outbox |
+//! | `redstream_leases` | named leases, e.g. which process relays the outbox (holder, a version the holder raises at each renewal, and the holder's expiry for display) |
 //!
 //! Bookkeeping goes to `redstream_migrations`, not sea-orm's default
 //! `seaql_migrations`, so redstream can share a database with its host
@@ -16,6 +16,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261122_000001_processed_events;
 mod m20261122_000002_outbox;
 mod m20261122_000003_leases;
+mod m20261201_000004_lease_version;
 
 /// redstream's migrator.
 pub struct Migrator;
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_processed_events::Migration),
             Box::new(m20261122_000002_outbox::Migration),
             Box::new(m20261122_000003_leases::Migration),
+            Box::new(m20261201_000004_lease_version::Migration),
         ]
     }
 

@@ -2,37 +2,55 @@
 //! transaction, batched.
 //!
 //! A batch (the entries of one read, up to `database.batch_size`) shares one
-//! transaction. It first runs optimistically, in `n + 3` statements:
-//! `BEGIN`; one multi-row insert of every entry's key into
-//! `processed_events` (`ON CONFLICT DO NOTHING RETURNING`, so the keys that
-//! were already there are the duplicates, acked without running the
-//! handler); each new entry's handler on the transaction itself; `COMMIT`.
-//! If any handler does anything but `Ack` (an error, a panic, `Retry`,
-//! `DeadLetter`), that run is rolled back and the batch runs again the
-//! careful way, where each entry has its own savepoint:
+//! transaction, whose work runs under a batch savepoint (`SAVEPOINT
+//! redstream_batch` right after `BEGIN`). It first runs optimistically, in
+//! `n + 5` statements: `BEGIN`; the savepoint; one multi-row insert of every
+//! entry's key into `processed_events` (`ON CONFLICT DO NOTHING RETURNING`,
+//! so the keys that were already there are the duplicates, acked without
+//! running the handler); each new entry's handler on the transaction itself;
+//! `RELEASE` of the batch savepoint; `COMMIT`. If any handler does anything
+//! but `Ack` (an error, a panic, `Retry`, `DeadLetter`), that run is rolled
+//! back and the batch runs again the careful way, where each entry has its
+//! own savepoint (`redstream_entry`):
 //!
 //! 1. `SAVEPOINT`; insert `(group, event id)` into `processed_events`
 //!    (`ON CONFLICT DO NOTHING`). A conflict means the effect already
 //!    committed: release the savepoint and ack, without running the handler.
-//! 2. Run the handler with the savepoint as its transaction (panics caught).
-//!    `Ack` releases the savepoint; any other outcome, an error or a panic
-//!    rolls back to it, so the entry's writes (and its key) disappear while
-//!    its batch-mates' stay.
+//! 2. Run the handler on the transaction (panics caught). `Ack` releases the
+//!    savepoint; any other outcome, an error or a panic rolls back to it, so
+//!    the entry's writes (and its key) disappear while its batch-mates' stay.
+//!    A handler that acked although one of its statements failed (and so
+//!    PostgreSQL aborted the transaction) is found out by the `RELEASE`: its
+//!    writes are rolled back and the entry counts as failed.
 //! 3. Before `COMMIT`, check that this member still owns every entry; if a
 //!    heartbeat found one taken over, roll the whole batch back and run it
 //!    again without that entry.
 //! 4. `COMMIT`; the consumer then reports the outcomes, and the acks follow.
 //!
+//! **No ack without a commit.** The `RELEASE` of the batch savepoint just
+//! before `COMMIT` proves that the transaction is still the one the batch
+//! began. SQLite rolls a transaction back by itself after `SQLITE_FULL`, some
+//! `IOERR`, `BUSY` and `NOMEM` errors, and later statements then run outside
+//! any transaction; PostgreSQL commits an aborted transaction as a rollback,
+//! without an error. In both cases the savepoint is gone, the `RELEASE`
+//! fails, and nothing is reported as committed. A connection whose
+//! transaction state is in doubt afterwards (sqlx still counts a transaction
+//! that SQLite ended) is closed when it goes back to the pool, never reused
+//! (see `keep_if_settled` in `store`).
+//!
 //! If `COMMIT` itself is refused for a reason that will not pass (a deferred
 //! constraint one entry violates), the batch's entries run again one per
 //! transaction, so the culprit fails alone and its batch-mates commit.
 //!
-//! When the database is unavailable (connection lost, pool timeout, SQLite
-//! busy, a serialization failure, or a handler passing such an error up with
-//! `?`), the whole batch is rolled back and run again after a backoff. The
+//! When the database is unavailable (connection lost, pool timeout, busy or
+//! locked, a serialization failure, the disk full, out of memory, an I/O
+//! error, or a handler passing such an error up with `?`), the whole batch
+//! is rolled back and run again after a backoff (50 ms growing to 5 s). The
 //! entries stay in flight meanwhile, so their member stops reading; nothing
-//! is acked without a commit, and no entry's retry budget is used. A commit
-//! whose outcome is unknown is simply run again: the keys it may have
+//! is acked without a commit, and no entry's retry budget is used. The
+//! outage is logged once, when it begins and when it ends, and shows in
+//! `Store::outage`, the health check and `redstream_database_available`. A
+//! commit whose outcome is unknown is simply run again: the keys it may have
 //! committed make the second run a no-op.
 //!
 //! A run that takes longer than `database.batch_timeout_ms` is abandoned and
@@ -52,12 +70,13 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use sea_orm::sea_query::{Alias, InsertStatement, OnConflict, Query};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use serde::de::DeserializeOwned;
 
 use super::{PROBE_TIMEOUT, Store};
 use crate::entry::{DecodeError, now_ms};
 use crate::error::{Error, Result, db_is_transient, is_transient_db_error};
+use crate::failpoints::db_fault;
 use crate::handler::{DynHandler, HandlerResult, Meta, Schema, Verdict, panic_message};
 use crate::outcome::{Backoff, Outcome};
 
@@ -185,6 +204,9 @@ enum Rerun {
     /// The run passed `database.batch_timeout_ms` while the database still
     /// answers: one of the entries is too slow.
     TooSlow(Duration),
+    /// The batch savepoint was gone before `COMMIT`: the transaction was
+    /// rolled back or aborted under the batch.
+    NotInTransaction(String),
 }
 
 /// Runs a batch until it commits, retrying while the database is
@@ -226,8 +248,9 @@ async fn run_batch<H: TxHandler>(
                 );
                 return one_by_one(store, handler, schema, metas, &why).await;
             }
-            Err(Rerun::Unavailable(error)) => {
+            Err(Rerun::Unavailable(error) | Rerun::NotInTransaction(error)) => {
                 store.count_retry();
+                let delay = backoff.next_delay();
                 if let Some(meta) = metas.first() {
                     metrics::counter!(
                         crate::metrics::names::DATABASE_RETRIES,
@@ -235,15 +258,16 @@ async fn run_batch<H: TxHandler>(
                         "group" => meta.group().to_owned()
                     )
                     .increment(1);
-                }
-                let delay = backoff.next_delay();
-                if let Some(meta) = metas.first() {
-                    tracing::warn!(
-                        stream = meta.stream(),
-                        group = meta.group(),
-                        member = meta.member(),
-                        entries = metas.len(),
-                        "database unavailable ({error}); the batch is rolled back and runs again in {delay:?}",
+                    // Once per outage as a warning, then at debug level.
+                    store.write_failed(
+                        &format!(
+                            "group {}/{}, member {}: a batch of {} entries is rolled back and runs again in {delay:?}",
+                            meta.stream(),
+                            meta.group(),
+                            meta.member(),
+                            metas.len()
+                        ),
+                        &error,
                     );
                 }
                 tokio::time::sleep(delay).await;
@@ -324,12 +348,56 @@ fn db_error(e: sea_orm::DbErr) -> Rerun {
     unavailable(e)
 }
 
-/// Opens the batch's write transaction.
+/// The savepoint a batch's work runs under. Its `RELEASE`, just before
+/// `COMMIT`, proves that the transaction is still the one the batch began:
+/// it fails if SQLite rolled the transaction back by itself (after
+/// `SQLITE_FULL`, some `IOERR`, `BUSY` or `NOMEM` errors; later statements
+/// then run outside any transaction) or if PostgreSQL aborted it (a
+/// statement failed, even one whose error a handler swallowed). Without it,
+/// a `COMMIT` could succeed and commit nothing: on PostgreSQL, committing
+/// an aborted transaction rolls it back without an error.
+const BATCH_SAVEPOINT: &str = "redstream_batch";
+
+/// The savepoint of one entry in a careful run.
+const ENTRY_SAVEPOINT: &str = "redstream_entry";
+
+async fn savepoint(tx: &DatabaseTransaction, name: &str) -> Result<(), sea_orm::DbErr> {
+    tx.execute_unprepared(&format!("SAVEPOINT {name}"))
+        .await
+        .map(drop)
+}
+
+async fn release(tx: &DatabaseTransaction, name: &str) -> Result<(), sea_orm::DbErr> {
+    tx.execute_unprepared(&format!("RELEASE SAVEPOINT {name}"))
+        .await
+        .map(drop)
+}
+
+/// Undoes what ran since the savepoint, and drops it.
+async fn roll_back_to(tx: &DatabaseTransaction, name: &str) -> Result<(), sea_orm::DbErr> {
+    tx.execute_unprepared(&format!("ROLLBACK TO SAVEPOINT {name}"))
+        .await?;
+    release(tx, name).await
+}
+
+/// Opens the batch's write transaction and its batch savepoint.
 async fn begin(store: &Store) -> std::result::Result<DatabaseTransaction, Rerun> {
-    store.begin_write().await.map_err(|e| match e {
+    db_fault!("db.begin", store.connection()).map_err(db_error)?;
+    let tx = store.begin_write().await.map_err(|e| match e {
         Error::Database(db) => db_error(db),
         other => unavailable(other),
-    })
+    })?;
+    savepoint(&tx, BATCH_SAVEPOINT).await.map_err(db_error)?;
+    Ok(tx)
+}
+
+/// Ends a transaction that failed: a rollback that fails leaves the
+/// connection in doubt, and the pool closes it when it comes back (see
+/// `keep_if_settled` in `store`).
+async fn abandon(tx: DatabaseTransaction) {
+    if let Err(e) = tx.rollback().await {
+        tracing::debug!("rolling back a failed batch: {e}; its connection is discarded");
+    }
 }
 
 /// One run of a batch: optimistic first, careful if some entry needs it.
@@ -347,8 +415,9 @@ async fn attempt<H: TxHandler>(
     careful(store, handler, schema, metas).await
 }
 
-/// The batch with no savepoints: `None` when an entry did not simply ack,
-/// after rolling everything back.
+/// The batch with no savepoint per entry: `None` when an entry did not
+/// simply ack, or when the transaction did not survive the run, after
+/// rolling everything back.
 async fn optimistic<H: TxHandler>(
     store: &Store,
     handler: &H,
@@ -368,6 +437,7 @@ async fn optimistic<H: TxHandler>(
         }
     }
     let keyed: Vec<&Meta> = runnable.iter().map(|(i, _)| &metas[*i]).collect();
+    db_fault!("db.keys", &tx).map_err(db_error)?;
     let mut new_keys = insert_keys(&tx, &keyed).await.map_err(db_error)?;
     let (mut committed, mut duplicates) = (0, 0);
     for (i, event) in runnable {
@@ -387,7 +457,7 @@ async fn optimistic<H: TxHandler>(
                 verdicts[i] = Some(Verdict::Decided(Outcome::Ack));
             }
             Ok(Err(error)) if is_transient_db_error(&error) => {
-                let _ = tx.rollback().await;
+                abandon(tx).await;
                 return Err(unavailable(error));
             }
             _ => {
@@ -400,9 +470,17 @@ async fn optimistic<H: TxHandler>(
         .into_iter()
         .map(|v| v.unwrap_or(Verdict::Lost))
         .collect();
-    finish(store, tx, metas, verdicts, committed, duplicates)
-        .await
-        .map(Some)
+    match finish(store, tx, metas, verdicts, committed, duplicates).await {
+        // A handler went on after a statement of its failed: run each entry
+        // on its own savepoint, where the one that did fails alone.
+        Err(Rerun::NotInTransaction(e)) => {
+            tracing::warn!(
+                "an exactly-once batch's transaction did not survive its handlers ({e}); running it again with a savepoint per entry"
+            );
+            Ok(None)
+        }
+        other => other.map(Some),
+    }
 }
 
 /// Whether an entry can run: still owned, and decodable.
@@ -415,7 +493,7 @@ fn prepare<E: DeserializeOwned>(schema: &Schema, meta: &Meta) -> std::result::Re
         .map_err(Verdict::Undecodable)
 }
 
-/// Checks ownership, commits, counts.
+/// Proves the transaction is intact, checks ownership, commits, counts.
 async fn finish(
     store: &Store,
     tx: DatabaseTransaction,
@@ -424,6 +502,14 @@ async fn finish(
     committed: u64,
     duplicates: u64,
 ) -> std::result::Result<Vec<Verdict>, Rerun> {
+    if let Err(e) = release(&tx, BATCH_SAVEPOINT).await {
+        abandon(tx).await;
+        return Err(if db_is_transient(&e) {
+            unavailable(e)
+        } else {
+            Rerun::NotInTransaction(e.to_string())
+        });
+    }
     crate::handler::confirm_stale_ownership(metas).await;
     let lost_while_running = metas
         .iter()
@@ -435,14 +521,13 @@ async fn finish(
         return Err(Rerun::OwnershipLost);
     }
     crate::failpoints::crash_point!("handler.before_commit");
-    tx.commit().await.map_err(|e| {
-        if db_is_transient(&e) {
-            unavailable(e)
-        } else {
-            Rerun::CommitRefused(e.to_string())
-        }
-    })?;
+    if let Err(e) = db_fault!("db.commit", &tx) {
+        abandon(tx).await;
+        return Err(commit_failed(e));
+    }
+    tx.commit().await.map_err(commit_failed)?;
     crate::failpoints::crash_point!("handler.after_commit_before_ack");
+    store.write_succeeded();
     store.count(committed, duplicates);
     if duplicates > 0
         && let Some(meta) = metas.first()
@@ -455,6 +540,18 @@ async fn finish(
         .increment(duplicates);
     }
     Ok(verdicts)
+}
+
+/// A `COMMIT` that failed. A transient error leaves the outcome unknown:
+/// the batch runs again, and the keys it may have committed make that run
+/// a no-op. Any other error refuses the commit for a reason that will not
+/// pass.
+fn commit_failed(e: sea_orm::DbErr) -> Rerun {
+    if db_is_transient(&e) {
+        unavailable(format!("the commit's outcome is unknown: {e}"))
+    } else {
+        Rerun::CommitRefused(e.to_string())
+    }
 }
 
 /// The batch with a savepoint per entry, so that one entry's failure undoes
@@ -476,23 +573,34 @@ async fn careful<H: TxHandler>(
                 continue;
             }
         };
-        let savepoint = tx.begin().await.map_err(db_error)?;
-        if !insert_key(&savepoint, meta).await.map_err(db_error)? {
-            savepoint.commit().await.map_err(db_error)?;
+        db_fault!("db.savepoint", &tx).map_err(db_error)?;
+        savepoint(&tx, ENTRY_SAVEPOINT).await.map_err(db_error)?;
+        db_fault!("db.keys", &tx).map_err(db_error)?;
+        if !insert_key(&tx, meta).await.map_err(db_error)? {
+            db_fault!("db.release", &tx).map_err(db_error)?;
+            release(&tx, ENTRY_SAVEPOINT).await.map_err(db_error)?;
             duplicates += 1;
             verdicts.push(Verdict::Decided(Outcome::Ack));
             continue;
         }
-        let result = AssertUnwindSafe(handler.handle(event, meta, &savepoint))
+        let result = AssertUnwindSafe(handler.handle(event, meta, &tx))
             .catch_unwind()
             .await;
         let verdict = match result {
-            Ok(Ok(Outcome::Ack)) => {
-                savepoint.commit().await.map_err(db_error)?;
-                committed += 1;
-                verdicts.push(Verdict::Decided(Outcome::Ack));
-                continue;
-            }
+            Ok(Ok(Outcome::Ack)) => match keep_entry(&tx).await {
+                Ok(()) => {
+                    committed += 1;
+                    verdicts.push(Verdict::Decided(Outcome::Ack));
+                    continue;
+                }
+                Err(e) if db_is_transient(&e) => return Err(unavailable(e)),
+                // On PostgreSQL, a statement of the handler failed and the
+                // handler acked anyway: its writes are not all there.
+                Err(e) => Verdict::Failed {
+                    error: format!("the handler returned Ack, but its transaction had failed: {e}"),
+                    panicked: false,
+                },
+            },
             Ok(Ok(outcome)) => Verdict::Decided(outcome),
             Ok(Err(error)) if is_transient_db_error(&error) => return Err(unavailable(error)),
             Ok(Err(error)) => Verdict::Failed {
@@ -504,10 +612,25 @@ async fn careful<H: TxHandler>(
                 panicked: true,
             },
         };
-        savepoint.rollback().await.map_err(db_error)?;
+        // If even this fails, the transaction is gone (SQLite rolled it back
+        // by itself): the whole batch runs again.
+        roll_back_to(&tx, ENTRY_SAVEPOINT).await.map_err(db_error)?;
         verdicts.push(verdict);
     }
-    finish(store, tx, metas, verdicts, committed, duplicates).await
+    finish(store, tx, metas, verdicts, committed, duplicates)
+        .await
+        .map_err(|rerun| match rerun {
+            Rerun::NotInTransaction(e) => {
+                unavailable(format!("the transaction did not survive the batch: {e}"))
+            }
+            other => other,
+        })
+}
+
+/// Keeps an acked entry's writes: releases its savepoint.
+async fn keep_entry(tx: &DatabaseTransaction) -> Result<(), sea_orm::DbErr> {
+    db_fault!("db.release", tx)?;
+    release(tx, ENTRY_SAVEPOINT).await
 }
 
 /// The insert of entries' keys into `processed_events`, skipping keys that

@@ -61,6 +61,27 @@ struct Counters {
     retried_batches: AtomicU64,
 }
 
+/// An episode in which the database refuses writes (unreachable, disk full,
+/// locked, out of memory): from the first failed write to the next one that
+/// succeeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DatabaseOutage {
+    /// How long writes have been failing.
+    pub for_ms: u64,
+    /// The last error seen.
+    pub last_error: String,
+    /// Writes that failed in this episode (batches rerun, relay passes
+    /// put off).
+    pub failures: u64,
+}
+
+struct Outage {
+    since: std::time::Instant,
+    last_error: String,
+    failures: u64,
+}
+
 struct Inner {
     db: DatabaseConnection,
     backend: DbBackend,
@@ -70,6 +91,8 @@ struct Inner {
     batch_timeout: Duration,
     /// The URL without its password, for lease keys and logs.
     shown_url: String,
+    /// The current outage, if writes are failing.
+    outage: std::sync::Mutex<Option<Outage>>,
 }
 
 /// Longest the database may take to answer a probe: after a batch timed out,
@@ -144,8 +167,24 @@ impl Store {
             .min_connections(1)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
             .sqlx_logging(false);
-        if !settings.url.is_sqlite() {
-            options.map_sqlx_postgres_pool_opts(|o| o.after_release(close_if_hung));
+        if settings.url.is_sqlite() {
+            options.map_sqlx_sqlite_pool_opts(|o| {
+                o.after_release(keep_if_settled::<sea_orm::sqlx::Sqlite>)
+                    .before_acquire(|conn, _| {
+                        Box::pin(
+                            async move { Ok(outside_transaction::<sea_orm::sqlx::Sqlite>(conn)) },
+                        )
+                    })
+            });
+        } else {
+            options.map_sqlx_postgres_pool_opts(|o| {
+                o.after_release(keep_if_settled::<sea_orm::sqlx::Postgres>)
+                    .before_acquire(|conn, _| {
+                        Box::pin(
+                            async move { Ok(outside_transaction::<sea_orm::sqlx::Postgres>(conn)) },
+                        )
+                    })
+            });
         }
         if settings.url.is_sqlite() {
             use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
@@ -171,6 +210,11 @@ impl Store {
     /// Wraps an existing connection pool (for example the application's)
     /// and runs the migrations on it. Batches get the default
     /// `database.batch_timeout_ms` (30 s).
+    ///
+    /// The pool keeps its own options: prefer [`Store::connect`], whose pool
+    /// closes a connection whose transaction state is in doubt instead of
+    /// reusing it. Batches still never ack without a commit on such a pool,
+    /// but one bad connection can stall them until it is recycled.
     pub async fn from_connection(
         db: DatabaseConnection,
         batch_size: usize,
@@ -197,6 +241,7 @@ impl Store {
                 batch_size: batch_size.max(1),
                 batch_timeout,
                 shown_url,
+                outage: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -304,23 +349,121 @@ impl Store {
             .retried_batches
             .fetch_add(1, Ordering::Relaxed);
     }
+
+    /// The current outage: writes have failed since some time and none has
+    /// succeeded since. `None` while writes succeed.
+    pub fn outage(&self) -> Option<DatabaseOutage> {
+        let outage = self.lock_outage();
+        outage.as_ref().map(|o| DatabaseOutage {
+            for_ms: u64::try_from(o.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            last_error: o.last_error.clone(),
+            failures: o.failures,
+        })
+    }
+
+    /// Records a write that failed because the database is unavailable. The
+    /// first failure of an episode is logged as a warning and flips the
+    /// `redstream_database_available` gauge; later ones only at debug level.
+    pub(crate) fn write_failed(&self, what: &str, error: &str) {
+        let mut outage = self.lock_outage();
+        match outage.as_mut() {
+            Some(o) => {
+                o.failures += 1;
+                o.last_error = error.to_owned();
+                tracing::debug!(database = %self.inner.shown_url, "{what}: the database is still unavailable ({error})");
+            }
+            None => {
+                *outage = Some(Outage {
+                    since: std::time::Instant::now(),
+                    last_error: error.to_owned(),
+                    failures: 1,
+                });
+                tracing::warn!(
+                    database = %self.inner.shown_url,
+                    "{what}: the database is unavailable for writes ({error}); exactly-once groups pause and the outbox relay waits, without spending attempts, until it answers"
+                );
+                self.availability_metrics(false);
+            }
+        }
+    }
+
+    /// Records a write that committed: ends an outage, with a log line.
+    pub(crate) fn write_succeeded(&self) {
+        let mut outage = self.lock_outage();
+        if let Some(o) = outage.take() {
+            tracing::info!(
+                database = %self.inner.shown_url,
+                "the database takes writes again after {:.1?} ({} failed writes in between)",
+                o.since.elapsed(),
+                o.failures
+            );
+            self.availability_metrics(true);
+        }
+    }
+
+    fn availability_metrics(&self, available: bool) {
+        let database = self.inner.shown_url.clone();
+        metrics::gauge!(crate::metrics::names::DATABASE_AVAILABLE, "database" => database.clone())
+            .set(if available { 1.0 } else { 0.0 });
+        if !available {
+            metrics::counter!(crate::metrics::names::DATABASE_OUTAGES, "database" => database)
+                .increment(1);
+        }
+    }
+
+    fn lock_outage(&self) -> std::sync::MutexGuard<'_, Option<Outage>> {
+        // The state is a plain value: a panic elsewhere cannot leave it torn.
+        self.inner
+            .outage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
-/// A connection given back while a statement of its hangs (its batch timed
-/// out on a connection whose peer went silent) is closed, not pinged
-/// forever: otherwise it would hold its pool slot until TCP gives up, and a
-/// few such connections starve the pool after the database is back.
-fn close_if_hung(
-    conn: &mut sea_orm::sqlx::PgConnection,
+/// Decides whether a connection given back to the pool may be used again.
+///
+/// - One that does not answer a ping within [`PROBE_TIMEOUT`] is closed: a
+///   statement of its hangs (its batch timed out on a connection whose peer
+///   went silent), and it would otherwise hold its pool slot until TCP gives
+///   up, so a few such connections starve the pool after the database is
+///   back.
+/// - One whose transaction state is in doubt is closed. sqlx counts the
+///   transactions it opened and lowers the count only when `COMMIT` or
+///   `ROLLBACK` succeeds; SQLite rolls a transaction back by itself on
+///   `SQLITE_FULL`, some `IOERR`, `BUSY` and `NOMEM` errors, after which the
+///   `ROLLBACK` fails and the count stays up. Reused, such a connection turns
+///   the next `BEGIN` into a `SAVEPOINT` inside a transaction that is never
+///   committed, and its "commits" into `RELEASE`s that commit nothing.
+///
+/// The ping comes first: it queues behind the rollback that a dropped
+/// transaction sent, so the count read after it is settled.
+fn keep_if_settled<DB>(
+    conn: &mut DB::Connection,
     _meta: sea_orm::sqlx::pool::PoolConnectionMetadata,
-) -> futures_util::future::BoxFuture<'_, std::result::Result<bool, sea_orm::sqlx::Error>> {
+) -> futures_util::future::BoxFuture<'_, std::result::Result<bool, sea_orm::sqlx::Error>>
+where
+    DB: sea_orm::sqlx::Database,
+{
     use sea_orm::sqlx::Connection;
     Box::pin(async move {
-        Ok(matches!(
+        let answers = matches!(
             tokio::time::timeout(PROBE_TIMEOUT, conn.ping()).await,
             Ok(Ok(()))
-        ))
+        );
+        let settled = outside_transaction::<DB>(conn);
+        if answers && !settled {
+            tracing::debug!(
+                "a database connection whose transaction state is in doubt is closed, not reused"
+            );
+        }
+        Ok(answers && settled)
     })
+}
+
+/// Whether sqlx counts no open transaction on `conn`.
+fn outside_transaction<DB: sea_orm::sqlx::Database>(conn: &DB::Connection) -> bool {
+    use sqlx_core::transaction::TransactionManager;
+    <DB::TransactionManager as TransactionManager>::get_transaction_depth(conn) == 0
 }
 
 fn immediate() -> sea_orm::TransactionOptions {

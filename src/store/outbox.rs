@@ -2,25 +2,40 @@
 //! transaction, and the relay that publishes unsent rows.
 //!
 //! The relay publishes rows in `id` order through the producer, keeping
-//! each row's event id, then marks them sent. A crash between the publish
-//! and the mark publishes the row again on restart: a duplicate entry with
-//! the same event id, which idempotent consumers absorb. One process relays
-//! a database's outbox at a time (a lease in `redstream_leases`). On
+//! each row's event id, then marks them sent. One process relays a
+//! database's outbox at a time (a lease in `redstream_leases`). On
 //! PostgreSQL, `LISTEN`/`NOTIFY` wakes the relay at the commit of a
 //! transaction that enqueued; otherwise it polls every `outbox.poll_ms`.
+//!
+//! Duplicates are bounded. Rows that were published but could not be marked
+//! (the database refuses writes) are kept in memory and marked before
+//! anything else is published, so a database outage republishes nothing;
+//! failed rounds back off from 100 ms to 5 s. A row is published twice only
+//! when the relay that published it stops (a crash, or a stop during an
+//! outage) or loses its lease before the mark lands: at most one batch
+//! (`outbox.batch_size` rows) per such change of relay. Consumers with
+//! exactly-once handlers absorb those duplicates by event id.
+//!
+//! The lease compares no clocks across processes: the holder raises its
+//! version at every renewal, and another process takes it over only after
+//! seeing one version for a whole `outbox.lease_ttl_ms` on its own
+//! monotonic clock. Marks are fenced by the lease: a relay that lost it
+//! marks nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait};
+use sea_orm::{ConnectionTrait, DbBackend};
 use tokio::sync::{Notify, watch};
 
 use super::Store;
 use crate::entry::{Event, now_ms};
 use crate::error::{Error, Result};
+use crate::failpoints::db_fault;
+use crate::outcome::Backoff;
 use crate::producer::{Producer, new_event_id};
 use crate::settings::IdFormat;
 
@@ -119,22 +134,25 @@ pub(crate) struct RelayOptions {
     pub(crate) lease_ttl: Duration,
 }
 
-/// Stop relaying after a last pass (Processor → relay).
+/// Stop relaying after a last pass, which ends by `deadline` whatever the
+/// database does (Processor → relay).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct StopRelay;
+pub(crate) struct StopRelay {
+    pub(crate) deadline: Instant,
+}
 
 /// The outbox relay actor: owns the relay loop and its stop signal.
 pub(crate) struct OutboxRelay {
     parts: Option<(Store, Producer, RelayOptions)>,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Option<Instant>>,
     done: watch::Receiver<bool>,
     done_tx: Option<watch::Sender<bool>>,
 }
 
 impl OutboxRelay {
     pub(crate) fn new(store: Store, producer: Producer, options: RelayOptions) -> Self {
-        let (stop, _) = watch::channel(false);
+        let (stop, _) = watch::channel(None);
         let (done_tx, done) = watch::channel(false);
         OutboxRelay {
             parts: Some((store, producer, options)),
@@ -156,7 +174,7 @@ impl Actor for OutboxRelay {
         };
         let stop = self.stop.subscribe();
         ctx.spawn(
-            relay_loop(store, producer, options, stop)
+            relay_loop(Relay::new(store, producer, options), stop)
                 .into_actor(self)
                 .map(move |(), _act, ctx| {
                     let _ = done.send(true);
@@ -169,8 +187,8 @@ impl Actor for OutboxRelay {
 impl Handler<StopRelay> for OutboxRelay {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _msg: StopRelay, _ctx: &mut Self::Context) -> Self::Result {
-        let _ = self.stop.send(true);
+    fn handle(&mut self, msg: StopRelay, _ctx: &mut Self::Context) -> Self::Result {
+        let _ = self.stop.send(Some(msg.deadline));
         let mut done = self.done.clone();
         Box::pin(async move {
             let _ = done.wait_for(|d| *d).await;
@@ -178,53 +196,64 @@ impl Handler<StopRelay> for OutboxRelay {
     }
 }
 
-/// Relays until stopped, then makes one last pass.
-async fn relay_loop(
-    store: Store,
-    producer: Producer,
-    options: RelayOptions,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Longest the relay lets its lease go unrenewed, and how long it waits
+/// between failed rounds at most.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Relays until stopped, then makes one last round, bounded by the stop's
+/// deadline.
+async fn relay_loop(mut relay: Relay, mut stop: watch::Receiver<Option<Instant>>) {
     let wake = Arc::new(Notify::new());
-    let listener = (store.backend() == DbBackend::Postgres)
-        .then(|| actix_rt::spawn(listen(store.clone(), Arc::clone(&wake))));
-    let token = new_event_id(IdFormat::Ulid);
-    let mut lease_until = 0u64;
+    let listener = (relay.store.backend() == DbBackend::Postgres)
+        .then(|| actix_rt::spawn(listen(relay.store.clone(), Arc::clone(&wake))));
+    let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
     loop {
-        let stopping = *stop.borrow();
-        let now = now_ms();
-        if lease_until.saturating_sub(now) < options.lease_ttl.as_millis() as u64 * 2 / 3 {
-            lease_until = match take_lease(&store, &token, options.lease_ttl).await {
-                Ok(true) => now + options.lease_ttl.as_millis() as u64,
-                Ok(false) => 0,
-                Err(e) => {
-                    tracing::warn!("outbox relay lease: {e}");
-                    0
-                }
-            };
-        }
-        let mut more = false;
-        if lease_until > now {
-            match pass(&store, &producer, options.batch).await {
-                Ok(relayed) => more = relayed == options.batch,
-                Err(e) => tracing::warn!("outbox relay: {e}; trying again"),
+        let deadline = *stop.borrow();
+        let result = match deadline {
+            None => relay.round().await,
+            Some(at) => tokio::time::timeout_at(at.into(), relay.round())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Timeout {
+                        operation: "the outbox relay's last round",
+                        after: Duration::ZERO,
+                    })
+                }),
+        };
+        let wait = match result {
+            Ok(more) => {
+                backoff.reset();
+                relay.recovered();
+                (!more).then_some(relay.options.poll)
             }
-        }
-        if stopping {
+            Err(e) => {
+                relay.failed(&e);
+                Some(backoff.next_delay())
+            }
+        };
+        if deadline.is_some() {
             break;
         }
-        if more {
-            continue;
-        }
+        let Some(wait) = wait else { continue };
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(options.poll) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => {}
         }
     }
-    if lease_until > 0 {
-        let _ = release_lease(&store, &token).await;
+    if !relay.unmarked.is_empty() {
+        tracing::warn!(
+            rows = relay.unmarked.len(),
+            "the outbox relay stops with published rows it could not mark sent; the next relay publishes them again"
+        );
     }
+    let release_for = stop
+        .borrow()
+        .map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(Instant::now())
+        })
+        .max(Duration::from_millis(500));
+    let _ = tokio::time::timeout(release_for, relay.release()).await;
     if let Some(listener) = listener {
         listener.abort();
     }
@@ -256,46 +285,298 @@ async fn listen(store: Store, wake: Arc<Notify>) {
     }
 }
 
-/// Takes or renews the relay lease.
-async fn take_lease(store: &Store, token: &str, ttl: Duration) -> Result<bool> {
-    let db = store.connection();
-    let now = now_ms() as i64;
-    let expires = now + ttl.as_millis() as i64;
-    let leases = Alias::new("redstream_leases");
+/// The relay lease as this process holds it.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    /// When the last renewal that succeeded was sent (monotonic).
+    renewed_at: Instant,
+}
+
+/// Another process's lease, as this process watches it.
+#[derive(Clone, Debug, PartialEq)]
+struct Watched {
+    holder: String,
+    version: i64,
+    /// When this process first saw that version (monotonic).
+    since: Instant,
+}
+
+/// The relay: its lease, and the rows it published but could not mark sent.
+///
+/// The lease decides with one clock only, the monotonic clock of the
+/// process deciding: the holder raises the lease's version at every renewal
+/// (every third of `outbox.lease_ttl_ms`); a contender takes the lease over
+/// only after seeing the same version for a whole lifetime on its own
+/// clock, and the holder relays only while its last renewal is less than
+/// two thirds of a lifetime old. Wall clocks, which step and differ between
+/// hosts, decide nothing (`expires_at` is written for people to read).
+///
+/// Marks are fenced: the rows are marked in a transaction that first checks
+/// that this process still holds the lease, so a relay that lost it marks
+/// nothing.
+struct Relay {
+    store: Store,
+    producer: Producer,
+    options: RelayOptions,
+    /// This relay's holder name: a fresh id per relay, its fencing token.
+    token: String,
+    held: Option<Held>,
+    watched: Option<Watched>,
+    /// Rows published and not yet marked sent, with their entry ids. They
+    /// are marked before anything else is published, so a database that
+    /// cannot take the marks causes no republishing.
+    unmarked: Vec<(i64, String)>,
+    /// Whether the last round failed (for one log line per episode).
+    failing: bool,
+}
+
+impl Relay {
+    fn new(store: Store, producer: Producer, options: RelayOptions) -> Self {
+        Relay {
+            store,
+            producer,
+            options,
+            token: new_event_id(IdFormat::Ulid),
+            held: None,
+            watched: None,
+            unmarked: Vec::new(),
+            failing: false,
+        }
+    }
+
+    /// One round: mark what is left to mark, keep the lease, publish a batch
+    /// and mark it. `Ok(true)` when a full batch went out (more may wait).
+    async fn round(&mut self) -> Result<bool> {
+        if !self.unmarked.is_empty() && !self.mark().await? {
+            return Ok(false);
+        }
+        if !self.keep_lease().await? {
+            return Ok(false);
+        }
+        let relayed = self.publish().await?;
+        Ok(relayed == self.options.batch)
+    }
+
+    /// Marks `unmarked` sent, fenced by the lease. `Ok(false)` when the lease
+    /// was lost: the rows are left to the new holder, which publishes them
+    /// again (at most one batch of duplicates per change of relay).
+    async fn mark(&mut self) -> Result<bool> {
+        if mark_sent(&self.store, &self.token, &self.unmarked).await? {
+            self.unmarked.clear();
+            return Ok(true);
+        }
+        tracing::warn!(
+            rows = self.unmarked.len(),
+            "the outbox relay lost its lease before marking published rows sent; the new relay publishes them again"
+        );
+        self.unmarked.clear();
+        self.held = None;
+        Ok(false)
+    }
+
+    /// Takes, renews or watches the lease. `Ok(true)` while this process
+    /// may relay.
+    async fn keep_lease(&mut self) -> Result<bool> {
+        let ttl = self.options.lease_ttl;
+        let asked_at = Instant::now();
+        if let Some(held) = self.held {
+            if held.renewed_at.elapsed() < ttl / 3 {
+                return Ok(true);
+            }
+            match renew_lease(&self.store, &self.token, ttl).await {
+                Ok(true) => {
+                    self.held = Some(Held {
+                        renewed_at: asked_at,
+                    });
+                    return Ok(true);
+                }
+                Ok(false) => {
+                    tracing::warn!("the outbox relay lost its lease to another process");
+                    self.held = None;
+                    return Ok(false);
+                }
+                Err(e) => {
+                    if held.renewed_at.elapsed() >= ttl * 2 / 3 {
+                        // Others may take it over soon: stop relaying.
+                        self.held = None;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        match read_lease(&self.store).await? {
+            None => {
+                if insert_lease(&self.store, &self.token, ttl).await? {
+                    self.took(asked_at);
+                }
+            }
+            Some((holder, _)) if holder == self.token => {
+                if renew_lease(&self.store, &self.token, ttl).await? {
+                    self.took(asked_at);
+                }
+            }
+            Some((holder, version)) => {
+                let stale = self.watched.as_ref().is_some_and(|w| {
+                    w.holder == holder && w.version == version && w.since.elapsed() >= ttl
+                });
+                if stale {
+                    if take_over_lease(&self.store, &self.token, &holder, version, ttl).await? {
+                        tracing::info!(
+                            previous = %holder,
+                            "the outbox relay took over a lease not renewed for {ttl:?}"
+                        );
+                        self.took(asked_at);
+                    }
+                } else if self
+                    .watched
+                    .as_ref()
+                    .is_none_or(|w| w.holder != holder || w.version != version)
+                {
+                    self.watched = Some(Watched {
+                        holder,
+                        version,
+                        since: asked_at,
+                    });
+                }
+            }
+        }
+        Ok(self.held.is_some())
+    }
+
+    fn took(&mut self, at: Instant) {
+        self.held = Some(Held { renewed_at: at });
+        self.watched = None;
+    }
+
+    /// Publishes up to a batch of unsent rows and marks them.
+    async fn publish(&mut self) -> Result<usize> {
+        let (total, blocked) = pass(
+            &self.store,
+            &self.producer,
+            self.options.batch,
+            &mut self.unmarked,
+        )
+        .await?;
+        crate::failpoints::crash_point!("outbox.after_xadd_before_mark");
+        if !self.unmarked.is_empty() {
+            self.mark().await?;
+        }
+        match blocked {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+
+    fn failed(&mut self, e: &Error) {
+        match e {
+            Error::Database(_) => self.store.write_failed("the outbox relay", &e.to_string()),
+            _ if !self.failing => tracing::warn!("outbox relay: {e}; trying again with a backoff"),
+            _ => tracing::debug!("outbox relay: {e}; trying again"),
+        }
+        self.failing = true;
+    }
+
+    fn recovered(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            tracing::info!("the outbox relay runs again");
+        }
+    }
+
+    /// Gives the lease up, so another process can relay at once.
+    async fn release(&self) -> Result<()> {
+        if self.held.is_none() {
+            return Ok(());
+        }
+        let delete = Query::delete()
+            .from_table(leases())
+            .and_where(Expr::col(col("name")).eq(LEASE))
+            .and_where(Expr::col(col("holder")).eq(self.token.as_str()))
+            .to_owned();
+        self.store.connection().execute(&delete).await?;
+        Ok(())
+    }
+}
+
+fn leases() -> Alias {
+    Alias::new("redstream_leases")
+}
+
+/// The expiry written for people to read (`redstream` CLI, SQL): the
+/// holder's wall clock plus the lifetime. No decision reads it.
+fn shown_expiry(ttl: Duration) -> i64 {
+    (now_ms() + ttl.as_millis() as u64) as i64
+}
+
+/// The lease's holder and version, if someone holds it.
+async fn read_lease(store: &Store) -> Result<Option<(String, i64)>> {
+    db_fault!("outbox.lease", store.connection())?;
+    let select = Query::select()
+        .columns([col("holder"), col("version")])
+        .from(leases())
+        .and_where(Expr::col(col("name")).eq(LEASE))
+        .to_owned();
+    let row = store.connection().query_one(&select).await?;
+    Ok(match row {
+        Some(r) => Some((r.try_get("", "holder")?, r.try_get("", "version")?)),
+        None => None,
+    })
+}
+
+/// Takes a lease that nobody holds.
+async fn insert_lease(store: &Store, token: &str, ttl: Duration) -> Result<bool> {
     let insert = Query::insert()
-        .into_table(leases.clone())
-        .columns([col("name"), col("holder"), col("expires_at")])
-        .values([LEASE.into(), token.into(), expires.into()])
+        .into_table(leases())
+        .columns([
+            col("name"),
+            col("holder"),
+            col("expires_at"),
+            col("version"),
+        ])
+        .values([
+            LEASE.into(),
+            token.into(),
+            shown_expiry(ttl).into(),
+            0i64.into(),
+        ])
         .map_err(|e| Error::InvalidEvent {
             reason: e.to_string(),
         })?
         .on_conflict(OnConflict::column(col("name")).do_nothing().to_owned())
         .to_owned();
-    if db.execute(&insert).await?.rows_affected() == 1 {
-        return Ok(true);
-    }
-    let update = Query::update()
-        .table(leases)
-        .value(col("holder"), token)
-        .value(col("expires_at"), expires)
-        .and_where(Expr::col(col("name")).eq(LEASE))
-        .and_where(
-            Expr::col(col("holder"))
-                .eq(token)
-                .or(Expr::col(col("expires_at")).lt(now)),
-        )
-        .to_owned();
-    Ok(db.execute(&update).await?.rows_affected() == 1)
+    Ok(store.connection().execute(&insert).await?.rows_affected() == 1)
 }
 
-async fn release_lease(store: &Store, token: &str) -> Result<()> {
-    let delete = Query::delete()
-        .from_table(Alias::new("redstream_leases"))
+/// Renews this process's lease: raises its version.
+async fn renew_lease(store: &Store, token: &str, ttl: Duration) -> Result<bool> {
+    db_fault!("outbox.lease", store.connection())?;
+    let update = Query::update()
+        .table(leases())
+        .value(col("version"), Expr::col(col("version")).add(1))
+        .value(col("expires_at"), shown_expiry(ttl))
         .and_where(Expr::col(col("name")).eq(LEASE))
         .and_where(Expr::col(col("holder")).eq(token))
         .to_owned();
-    store.connection().execute(&delete).await?;
-    Ok(())
+    Ok(store.connection().execute(&update).await?.rows_affected() == 1)
+}
+
+/// Takes over a lease still at the version this process watched go stale.
+async fn take_over_lease(
+    store: &Store,
+    token: &str,
+    holder: &str,
+    version: i64,
+    ttl: Duration,
+) -> Result<bool> {
+    let update = Query::update()
+        .table(leases())
+        .value(col("holder"), token)
+        .value(col("version"), version + 1)
+        .value(col("expires_at"), shown_expiry(ttl))
+        .and_where(Expr::col(col("name")).eq(LEASE))
+        .and_where(Expr::col(col("holder")).eq(holder))
+        .and_where(Expr::col(col("version")).eq(version))
+        .to_owned();
+    Ok(store.connection().execute(&update).await?.rows_affected() == 1)
 }
 
 /// One unsent row.
@@ -305,11 +586,17 @@ struct Row {
     event: Event,
 }
 
-/// Publishes up to `batch` unsent rows in order and marks them. Stops at
-/// the first row that fails transiently (order is kept); rows that can
+/// Publishes up to `batch` unsent rows in order, adding each published (or
+/// refused) row to `marks`. Stops at the first row that fails transiently
+/// (order is kept) and returns its error beside the count; rows that can
 /// never be published (too large, invalid) are marked `refused: …`.
-/// Returns how many rows were handled.
-async fn pass(store: &Store, producer: &Producer, batch: usize) -> Result<usize> {
+async fn pass(
+    store: &Store,
+    producer: &Producer,
+    batch: usize,
+    marks: &mut Vec<(i64, String)>,
+) -> Result<(usize, Option<Error>)> {
+    db_fault!("outbox.select", store.connection())?;
     let select = Query::select()
         .columns([
             col("id"),
@@ -357,7 +644,6 @@ async fn pass(store: &Store, producer: &Producer, batch: usize) -> Result<usize>
         });
     }
     let total = rows.len();
-    let mut marks: Vec<(i64, String)> = Vec::with_capacity(total);
     let mut blocked = None;
     let mut rows = rows.into_iter().peekable();
     'runs: while let Some(first) = rows.next() {
@@ -386,20 +672,29 @@ async fn pass(store: &Store, producer: &Producer, batch: usize) -> Result<usize>
             }
         }
     }
-    crate::failpoints::crash_point!("outbox.after_xadd_before_mark");
-    mark_sent(store, &marks).await?;
-    match blocked {
-        Some(e) => Err(e),
-        None => Ok(total),
-    }
+    Ok((total, blocked))
 }
 
-async fn mark_sent(store: &Store, marks: &[(i64, String)]) -> Result<()> {
+/// Marks rows sent, in one transaction that first checks that `token` still
+/// holds the relay lease (the fence; on PostgreSQL the check also locks the
+/// lease row until the commit, so no takeover lands in between). `Ok(false)`
+/// when it does not: nothing is marked.
+async fn mark_sent(store: &Store, token: &str, marks: &[(i64, String)]) -> Result<bool> {
     if marks.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     let now = now_ms() as i64;
-    let tx = store.connection().begin().await?;
+    let tx = store.begin_write().await?;
+    let fence = Query::update()
+        .table(leases())
+        .value(col("holder"), token)
+        .and_where(Expr::col(col("name")).eq(LEASE))
+        .and_where(Expr::col(col("holder")).eq(token))
+        .to_owned();
+    if tx.execute(&fence).await?.rows_affected() != 1 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
     for (id, entry_id) in marks {
         let update = Query::update()
             .table(table())
@@ -409,6 +704,8 @@ async fn mark_sent(store: &Store, marks: &[(i64, String)]) -> Result<()> {
             .to_owned();
         tx.execute(&update).await?;
     }
+    db_fault!("outbox.mark", &tx)?;
     tx.commit().await?;
-    Ok(())
+    store.write_succeeded();
+    Ok(true)
 }
