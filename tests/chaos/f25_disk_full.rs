@@ -157,7 +157,7 @@ impl Drop for Tmpfs {
         if let Err(e) = run_cmd("umount", &["-l", path]) {
             eprintln!("F25: could not unmount {path}: {e}");
         }
-        let _ = &self.parent;
+        // `parent` (the mount point's directory) is removed after this.
     }
 }
 
@@ -413,7 +413,7 @@ fn epoch_ms() -> u128 {
 }
 
 /// Holds the outbox relay's lease, as a relay in another process would,
-/// renewing it every 500 ms for 2 s until released: the workers' relays
+/// raising its version every 500 ms until released: the workers' relays
 /// wait meanwhile, so when the disk fills, the outbox rows of the effects
 /// so far are still unsent (as after the burst of issue 13, where the relay
 /// lagged behind the consumers).
@@ -424,12 +424,16 @@ struct RelayHold {
 
 /// The relay's lease name (`redstream_leases.name`).
 const RELAY_LEASE: &str = "outbox-relay";
+/// The workers' `outbox.lease_ttl_ms`: how long after the hold stops they
+/// take the lease over.
+const RELAY_LEASE_TTL_MS: u64 = 2_000;
 
 impl RelayHold {
     async fn take(db: &DatabaseConnection) -> RelayHold {
         db.execute_unprepared(&format!(
-            "INSERT INTO redstream_leases (name, holder, expires_at) VALUES ('{RELAY_LEASE}', 'f25-test', {})",
-            epoch_ms() + 2_000
+            "INSERT INTO redstream_leases (name, holder, expires_at, version) \
+             VALUES ('{RELAY_LEASE}', 'f25-test', {}, 1)",
+            epoch_ms() + u128::from(RELAY_LEASE_TTL_MS)
         ))
         .await
         .expect("take the relay lease");
@@ -443,9 +447,9 @@ impl RelayHold {
                     // lease go early.
                     let _ = db
                         .execute_unprepared(&format!(
-                            "UPDATE redstream_leases SET expires_at = {} \
+                            "UPDATE redstream_leases SET version = version + 1, expires_at = {} \
                              WHERE name = '{RELAY_LEASE}' AND holder = 'f25-test'",
-                            epoch_ms() + 2_000
+                            epoch_ms() + u128::from(RELAY_LEASE_TTL_MS)
                         ))
                         .await;
                 }
@@ -454,7 +458,8 @@ impl RelayHold {
         RelayHold { stop, task }
     }
 
-    /// Stops renewing: the lease expires within 2 s, with no write.
+    /// Stops renewing: the workers take the lease over one lifetime later,
+    /// with no write of ours.
     async fn release(self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.task.await;
@@ -500,7 +505,7 @@ async fn run(backend: Backend) {
     // thousand events of the ledger with the outbox on.
     let size_kb = match backend {
         Backend::Sqlite => tier.pick(3_072, 8_192),
-        Backend::Postgres => tier.pick(1_536, 4_096),
+        Backend::Postgres => tier.pick(1_024, 4_096),
     };
     let owner = (backend == Backend::Postgres).then_some("postgres:postgres");
     let Some(fs) = Tmpfs::mount_or_skip(size_kb, owner) else {
@@ -538,6 +543,7 @@ async fn run(backend: Backend) {
     let hold = Duration::from_secs(c.tier.pick(6, 20));
     let relay_batch = redstream::Settings::default().outbox.batch_size as u64;
     c.set_env("CHAOS_OUTBOX", 1);
+    c.set_env("REDSTREAM__OUTBOX__LEASE_TTL_MS", RELAY_LEASE_TTL_MS);
     let hold_relay = RelayHold::take(&c.conn).await;
     c.spawn_worker("f25-a", 2, true).await;
     c.spawn_worker("f25-b", 2, true).await;
@@ -554,7 +560,7 @@ async fn run(backend: Backend) {
     let mut stalled: Option<(Instant, u64)> = None;
     let full_at = loop {
         assert!(
-            fill_started.elapsed() < Duration::from_secs(40),
+            fill_started.elapsed() < Duration::from_secs(c.tier.pick(40, 100)),
             "the disk never filled ({size_kb} KiB, {} bytes free, {} effects; seed {})",
             fs.free_bytes(),
             crate::ledger::effect_rows(&c.conn).await,
@@ -604,12 +610,12 @@ async fn run(backend: Backend) {
     tokio::time::sleep(hold - hold / 2).await;
 
     // Space returns.
+    let effects_at_return = crate::ledger::effect_rows(&c.conn).await;
     let grown_at = Instant::now();
     let full = check.at(full_at);
     let before_grow = check.at(grown_at);
     fs.resize(GROWN);
     c.phase("space is back");
-    let effects_at_return = crate::ledger::effect_rows(&c.conn).await;
     while crate::ledger::effect_rows(&c.conn).await <= effects_at_return
         && grown_at.elapsed() < RESUME_BOUND * 2
     {
