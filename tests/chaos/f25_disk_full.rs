@@ -6,8 +6,9 @@
 //! attempt); a worker SIGTERMed while the disk is full stops cleanly within
 //! the shutdown deadline; processing resumes within 15 s of space
 //! returning; nothing lost or done twice; every outbox row reaches
-//! `<stream>:out`, with at most 2 × `outbox.batch_size` duplicate entries per
-//! worker process (each runs a relay).
+//! `<stream>:out`, none whose row never committed, with at most
+//! 2 × `outbox.batch_size` duplicate entries per worker process (each runs
+//! a relay).
 //!
 //! - SQLite: the database file (and its WAL) lives on a small tmpfs the test
 //!   mounts; `mount -o remount,size=256m` gives the space back.
@@ -15,6 +16,14 @@
 //!   `processed_events`, `outbox`, `redstream_leases`) move to a tablespace
 //!   on such a tmpfs, owned by `postgres`; the WAL stays on the server's own
 //!   disk.
+//!
+//! Two workers × 2 members with the outbox on (`CHAOS_OUTBOX=1`). Until the
+//! disk is full the test holds the relay's lease, as a relay in another
+//! process would, so the outbox rows of every effect so far wait unsent when
+//! it fills (as after the burst of issue 13, where the relay lagged); the
+//! workers' relays take it over 2 s later (`outbox.lease_ttl_ms`). Halfway
+//! through the outage one worker is SIGTERMed; a fresh one starts once
+//! space is back.
 //!
 //! Mounting needs root (CI runs as root): elsewhere the tests are skipped
 //! with a message, and under `CI=true` they fail.
