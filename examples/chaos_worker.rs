@@ -24,7 +24,7 @@
 //! | `CHAOS_METRICS_MS` | period of the metrics line | 500 |
 //! | `CHAOS_OUTBOX` | `1`: each effect also writes an event to `<stream>:out` through the outbox, relayed by this process | off |
 //! | `CHAOS_UNIQUE_NAMES` | `1`: the instance name gets `-p<pid>` appended, so each process has its own member names | off |
-//! | `CHAOS_EXEC_LOG` | append a line to this file when a handler starts (`S seq pid member start_us`) and when it ends (`seq pid member start_us end_us completed`; wall-clock µs; `completed` 0 when the handler was dropped, e.g. after its entry was taken over) | none |
+//! | `CHAOS_EXEC_LOG` | append a line to this file when a handler starts (`S seq pid member start_us`) and when it ends (`seq pid member start_us end_us completed start_mono_us end_mono_us attempt ok entry_id`; `start_us`/`end_us` wall-clock µs, `*_mono_us` CLOCK_MONOTONIC µs (system-wide, not moved by a wall-clock step); `completed` 0 when the handler was dropped, e.g. after its entry was taken over; `ok` 1 when it returned `Ok`) | none |
 //! | `CHAOS_CRASH_POINT`, `CHAOS_CRASH_AT` | abort the process the Nth time execution passes this crash point (needs the `failpoints` feature; see `redstream::failpoints`) | none, 1 |
 //!
 //! Every other setting (retry policy, timers) comes from `REDSTREAM__…`
@@ -78,6 +78,14 @@ struct Ledger {
     exec_log: Option<std::path::PathBuf>,
 }
 
+/// CLOCK_MONOTONIC in µs: one clock for every process on this host, which
+/// a wall-clock step (or libfaketime with `FAKETIME_DONT_FAKE_MONOTONIC=1`)
+/// leaves alone.
+fn mono_us() -> u128 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u128 * 1_000_000 + t.tv_nsec as u128 / 1_000
+}
+
 fn epoch_us() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -95,7 +103,11 @@ struct Execution<'a> {
     seq: i64,
     member: String,
     start_us: u128,
+    start_mono_us: u128,
+    attempt: u32,
+    entry_id: String,
     completed: bool,
+    ok: bool,
 }
 
 impl Execution<'_> {
@@ -120,13 +132,18 @@ impl Drop for Execution<'_> {
         self.in_handler.fetch_sub(1, Ordering::SeqCst);
         let Some(path) = self.log else { return };
         let line = format!(
-            "{} {} {} {} {} {}\n",
+            "{} {} {} {} {} {} {} {} {} {} {}\n",
             self.seq,
             std::process::id(),
             self.member,
             self.start_us,
             epoch_us(),
-            u8::from(self.completed)
+            u8::from(self.completed),
+            self.start_mono_us,
+            mono_us(),
+            self.attempt,
+            u8::from(self.ok),
+            self.entry_id
         );
         append_line(path, &line);
     }
@@ -168,11 +185,16 @@ impl TxHandler for Ledger {
             seq: d.seq,
             member: meta.member().to_owned(),
             start_us: epoch_us(),
+            start_mono_us: mono_us(),
+            attempt: meta.attempt(),
+            entry_id: meta.entry_id().to_owned(),
             completed: false,
+            ok: false,
         };
         execution.started();
         let result = self.apply(d, meta, tx, calls).await;
         execution.completed = true;
+        execution.ok = result.is_ok();
         result
     }
 }

@@ -6,19 +6,21 @@
 # through sudo). Leaves services that already answer alone.
 #
 # With `chromium`, also installs Debian's Chromium (the status page test
-# renders the page in it).
+# renders the page in it). With `faketime`, installs libfaketime (the F27
+# clock scenarios of the fault suite step a worker's clock with it).
 #
-# usage: scripts/services.sh [redis] [postgres] [chromium]     (default: redis)
+# usage: scripts/services.sh [redis] [postgres] [chromium] [faketime]   (default: redis)
 set -euo pipefail
 
-want_redis=0 want_pg=0 want_chromium=0
+want_redis=0 want_pg=0 want_chromium=0 want_faketime=0
 [ $# -eq 0 ] && want_redis=1
 for s in "$@"; do
   case "$s" in
     redis) want_redis=1 ;;
     postgres) want_pg=1 ;;
     chromium) want_chromium=1 ;;
-    *) echo "unknown service: $s (expected redis, postgres or chromium)" >&2; exit 2 ;;
+    faketime) want_faketime=1 ;;
+    *) echo "unknown service: $s (expected redis, postgres, chromium or faketime)" >&2; exit 2 ;;
   esac
 done
 
@@ -101,5 +103,14 @@ ensure_chromium() {
 
 [ "$want_redis" -eq 1 ] && ensure_redis
 [ "$want_pg" -eq 1 ] && ensure_postgres
+ensure_faketime() {
+  if [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] ||
+    ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; then
+    return 0
+  fi
+  apt_install faketime
+}
+
 [ "$want_chromium" -eq 1 ] && ensure_chromium
+[ "$want_faketime" -eq 1 ] && ensure_faketime
 exit 0

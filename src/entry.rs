@@ -107,7 +107,15 @@ pub(crate) fn dead_letter_fields(
     out
 }
 
-/// Milliseconds since the Unix epoch, now.
+/// Milliseconds since the Unix epoch, now, by this process's wall clock.
+///
+/// For times that are data (an entry's `ts`, `processed_at`, a dead
+/// letter's `failed_at_ms`, display), never for a decision: times several
+/// processes compare come from the broker's clock
+/// ([`Broker::server_time_ms`](crate::broker::Broker::server_time_ms), Redis
+/// `TIME` inside the scripts), and durations inside a process from the
+/// monotonic clock (`Instant`). A wall clock can be stepped (NTP, a VM
+/// resumed) and differ between hosts.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -261,6 +269,8 @@ impl Event {
             Cow::Borrowed(field::VERSION),
             self.version.to_string().into_bytes(),
         ));
+        // `ts` is data (display, the end-to-end latency metric): the
+        // publisher's wall clock.
         fields.push((Cow::Borrowed(field::TS), now_ms().to_string().into_bytes()));
         if let Some(key) = self.key {
             fields.push((Cow::Borrowed(field::KEY), key.into_bytes()));

@@ -253,8 +253,19 @@ pub(crate) struct Ownership(Arc<OwnershipState>);
 #[derive(Debug, Default)]
 struct OwnershipState {
     lost: AtomicBool,
-    /// Unix ms of the read or the last heartbeat that found it ours.
+    /// When the read or the last heartbeat found it ours, in [`mono_ms`]:
+    /// an in-process duration, so a wall-clock step neither makes a fresh
+    /// confirmation look stale nor a stale one look fresh.
     confirmed_ms: AtomicU64,
+}
+
+/// Milliseconds on the monotonic clock since the first call in this
+/// process (never moved by a wall-clock step). For in-process durations
+/// only.
+fn mono_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(std::time::Instant::now);
+    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Ownership {
@@ -275,9 +286,7 @@ impl Ownership {
 
     /// A heartbeat found the entry still ours.
     pub(crate) fn confirm(&self) {
-        self.0
-            .confirmed_ms
-            .store(crate::entry::now_ms(), Ordering::Release);
+        self.0.confirmed_ms.store(mono_ms(), Ordering::Release);
     }
 
     fn confirmed_ms(&self) -> u64 {
@@ -329,7 +338,7 @@ pub(crate) async fn confirm_stale_ownership(metas: &[Meta]) {
     let Some(check) = metas.first().and_then(|m| m.member.check.clone()) else {
         return;
     };
-    let now = crate::entry::now_ms();
+    let now = mono_ms();
     let limit = u64::try_from(check.stale_after.as_millis()).unwrap_or(u64::MAX);
     let stale: Vec<&Meta> = metas
         .iter()

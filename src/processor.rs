@@ -411,7 +411,13 @@ impl ProcessorBuilder {
             .map(|s| {
                 let counters = Arc::new(ScheduleCounters::new(&s.name));
                 let name = Arc::clone(&s.name);
-                let addr = SchedulerActor::new(s, producer.clone(), Arc::clone(&counters)).start();
+                let addr = SchedulerActor::new(
+                    s,
+                    producer.clone(),
+                    Arc::clone(&broker),
+                    Arc::clone(&counters),
+                )
+                .start();
                 ScheduleHandle {
                     name,
                     addr,

@@ -49,10 +49,13 @@ pub enum Cadence {
     Every(Duration),
     /// At wall-clock (UTC) multiples of the period since the Unix epoch:
     /// `Aligned(60 s)` runs at every full minute, `Aligned(30 s)` at `:00`
-    /// and `:30`, whichever process runs it. Several processes (or a
-    /// restarted one) therefore agree on which slot a run stands for, which
-    /// makes `Tick::slot_ms` a natural idempotency key. By default the first
-    /// run waits for the next boundary.
+    /// and `:30`, whichever process runs it. The clock is the Redis
+    /// server's (`TIME`), read before each wait, so several processes (or a
+    /// restarted one) agree on which slot a run stands for even when their
+    /// own clocks differ or are stepped, which makes `Tick::slot_ms` a
+    /// natural idempotency key. (If Redis does not answer, the host's clock
+    /// stands in for that wait.) By default the first run waits for the
+    /// next boundary.
     Aligned(Duration),
 }
 
@@ -77,7 +80,8 @@ pub struct Tick {
     /// The time this run stands for, in ms since the Unix epoch: for
     /// [`Cadence::Aligned`], the boundary (a multiple of the period; the
     /// run at start stands for the boundary just passed); for
-    /// [`Cadence::Every`], the wall-clock time the run started.
+    /// [`Cadence::Every`], the wall-clock time the run started (this host's
+    /// clock: a label, not a slot other processes agree on).
     pub slot_ms: u64,
 }
 
@@ -343,7 +347,9 @@ impl ScheduleCounters {
     }
 }
 
-/// Milliseconds since the Unix epoch, now (0 if the clock is before 1970).
+/// Milliseconds since the Unix epoch, now, by this host's wall clock (0
+/// if the clock is before 1970): `Every` tick labels, and the stand-in
+/// when the broker's clock cannot be read.
 pub(crate) fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

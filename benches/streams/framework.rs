@@ -323,12 +323,9 @@ impl Broker for Timed {
         stream: &str,
         group: &str,
         member: &str,
-        now_ms: u64,
         count: usize,
     ) -> redstream::Result<DueReply> {
-        self.inner
-            .claim_due(stream, group, member, now_ms, count)
-            .await
+        self.inner.claim_due(stream, group, member, count).await
     }
     async fn heartbeat(
         &self,
@@ -392,5 +389,8 @@ impl Broker for Timed {
     }
     async fn ping(&self) -> redstream::Result<()> {
         self.inner.ping().await
+    }
+    async fn server_time_ms(&self) -> redstream::Result<u64> {
+        self.inner.server_time_ms().await
     }
 }

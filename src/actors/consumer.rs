@@ -470,7 +470,7 @@ impl Member {
                 self.source = ReadFrom::PendingAfter(last.id.clone());
                 for (raw, state) in entries {
                     // Entries waiting for a retry belong to the schedule.
-                    if state.retry_at_ms.is_some() || self.seen_in_history.contains(&raw.id) {
+                    if state.retry_in.is_some() || self.seen_in_history.contains(&raw.id) {
                         continue;
                     }
                     self.admit(raw, state.attempts);

@@ -280,7 +280,7 @@ impl GroupSupervisor {
         if retries.is_empty() {
             return;
         }
-        let earliest = retries.iter().map(|r| r.retry_at_ms).min().unwrap_or(0);
+        let earliest = retries.iter().map(|r| r.delay).min().unwrap_or_default();
         self.writes_in_flight += 1;
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
@@ -295,9 +295,12 @@ impl GroupSupervisor {
                     act.counters.retried += n as u64;
                     // Waiting for a retry does not count against max_pending.
                     act.runtime.budget.release(n);
+                    // A local wake-up, on the monotonic clock: the broker
+                    // made the entries due its own clock's now (before its
+                    // reply) plus their delay, so this poll is at or after
+                    // the earliest due time.
                     if let Some(r) = &act.reclaimer {
-                        let wait = Duration::from_millis(earliest.saturating_sub(now_ms()));
-                        r.do_send(RetryDueAt(Instant::now() + wait));
+                        r.do_send(RetryDueAt(Instant::now() + earliest));
                     }
                 }
                 Err(e) => {
@@ -377,6 +380,10 @@ impl GroupSupervisor {
     /// Turns reported results into acks, retries and dead letters.
     fn decide(&mut self, results: Vec<EntryResult>, ctx: &mut Context<Self>) {
         let policy = &self.runtime.options.retry;
+        // Wall-clock time as data only: the dead letters' `failed_at_ms` and
+        // the end-to-end latency metric (publish `ts` to now, a cross-host
+        // figure that shows clock skew as latency). Retry times are the
+        // broker's (see `RetrySchedule::delay`).
         let now = now_ms();
         let mut retries = Vec::new();
         let mut letters = Vec::new();
@@ -434,7 +441,7 @@ impl GroupSupervisor {
                         retries.push(RetrySchedule {
                             id: r.id,
                             attempts: ran,
-                            retry_at_ms: now + delay.as_millis() as u64,
+                            delay,
                         });
                     }
                 }
@@ -544,8 +551,8 @@ impl GroupSupervisor {
         if let Some(lag) = summary.lag {
             m.lag.set(lag as f64);
         }
-        let oldest = oldest_age_ms(summary.oldest_id.as_deref()).unwrap_or(0);
-        m.oldest_pending_seconds.set(oldest as f64 / 1000.0);
+        let oldest = summary.oldest_age.unwrap_or_default();
+        m.oldest_pending_seconds.set(oldest.as_secs_f64());
     }
 
     fn apply_backpressure(&mut self, summary: &PendingSummary, ctx: &mut Context<Self>) {
@@ -660,15 +667,10 @@ impl GroupSupervisor {
             oldest_pending_ms: self
                 .last_pending
                 .as_ref()
-                .and_then(|p| oldest_age_ms(p.oldest_id.as_deref())),
+                .and_then(|p| p.oldest_age)
+                .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
         }
     }
-}
-
-/// Age of an entry from its id (`<ms>-<seq>`), in milliseconds.
-fn oldest_age_ms(id: Option<&str>) -> Option<u64> {
-    let ms: u64 = id?.split('-').next()?.parse().ok()?;
-    Some(now_ms().saturating_sub(ms))
 }
 
 /// Tries a write a few times with short pauses.
@@ -787,6 +789,8 @@ impl Handler<EntriesClaimed> for GroupSupervisor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: EntriesClaimed, ctx: &mut Self::Context) -> Self::Result {
+        // Data only (`failed_at_ms` of the letters); whether a retry is due
+        // comes from the broker's clock (`EntryState::retry_in`).
         let now = now_ms();
         self.runtime
             .metrics
@@ -808,7 +812,7 @@ impl Handler<EntriesClaimed> for GroupSupervisor {
         let entries: Vec<_> = msg
             .entries
             .into_iter()
-            .filter(|(_, state)| state.retry_at_ms.is_none_or(|at| at <= now))
+            .filter(|(_, state)| state.retry_in.is_none_or(|left| left.is_zero()))
             .map(|(raw, state)| (raw, state.attempts))
             .collect();
         let addr = self

@@ -32,7 +32,6 @@ use actix::prelude::*;
 
 use super::{EntriesClaimed, GroupRuntime, RetryDueAt, StopReclaimer};
 use crate::broker::{CURSOR_START, EntryState};
-use crate::entry::now_ms;
 
 /// How often idle consumers are looked for, at most.
 const CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -249,7 +248,6 @@ async fn due_pass(
                 &rt.stream,
                 &rt.group,
                 &opts.member_names[index],
-                now_ms(),
                 opts.reclaim_count,
             )
             .await
@@ -272,7 +270,7 @@ async fn due_pass(
                 .map(|(raw, attempts)| {
                     let state = EntryState {
                         attempts,
-                        retry_at_ms: None,
+                        retry_in: None,
                     };
                     (raw, state)
                 })

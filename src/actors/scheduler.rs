@@ -11,6 +11,7 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
+use crate::broker::Broker;
 use crate::handler::panic_message;
 use crate::producer::Producer;
 use crate::schedule::{
@@ -96,6 +97,8 @@ pub(crate) async fn run_once(
 pub(crate) struct SchedulerActor {
     options: Schedule,
     producer: Producer,
+    /// The clock several processes agree on (for [`Cadence::Aligned`]).
+    clock: Arc<dyn Broker>,
     counters: Arc<ScheduleCounters>,
     running: bool,
     stopping: bool,
@@ -111,11 +114,13 @@ impl SchedulerActor {
     pub(crate) fn new(
         options: Schedule,
         producer: Producer,
+        clock: Arc<dyn Broker>,
         counters: Arc<ScheduleCounters>,
     ) -> Self {
         SchedulerActor {
             options,
             producer,
+            clock,
             counters,
             running: false,
             stopping: false,
@@ -131,9 +136,9 @@ impl SchedulerActor {
         if self.stopping {
             return;
         }
-        let period = self.options.cadence.period();
-        let delay = match self.options.cadence {
-            Cadence::Every(_) => {
+        match self.options.cadence {
+            Cadence::Every(period) => {
+                // In-process: the monotonic clock.
                 let now = Instant::now();
                 let mut due = self.next_due.unwrap_or(now + period);
                 if due <= now {
@@ -144,20 +149,51 @@ impl SchedulerActor {
                     due += period * (missed.min(u32::MAX as u128) as u32);
                 }
                 self.next_due = Some(due);
-                due.saturating_duration_since(now)
+                self.arm_after(due.saturating_duration_since(now), ctx);
             }
-            Cadence::Aligned(_) => {
+            Cadence::Aligned(period) => {
+                // Processes agree on the slots: they are read on the
+                // broker's clock, and only the wait is measured locally.
                 let period_ms = period.as_millis() as u64;
-                let now_ms = wall_ms();
-                self.next_slot = next_boundary(now_ms, period_ms).max(self.next_slot);
-                Duration::from_millis(self.next_slot.saturating_sub(now_ms))
+                self.with_shared_clock(ctx, move |act, now_ms, ctx| {
+                    act.next_slot = next_boundary(now_ms, period_ms).max(act.next_slot);
+                    let delay = Duration::from_millis(act.next_slot.saturating_sub(now_ms));
+                    act.arm_after(delay, ctx);
+                });
             }
-        };
+        }
+    }
+
+    /// Reads the broker's clock (ms since the epoch), then calls `then`
+    /// unless the schedule is stopping. If the broker does not answer, the
+    /// wall clock stands in, so the schedule goes on.
+    fn with_shared_clock(
+        &mut self,
+        ctx: &mut Context<Self>,
+        then: impl FnOnce(&mut Self, u64, &mut Context<Self>) + 'static,
+    ) {
+        let clock = Arc::clone(&self.clock);
+        let read = async move { clock.server_time_ms().await };
+        self.timer = Some(ctx.spawn(read.into_actor(self).map(move |now, act, ctx| {
+            act.timer = None;
+            if act.stopping {
+                return;
+            }
+            let now_ms = now.unwrap_or_else(|e| {
+                tracing::debug!(schedule = %act.options.name, "reading the broker's clock failed, using this host's: {e}");
+                wall_ms()
+            });
+            then(act, now_ms, ctx);
+        })));
+    }
+
+    fn arm_after(&mut self, delay: Duration, ctx: &mut Context<Self>) {
         self.timer = Some(ctx.run_later(delay, |act, ctx| {
             act.timer = None;
             let slot = match act.options.cadence {
                 Cadence::Every(period) => {
                     act.next_due = act.next_due.map(|d| d + period);
+                    // A label (data): this host's wall clock.
                     wall_ms()
                 }
                 Cadence::Aligned(period) => {
@@ -226,17 +262,24 @@ impl Actor for SchedulerActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         tracing::debug!(schedule = %self.options.name, cadence = ?self.options.cadence, "schedule started");
-        if self.options.run_at_start {
-            let slot = match self.options.cadence {
-                Cadence::Every(_) => wall_ms(),
-                Cadence::Aligned(period) => current_boundary(wall_ms(), period.as_millis() as u64),
-            };
-            if let Cadence::Every(period) = self.options.cadence {
-                self.next_due = Some(Instant::now() + period);
-            }
-            self.tick(slot, ctx);
+        if !self.options.run_at_start {
+            self.arm(ctx);
+            return;
         }
-        self.arm(ctx);
+        match self.options.cadence {
+            Cadence::Every(period) => {
+                self.next_due = Some(Instant::now() + period);
+                self.tick(wall_ms(), ctx);
+                self.arm(ctx);
+            }
+            Cadence::Aligned(period) => {
+                let period_ms = period.as_millis() as u64;
+                self.with_shared_clock(ctx, move |act, now_ms, ctx| {
+                    act.tick(current_boundary(now_ms, period_ms), ctx);
+                    act.arm(ctx);
+                });
+            }
+        }
     }
 }
 

@@ -8,6 +8,13 @@
 //! before which it must not be retried, and (for dead letters) the letter.
 //! Keeping them beside the pending list means they share its fate: what
 //! survives a Redis restart survives together.
+//!
+//! **One clock per decision.** Times that several processes compare (when a
+//! retry is due) are the broker's: a retry is written as a delay and the
+//! broker turns it into a due time with its own clock, and compares due
+//! times with that same clock when it hands them out. A worker whose wall
+//! clock is stepped or skewed therefore retries neither early nor late.
+//! Durations inside one process use the monotonic clock.
 
 pub mod admin;
 mod redis;
@@ -66,8 +73,9 @@ pub trait GroupReader: Send {
 pub struct EntryState {
     /// Failed attempts so far.
     pub attempts: u32,
-    /// If waiting for a retry: not before this time (ms since the epoch).
-    pub retry_at_ms: Option<u64>,
+    /// If waiting for a retry: how long until it is due, by the broker's
+    /// clock (zero once it is due).
+    pub retry_in: Option<Duration>,
 }
 
 /// An entry to redeliver later.
@@ -77,8 +85,9 @@ pub struct RetrySchedule {
     pub id: String,
     /// Failed attempts, including the one that just failed.
     pub attempts: u32,
-    /// Not before this time (ms since the epoch).
-    pub retry_at_ms: u64,
+    /// Not before this long after the write: the broker adds it to its own
+    /// clock, so the writer's wall clock plays no part.
+    pub delay: Duration,
 }
 
 /// An entry to move to the dead-letter stream.
@@ -94,7 +103,8 @@ pub struct DeadLetter {
     pub attempts: u32,
     /// The last error, if an attempt failed.
     pub error: Option<String>,
-    /// When it was dead-lettered (ms since the epoch).
+    /// When it was dead-lettered (ms since the epoch, the writer's wall
+    /// clock: data for people, never compared to decide anything).
     pub failed_at_ms: u64,
 }
 
@@ -127,6 +137,9 @@ pub struct PendingSummary {
     pub waiting_retry: u64,
     /// Oldest pending id.
     pub oldest_id: Option<String>,
+    /// Age of the oldest pending entry, by the broker's clock (its id is
+    /// the broker's time when it was added).
+    pub oldest_age: Option<Duration>,
     /// Pending count per member.
     pub per_member: Vec<(String, u64)>,
     /// Entries not yet delivered to the group, when the server can tell
@@ -194,7 +207,8 @@ pub trait Broker: Send + Sync + 'static {
         ids: &[String],
     ) -> Result<Vec<EntryState>>;
 
-    /// Records failed attempts and their not-before times, atomically.
+    /// Records failed attempts and when each may be retried, atomically:
+    /// due at the broker's clock now plus the entry's delay.
     async fn schedule_retries(
         &self,
         stream: &str,
@@ -225,14 +239,14 @@ pub trait Broker: Send + Sync + 'static {
         count: usize,
     ) -> Result<ClaimReply>;
 
-    /// Takes up to `count` entries whose retry time has come and claims them
-    /// for `member`, atomically (two processes never take the same one).
+    /// Takes up to `count` entries whose retry time has come, by the
+    /// broker's clock, and claims them for `member`, atomically (two
+    /// processes never take the same one).
     async fn claim_due(
         &self,
         stream: &str,
         group: &str,
         member: &str,
-        now_ms: u64,
         count: usize,
     ) -> Result<DueReply>;
 
@@ -298,4 +312,8 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the server answers.
     async fn ping(&self) -> Result<()>;
+
+    /// The broker's clock: ms since the Unix epoch (Redis `TIME`). The one
+    /// clock for times several processes must agree on.
+    async fn server_time_ms(&self) -> Result<u64>;
 }

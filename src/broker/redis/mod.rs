@@ -62,6 +62,15 @@ fn retry_key(stream: &str, group: &str) -> String {
     format!("{stream}:retry:{group}")
 }
 
+/// Milliseconds since the epoch from a `TIME` reply (seconds, microseconds).
+fn server_ms(time: &[String]) -> Result<u64> {
+    let part = |i: usize| time.get(i).and_then(|v| v.parse::<u64>().ok());
+    match (part(0), part(1)) {
+        (Some(secs), Some(micros)) => Ok(secs * 1_000 + micros / 1_000),
+        _ => Err(unexpected("TIME", "not two integers")),
+    }
+}
+
 fn attempts_key(stream: &str, group: &str) -> String {
     format!("{stream}:attempts:{group}")
 }
@@ -307,21 +316,26 @@ impl Broker for RedisBroker {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let (attempts, scores): (Vec<Option<u32>>, Vec<Option<f64>>) = redis::pipe()
-            .cmd("HMGET")
-            .arg(attempts_key(stream, group))
-            .arg(ids)
-            .cmd("ZMSCORE")
-            .arg(retry_key(stream, group))
-            .arg(ids)
-            .query_async(&mut self.conn())
-            .await?;
+        // The due times were written with the server's clock: compare them
+        // with the same clock, read in the same round trip.
+        let (time, attempts, scores): (Vec<String>, Vec<Option<u32>>, Vec<Option<f64>>) =
+            redis::pipe()
+                .cmd("TIME")
+                .cmd("HMGET")
+                .arg(attempts_key(stream, group))
+                .arg(ids)
+                .cmd("ZMSCORE")
+                .arg(retry_key(stream, group))
+                .arg(ids)
+                .query_async(&mut self.conn())
+                .await?;
+        let now = server_ms(&time)?;
         Ok(attempts
             .into_iter()
             .zip(scores)
             .map(|(a, s)| EntryState {
                 attempts: a.unwrap_or(0),
-                retry_at_ms: s.map(|ms| ms as u64),
+                retry_in: s.map(|due| Duration::from_millis((due as u64).saturating_sub(now))),
             })
             .collect())
     }
@@ -335,17 +349,15 @@ impl Broker for RedisBroker {
         if retries.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let hset = pipe.cmd("HSET").arg(attempts_key(stream, group));
+        let mut invocation = self.inner.scripts.schedule_retries.prepare_invoke();
+        invocation
+            .key(attempts_key(stream, group))
+            .key(retry_key(stream, group));
         for r in retries {
-            hset.arg(&r.id).arg(r.attempts);
+            let delay_ms = u64::try_from(r.delay.as_millis()).unwrap_or(u64::MAX);
+            invocation.arg(&r.id).arg(r.attempts).arg(delay_ms);
         }
-        let zadd = pipe.cmd("ZADD").arg(retry_key(stream, group));
-        for r in retries {
-            zadd.arg(r.retry_at_ms).arg(&r.id);
-        }
-        pipe.exec_async(&mut self.conn()).await?;
+        let _now: u64 = invocation.invoke_async(&mut self.conn()).await?;
         Ok(())
     }
 
@@ -420,7 +432,6 @@ impl Broker for RedisBroker {
         stream: &str,
         group: &str,
         member: &str,
-        now_ms: u64,
         count: usize,
     ) -> Result<DueReply> {
         let reply: Value = self
@@ -432,7 +443,6 @@ impl Broker for RedisBroker {
             .key(attempts_key(stream, group))
             .arg(group)
             .arg(member)
-            .arg(now_ms)
             .arg(count.max(1))
             .invoke_async(&mut self.conn())
             .await?;
@@ -539,20 +549,26 @@ impl Broker for RedisBroker {
     }
 
     async fn pending_summary(&self, stream: &str, group: &str) -> Result<PendingSummary> {
-        let (summary, waiting_retry, groups, dead_letters): (Value, u64, Value, u64) =
-            redis::pipe()
-                .cmd("XPENDING")
-                .arg(stream)
-                .arg(group)
-                .cmd("ZCARD")
-                .arg(retry_key(stream, group))
-                .cmd("XINFO")
-                .arg("GROUPS")
-                .arg(stream)
-                .cmd("XLEN")
-                .arg(dead_letter_stream(stream))
-                .query_async(&mut self.conn())
-                .await?;
+        let (time, summary, waiting_retry, groups, dead_letters): (
+            Vec<String>,
+            Value,
+            u64,
+            Value,
+            u64,
+        ) = redis::pipe()
+            .cmd("TIME")
+            .cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .cmd("ZCARD")
+            .arg(retry_key(stream, group))
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .cmd("XLEN")
+            .arg(dead_letter_stream(stream))
+            .query_async(&mut self.conn())
+            .await?;
         let lag = group_field(&groups, group, "lag").and_then(|v| int(&v));
         let Value::Array(parts) = summary else {
             return Err(unexpected("XPENDING", "not an array"));
@@ -572,10 +588,18 @@ impl Broker for RedisBroker {
                 .collect(),
             _ => Vec::new(),
         };
+        // An id's time part is the server's clock when it was added: its
+        // age is measured with the same clock.
+        let now = server_ms(&time)?;
+        let oldest_age = oldest_id
+            .as_deref()
+            .and_then(|id| id.split('-').next()?.parse::<u64>().ok())
+            .map(|ms| Duration::from_millis(now.saturating_sub(ms)));
         Ok(PendingSummary {
             pending,
             waiting_retry,
             oldest_id,
+            oldest_age,
             per_member,
             lag,
             dead_letters,
@@ -639,6 +663,11 @@ impl Broker for RedisBroker {
     async fn ping(&self) -> Result<()> {
         let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
         Ok(())
+    }
+
+    async fn server_time_ms(&self) -> Result<u64> {
+        let time: Vec<String> = redis::cmd("TIME").query_async(&mut self.conn()).await?;
+        server_ms(&time)
     }
 
     async fn server_report(&self) -> Result<ServerReport> {

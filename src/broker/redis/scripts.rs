@@ -19,12 +19,31 @@ end
 return lost
 "#;
 
-/// Takes entries whose retry time has come out of the schedule and claims
-/// them for a member, atomically. Stale schedule items (no longer pending)
-/// are dropped. Returns `{id, attempts, fields}`, or `{id, attempts}` when the
-/// payload was trimmed away (XCLAIM removes such ids from the pending list).
+/// Records failed attempts and due times, atomically. ARGV holds triples
+/// `id, attempts, delay_ms`; each due time is the server's `TIME` plus the
+/// delay, so the writer's wall clock plays no part (a script may call
+/// `TIME` before writing: since 7.0 scripts replicate their effects).
+/// Returns the server time used, in ms.
+pub(super) const SCHEDULE_RETRIES_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #ARGV, 3 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 2]), ARGV[i])
+end
+return now
+"#;
+
+/// Takes entries whose retry time has come, by the server's `TIME` (the
+/// clock their due times were written with), out of the schedule and
+/// claims them for a member, atomically. Stale schedule items (no longer
+/// pending) are dropped. Returns `{id, attempts, fields}`, or `{id,
+/// attempts}` when the payload was trimmed away (XCLAIM removes such ids
+/// from the pending list).
 pub(super) const CLAIM_DUE_LUA: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[2], id)
@@ -155,6 +174,7 @@ pub(super) struct Scripts {
     pub(super) remove_idle_consumers: Script,
     pub(super) dead_letter: Script,
     pub(super) claim_due: Script,
+    pub(super) schedule_retries: Script,
     pub(super) lease_acquire: Script,
     pub(super) lease_release: Script,
     pub(super) latest_put: Script,
@@ -167,6 +187,7 @@ impl Scripts {
             dead_letter: Script::new(DEAD_LETTER_LUA),
             remove_idle_consumers: Script::new(REMOVE_IDLE_CONSUMERS_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
+            schedule_retries: Script::new(SCHEDULE_RETRIES_LUA),
             lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
             lease_release: Script::new(LEASE_RELEASE_LUA),
             latest_put: Script::new(LATEST_PUT_LUA),
