@@ -20,8 +20,9 @@
 //! Two workers × 2 members with the outbox on (`CHAOS_OUTBOX=1`). Until the
 //! disk is full the test holds the relay's lease, as a relay in another
 //! process would, so the outbox rows of every effect so far wait unsent when
-//! it fills (as after the burst of issue 13, where the relay lagged); the
-//! workers' relays take it over 2 s later (`outbox.lease_ttl_ms`). Halfway
+//! it fills (as after the burst of issue 13, where the relay lagged); a
+//! worker's relay takes it over one `outbox.lease_ttl_ms` (10 s) later, and
+//! the disk stays full 2 s more (the outage lasts 12 s plus the stop). Halfway
 //! through the outage one worker is SIGTERMed; a fresh one starts once
 //! space is back.
 //!
@@ -433,16 +434,19 @@ struct RelayHold {
 
 /// The relay's lease name (`redstream_leases.name`).
 const RELAY_LEASE: &str = "outbox-relay";
-/// The workers' `outbox.lease_ttl_ms`: how long after the hold stops they
-/// take the lease over.
-const RELAY_LEASE_TTL_MS: u64 = 2_000;
+
+/// The workers' `outbox.lease_ttl_ms` (the default): how long after the
+/// hold stops they take the lease over.
+fn relay_lease_ttl_ms() -> u64 {
+    redstream::Settings::default().outbox.lease_ttl_ms
+}
 
 impl RelayHold {
     async fn take(db: &DatabaseConnection) -> RelayHold {
         db.execute_unprepared(&format!(
             "INSERT INTO redstream_leases (name, holder, expires_at, version) \
              VALUES ('{RELAY_LEASE}', 'f25-test', {}, 1)",
-            epoch_ms() + u128::from(RELAY_LEASE_TTL_MS)
+            epoch_ms() + u128::from(relay_lease_ttl_ms())
         ))
         .await
         .expect("take the relay lease");
@@ -458,7 +462,7 @@ impl RelayHold {
                         .execute_unprepared(&format!(
                             "UPDATE redstream_leases SET version = version + 1, expires_at = {} \
                              WHERE name = '{RELAY_LEASE}' AND holder = 'f25-test'",
-                            epoch_ms() + u128::from(RELAY_LEASE_TTL_MS)
+                            epoch_ms() + u128::from(relay_lease_ttl_ms())
                         ))
                         .await;
                 }
@@ -549,10 +553,10 @@ async fn run(backend: Backend) {
         }
     };
     let n = c.tier.pick(3_000, 50_000);
-    let hold = Duration::from_secs(c.tier.pick(6, 20));
+    // Longer than the relay lease, so a relay works while the disk is full.
+    let hold = Duration::from_millis(relay_lease_ttl_ms() + c.tier.pick(2_000, 20_000));
     let relay_batch = redstream::Settings::default().outbox.batch_size as u64;
     c.set_env("CHAOS_OUTBOX", 1);
-    c.set_env("REDSTREAM__OUTBOX__LEASE_TTL_MS", RELAY_LEASE_TTL_MS);
     let hold_relay = RelayHold::take(&c.conn).await;
     c.spawn_worker("f25-a", 2, true).await;
     c.spawn_worker("f25-b", 2, true).await;
@@ -682,6 +686,13 @@ async fn run(backend: Backend) {
         .copied();
     let during = |s: &&Sample| s.at >= full_at && s.at <= grown_at;
     let full_samples = samples.iter().filter(during).count();
+    // A long gap in the test's own 100 ms sampling means the machine
+    // stalled (every process at once), not the workers alone.
+    let max_gap = samples
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .max()
+        .unwrap_or_default();
     let (read_while_full, acked_while_full, out_while_full) = match (full, before_grow) {
         (Some(a), Some(b)) => (
             b.read.saturating_sub(a.read),
@@ -694,7 +705,8 @@ async fn run(backend: Backend) {
         "{size_kb} KiB fs full after {effects_at_full} effects ({unsent_at_full} outbox rows \
          unsent, the relay held back until then), held {:.0}s, then {GROWN}; \
          while full: read {read_while_full}, acked {acked_while_full}, relayed {out_while_full} \
-         ({full_samples} samples); acked without effect: {} of {} samples (worst {}); \
+         ({full_samples} samples); acked without effect: {} of {} samples (worst {}; longest \
+         gap between samples {:.1}s); \
          resumed {:.2}s after space returned; SIGTERM during the outage {:.2}s (clean {stop_clean}); \
          relay: {out_entries} entries for {outbox_rows} outbox rows ({} ids, {phantom} with no \
          committed row), duplicates {relay_dups} \
@@ -706,6 +718,7 @@ async fn run(backend: Backend) {
         worst
             .map(|s| format!("acked {} > effects {}", s.acked, s.effects))
             .unwrap_or_else(|| "-".to_owned()),
+        max_gap.as_secs_f64(),
         resumed.as_secs_f64(),
         stop_took.as_secs_f64(),
         out_ids.len(),
