@@ -123,7 +123,19 @@ impl Chaos {
             Backend::Sqlite => TestDb::sqlite(),
             Backend::Postgres => TestDb::postgres().await?,
         };
-        let db_label = match backend {
+        Some(Chaos::on(scenario, db, redis_mode, redis_args).await)
+    }
+
+    /// A scenario on a database the test prepared (e.g. a SQLite file on a
+    /// filesystem it mounted).
+    pub async fn on(
+        scenario: &'static str,
+        db: TestDb,
+        redis_mode: &str,
+        redis_args: &[&str],
+    ) -> Chaos {
+        crate::init_tracing();
+        let db_label = match db.backend {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "pg",
         };
@@ -152,7 +164,7 @@ impl Chaos {
             ("CHAOS_STREAM".to_owned(), stream.clone()),
             ("CHAOS_GROUP".to_owned(), group.clone()),
         ]);
-        Some(Chaos {
+        Chaos {
             scenario,
             tier,
             db,
@@ -175,7 +187,7 @@ impl Chaos {
             rss: Arc::new(Mutex::new(HashMap::new())),
             sampler: None,
             producer: None,
-        })
+        }
     }
 
     /// Sets (or overrides) a worker environment variable.

@@ -47,6 +47,7 @@ mod f19_flood;
 mod f21_identity;
 mod f21_unique_names;
 mod f24_sigterm_loop;
+mod f25_disk_full;
 mod f27_clocks;
 mod proxy;
 mod redis_restart;

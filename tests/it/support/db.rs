@@ -50,6 +50,21 @@ impl TestDb {
         }
     }
 
+    /// A SQLite file `test.db` in `dir`, which the caller owns (e.g. a
+    /// filesystem it mounted).
+    pub fn sqlite_in(dir: &std::path::Path) -> TestDb {
+        let mut settings = DatabaseSettings::default();
+        settings.url = format!("sqlite://{}/test.db?mode=rwc", dir.display())
+            .parse()
+            .expect("sqlite url");
+        TestDb {
+            backend: Backend::Sqlite,
+            settings,
+            _dir: None,
+            pg_name: None,
+        }
+    }
+
     /// A fresh database; `None` (skipped, with a reason) when PostgreSQL does
     /// not answer outside CI.
     pub async fn postgres() -> Option<TestDb> {
