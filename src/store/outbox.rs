@@ -196,8 +196,8 @@ impl Handler<StopRelay> for OutboxRelay {
     }
 }
 
-/// Longest the relay lets its lease go unrenewed, and how long it waits
-/// between failed rounds at most.
+/// The longest wait between failed rounds (less when a third of the lease's
+/// lifetime is shorter).
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Relays until stopped, then makes one last round, bounded by the stop's
@@ -206,7 +206,13 @@ async fn relay_loop(mut relay: Relay, mut stop: watch::Receiver<Option<Instant>>
     let wake = Arc::new(Notify::new());
     let listener = (relay.store.backend() == DbBackend::Postgres)
         .then(|| actix_rt::spawn(listen(relay.store.clone(), Arc::clone(&wake))));
-    let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
+    // Failed rounds back off, but never past a third of the lease's
+    // lifetime, so the lease is renewed in time while the database refuses
+    // marks.
+    let max_backoff = MAX_BACKOFF
+        .min(relay.options.lease_ttl / 3)
+        .max(Duration::from_millis(100));
+    let mut backoff = Backoff::new(Duration::from_millis(100), max_backoff);
     loop {
         let deadline = *stop.borrow();
         let result = match deadline {
@@ -347,10 +353,16 @@ impl Relay {
     /// One round: mark what is left to mark, keep the lease, publish a batch
     /// and mark it. `Ok(true)` when a full batch went out (more may wait).
     async fn round(&mut self) -> Result<bool> {
+        // The lease first, even with rows left to mark: a relay that cannot
+        // mark must still renew, or another process takes the lease over
+        // and publishes the same rows again.
+        let leased = self.keep_lease().await?;
+        // Fenced: if another relay holds the lease now, nothing is marked
+        // and the rows are left to it.
         if !self.unmarked.is_empty() && !self.mark().await? {
             return Ok(false);
         }
-        if !self.keep_lease().await? {
+        if !leased {
             return Ok(false);
         }
         let relayed = self.publish().await?;

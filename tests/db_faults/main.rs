@@ -514,3 +514,65 @@ async fn a_stop_during_an_outage_releases_at_once_postgres() {
         stop_during_outage(db).await;
     }
 }
+
+/// While the database refuses the relay's marks for several lease
+/// lifetimes, the relay keeps renewing its lease: a second relay waiting on
+/// the same database never takes over, so no row is published twice.
+async fn relay_keeps_its_lease_while_marks_fail(db: TestDb) {
+    let _serial = SERIAL.lock().await;
+    let backend = db.backend;
+    let Some(world) = World::new(db).await else {
+        return;
+    };
+    let stream = world.ctx.stream("lease");
+    let store = world.cell_store().await;
+    let mut settings = world.settings();
+    settings.outbox.lease_ttl_ms = 600;
+    let first = Processor::builder(settings.clone())
+        .outbox(&store)
+        .start()
+        .await
+        .unwrap();
+    // The first relay holds the lease before the second one starts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second_store = world.cell_store().await;
+    let second = Processor::builder(settings)
+        .outbox(&second_store)
+        .start()
+        .await
+        .unwrap();
+    // About 2.5 s of failing marks: four lease lifetimes.
+    inject_db_fault("outbox.mark", DbFault::Full, true, 0, 14).unwrap();
+    let tx = world.store.connection().begin().await.unwrap();
+    for n in 0..EVENTS {
+        let event = Event::new("n", &serde_json::json!({ "n": n })).unwrap();
+        enqueue(&tx, &stream, event).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let what = format!("{backend:?}: every row relayed and marked after the marks fail");
+    eventually(Duration::from_secs(30), &what, || async {
+        db_fault_hits("outbox.mark") == 14 && world.unsent(&stream).await == 0
+    })
+    .await;
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+    clear_db_faults();
+    assert_eq!(
+        world.ctx.xlen(&stream).await,
+        EVENTS as u64,
+        "{backend:?}: no row published twice while the marks failed"
+    );
+    world.producer.shutdown().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_relay_keeps_its_lease_while_marks_fail_sqlite() {
+    relay_keeps_its_lease_while_marks_fail(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn a_relay_keeps_its_lease_while_marks_fail_postgres() {
+    if let Some(db) = TestDb::postgres().await {
+        relay_keeps_its_lease_while_marks_fail(db).await;
+    }
+}
