@@ -46,8 +46,11 @@ use crate::worker::Worker;
 const GROWN: &str = "256m";
 /// How soon processing must resume once space is back.
 const RESUME_BOUND: Duration = Duration::from_secs(15);
-/// How soon a worker SIGTERMed during the outage must have exited.
-const STOP_BOUND: Duration = Duration::from_secs(10);
+/// How soon a worker SIGTERMed during the outage must have exited: within
+/// the shutdown deadline the harness sets (5 s). A member whose database
+/// refuses writes releases its entries at once (0.2–0.4 s measured), so
+/// only a machine that stalls for seconds comes near it.
+const STOP_BOUND: Duration = Duration::from_secs(5);
 
 /// A tmpfs mounted on a fresh directory, unmounted on drop.
 struct Tmpfs {
