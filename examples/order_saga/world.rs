@@ -40,8 +40,8 @@ pub(crate) fn plan(run: &str, seed: u64, count: usize) -> Plan {
     let sku = |i: usize| format!("{run}-sku{i:02}");
     let customer = |i: usize| format!("{run}-c{i:02}");
     let mut orders = Vec::with_capacity(count);
-    let mut demand = vec![0i64; SKUS];
-    let mut spend = vec![0i64; CUSTOMERS];
+    let mut demand = [0i64; SKUS];
+    let mut spend = [0i64; CUSTOMERS];
     let now = saga::now_ms();
     for i in 0..count {
         let c = rng.random_range(0..CUSTOMERS);
