@@ -17,6 +17,7 @@ mod identity;
 mod janitor;
 mod market;
 mod observe;
+mod order_saga;
 mod orders;
 mod producer;
 mod reclaim;
