@@ -11,6 +11,7 @@
     missing_docs
 )]
 
+mod bad_entries;
 mod cli;
 mod core;
 mod identity;
