@@ -17,6 +17,11 @@ struct Deposit {
     seq: u64,
 }
 
+/// (deposit seq, traceparent seen by the handler).
+type Seen = Arc<Mutex<Vec<(u64, Option<String>)>>>;
+/// (what, fields, expected dead-letter reason).
+type Bad = (&'static str, Vec<(Vec<u8>, Vec<u8>)>, &'static str);
+
 fn f(name: &str, value: impl AsRef<[u8]>) -> (Vec<u8>, Vec<u8>) {
     (name.as_bytes().to_vec(), value.as_ref().to_vec())
 }
@@ -36,7 +41,7 @@ async fn entries_that_try_to_break_out_are_dead_lettered_and_stop_no_member() {
         return;
     };
     let stream = ctx.stream("deposits");
-    let seen: Arc<Mutex<Vec<(u64, Option<String>)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let sink = Arc::clone(&seen);
     let handler = handler_fn(move |d: Deposit, meta: Meta| {
         let sink = Arc::clone(&sink);
@@ -58,11 +63,9 @@ async fn entries_that_try_to_break_out_are_dead_lettered_and_stop_no_member() {
         xadd(&ctx, &stream, &good(seq)).await;
     }
 
-    let mut many: Vec<(Vec<u8>, Vec<u8>)> = (0..10_000)
-        .map(|i| f(&format!("f{i}"), "x"))
-        .collect();
+    let mut many: Vec<(Vec<u8>, Vec<u8>)> = (0..10_000).map(|i| f(&format!("f{i}"), "x")).collect();
     many.push(f("data", deposit(1_000)));
-    let bad: Vec<(&str, Vec<(Vec<u8>, Vec<u8>)>, &str)> = vec![
+    let bad: Vec<Bad> = vec![
         (
             "10,000 fields",
             many,
@@ -141,7 +144,10 @@ async fn entries_that_try_to_break_out_are_dead_lettered_and_stop_no_member() {
     let seqs: Vec<u64> = handled.iter().map(|(s, _)| *s).collect();
     let mut expected: Vec<u64> = (0..10).collect();
     expected.extend([2_000, 2_001, 2_002]);
-    assert_eq!(seqs, expected, "every good event once, after the bad ones too");
+    assert_eq!(
+        seqs, expected,
+        "every good event once, after the bad ones too"
+    );
     let traces: Vec<Option<&str>> = handled[10..].iter().map(|(_, t)| t.as_deref()).collect();
     assert_eq!(traces, [None, None, Some(valid_trace)]);
 

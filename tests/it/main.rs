@@ -19,6 +19,7 @@ mod janitor;
 mod market;
 mod observe;
 mod orders;
+mod privilege;
 mod producer;
 mod reclaim;
 mod retry;
