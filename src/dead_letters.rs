@@ -34,6 +34,10 @@ pub struct DeadLetterEntry {
     pub failed_at_ms: u64,
     /// The last error, if an attempt failed.
     pub error: Option<String>,
+    /// Original fields left out of the letter (past
+    /// [`MAX_FIELDS`](crate::entry::MAX_FIELDS)); such a letter is not
+    /// redriven.
+    pub omitted_fields: u64,
     /// The original entry's fields (empty if its payload was trimmed away),
     /// lossily shown as text.
     #[serde(serialize_with = "lossy_fields")]
@@ -65,6 +69,7 @@ impl DeadLetterEntry {
             attempts: 0,
             failed_at_ms: 0,
             error: None,
+            omitted_fields: 0,
             original: Vec::new(),
         };
         let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
@@ -80,6 +85,9 @@ impl DeadLetterEntry {
                     letter.failed_at_ms = text(&value).parse().unwrap_or(0)
                 }
                 n if n == f::ERROR.as_bytes() => letter.error = Some(text(&value)),
+                n if n == f::OMITTED_FIELDS.as_bytes() => {
+                    letter.omitted_fields = text(&value).parse().unwrap_or(0)
+                }
                 n => {
                     let original = n
                         .strip_prefix(f::ORIGINAL_PREFIX.as_bytes())
@@ -96,6 +104,12 @@ impl DeadLetterEntry {
     pub fn original_entry(&self) -> std::result::Result<OutgoingEntry, String> {
         if self.original.is_empty() {
             return Err("its payload was trimmed away; nothing to redrive".to_owned());
+        }
+        if self.omitted_fields > 0 {
+            return Err(format!(
+                "{} of its fields were left out of the letter (too many fields); it cannot be redriven whole",
+                self.omitted_fields
+            ));
         }
         let mut fields = Vec::with_capacity(self.original.len());
         let mut event_id = None;

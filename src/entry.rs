@@ -45,6 +45,18 @@ pub mod field {
     pub const RESERVED: [&str; 7] = [ID, TYPE, VERSION, DATA, TS, KEY, TRACEPARENT];
 }
 
+/// Most fields an entry may have. An entry with more is dead-lettered
+/// (`too_many_fields`) without being handed to a handler; its dead letter
+/// keeps the first `MAX_FIELDS` fields (a Lua script writes each letter, and
+/// one Redis call from Lua takes fewer than 8,000 arguments).
+pub const MAX_FIELDS: usize = 1_024;
+
+/// Longest `id` field, in bytes. The event id is the idempotency key, a
+/// primary-key column of `processed_events`; a longer one is dead-lettered
+/// (`oversized_field`) rather than failing the database write (PostgreSQL
+/// refuses index rows above about 2.7 kB).
+pub const MAX_EVENT_ID_BYTES: usize = 512;
+
 /// The name of the dead-letter stream of `stream`: `<stream>:dlq`.
 pub fn dead_letter_stream(stream: &str) -> String {
     format!("{stream}:dlq")
@@ -68,10 +80,22 @@ pub mod dead_letter_field {
     pub const FAILED_AT: &str = "failed_at";
     /// The last error, when an attempt failed.
     pub const ERROR: &str = "error";
+    /// How many original fields past [`MAX_FIELDS`](crate::MAX_FIELDS)
+    /// were left out of the letter (present only then; the whole entry
+    /// stays in the stream under `origin_id` until trimmed).
+    pub const OMITTED_FIELDS: &str = "omitted_fields";
     /// Prefix for original fields whose names collide with the above.
     pub const ORIGINAL_PREFIX: &str = "original.";
     /// All names a dead letter adds.
-    pub const ADDED: [&str; 6] = [REASON, ORIGIN_ID, GROUP, ATTEMPTS, FAILED_AT, ERROR];
+    pub const ADDED: [&str; 7] = [
+        REASON,
+        ORIGIN_ID,
+        GROUP,
+        ATTEMPTS,
+        FAILED_AT,
+        ERROR,
+        OMITTED_FIELDS,
+    ];
 }
 
 /// The fields of a dead-letter entry: the letter's metadata, then the
@@ -94,7 +118,11 @@ pub(crate) fn dead_letter_fields(
     if let Some(error) = &letter.error {
         out.push((f::ERROR.into(), error.clone().into_bytes()));
     }
-    for (name, value) in &letter.fields {
+    let omitted = letter.fields.len().saturating_sub(MAX_FIELDS);
+    if omitted > 0 {
+        out.push((f::OMITTED_FIELDS.into(), omitted.to_string().into_bytes()));
+    }
+    for (name, value) in letter.fields.iter().take(MAX_FIELDS) {
         let collides = f::ADDED.iter().any(|a| a.as_bytes() == name.as_slice())
             || name.starts_with(f::ORIGINAL_PREFIX.as_bytes());
         let name = if collides {
@@ -357,6 +385,25 @@ pub enum DecodeError {
         /// The field name.
         field: String,
     },
+    /// The entry has more than [`MAX_FIELDS`] fields.
+    #[error("too_many_fields: {count} fields, at most {max}")]
+    TooManyFields {
+        /// Its number of fields.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A reserved field is longer than its limit ([`MAX_EVENT_ID_BYTES`]
+    /// for `id`).
+    #[error("oversized_field: `{field}` is {len} bytes, at most {max}")]
+    Oversized {
+        /// The field name.
+        field: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// `v` or `ts` is not a non-negative integer.
     #[error("malformed_field: `{field}` is not a non-negative integer")]
     NotANumber {
@@ -411,6 +458,45 @@ fn number(bytes: &[u8], field: &str) -> std::result::Result<u64, DecodeError> {
         })
 }
 
+/// A `traceparent` value if it is a W3C trace context
+/// (`<version>-<trace-id>-<parent-id>-<flags>`, lowercase hex, ids not all
+/// zero, version not `ff`); anything else is ignored, with a debug log: a
+/// trace context is a hint, never a reason to refuse an event.
+fn trace_context(entry_id: &str, value: &[u8]) -> Option<String> {
+    fn hex(s: &str, len: usize) -> bool {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+    fn valid(s: &str) -> bool {
+        let mut parts = s.splitn(5, '-');
+        let (Some(version), Some(trace), Some(parent), Some(flags)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        let rest = parts.next();
+        hex(version, 2)
+            && version != "ff"
+            && hex(trace, 32)
+            && trace.bytes().any(|b| b != b'0')
+            && hex(parent, 16)
+            && parent.bytes().any(|b| b != b'0')
+            && hex(flags, 2)
+            // Version 00 has exactly four parts; later ones may add more.
+            && (rest.is_none() || version != "00")
+    }
+    match std::str::from_utf8(value) {
+        Ok(s) if valid(s) => Some(s.to_owned()),
+        _ => {
+            tracing::debug!(
+                entry_id,
+                len = value.len(),
+                "ignoring a `traceparent` that is not a W3C trace context"
+            );
+            None
+        }
+    }
+}
+
 impl Entry {
     /// Decodes one raw entry. On failure the raw entry is given back beside
     /// the reason, so it can be dead-lettered with its original bytes.
@@ -422,6 +508,16 @@ impl Entry {
             // XADD never writes an entry without fields: an empty map is a
             // trimmed payload (redis-rs maps a nil entry to an empty map).
             return Err((raw, DecodeError::Trimmed));
+        }
+        if fields.len() > MAX_FIELDS {
+            let count = fields.len();
+            return Err((
+                raw,
+                DecodeError::TooManyFields {
+                    count,
+                    max: MAX_FIELDS,
+                },
+            ));
         }
         match Self::parse(&raw.id, fields) {
             Ok(parsed) => {
@@ -460,7 +556,16 @@ impl Entry {
                 });
             }
             match name {
-                field::ID => entry.event_id = Some(utf8(value, name)?),
+                field::ID => {
+                    if value.len() > MAX_EVENT_ID_BYTES {
+                        return Err(DecodeError::Oversized {
+                            field: name.to_owned(),
+                            len: value.len(),
+                            max: MAX_EVENT_ID_BYTES,
+                        });
+                    }
+                    entry.event_id = Some(utf8(value, name)?)
+                }
                 field::TYPE => entry.event_type = Some(utf8(value, name)?),
                 field::VERSION => {
                     entry.version = u32::try_from(number(value, name)?).map_err(|_| {
@@ -471,7 +576,7 @@ impl Entry {
                 }
                 field::TS => entry.published_at_ms = Some(number(value, name)?),
                 field::KEY => entry.key = Some(utf8(value, name)?),
-                field::TRACEPARENT => entry.traceparent = Some(utf8(value, name)?),
+                field::TRACEPARENT => entry.traceparent = trace_context(id, value),
                 field::DATA => entry.data = Some(index),
                 _ => {}
             }
@@ -509,7 +614,8 @@ impl Entry {
         self.key.as_deref()
     }
 
-    /// The `traceparent` field.
+    /// The `traceparent` field, if it is a W3C trace context (`None` for
+    /// anything else: an invalid one is ignored, not an error).
     pub fn traceparent(&self) -> Option<&str> {
         self.traceparent.as_deref()
     }
@@ -648,11 +754,78 @@ mod tests {
             (raw(&[(b"type", b"\xff")]), "malformed_field"),
             (raw(&[(b"v", b"two")]), "malformed_field"),
             (raw(&[(b"a", b"1"), (b"a", b"2")]), "duplicate_field"),
+            (raw(&[(b"v", b"-1")]), "malformed_field"),
+            (raw(&[(b"ts", b"abc")]), "malformed_field"),
+            (raw(&[(b"id", &[b'x'; 10_240])]), "oversized_field"),
         ];
         for (entry, code) in cases {
             let (back, err) = Entry::decode(entry.clone()).expect_err("malformed");
             assert_eq!(back, entry, "raw entry given back unchanged");
             assert!(err.reason().starts_with(code), "{code}: {}", err.reason());
         }
+    }
+
+    #[test]
+    fn too_many_fields_are_refused_and_the_letter_is_capped() {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = (0..10_000)
+            .map(|i| (format!("f{i}").into_bytes(), b"x".to_vec()))
+            .collect();
+        let raw_entry = RawEntry {
+            id: "1-0".into(),
+            fields: Some(fields.clone()),
+        };
+        let (_, err) = Entry::decode(raw_entry).expect_err("too many");
+        assert_eq!(err.reason(), "too_many_fields: 10000 fields, at most 1024");
+        let letter = crate::broker::DeadLetter {
+            origin_id: "1-0".into(),
+            fields,
+            reason: err.reason(),
+            attempts: 0,
+            error: None,
+            failed_at_ms: 0,
+        };
+        let out = dead_letter_fields(&letter, "g");
+        assert_eq!(out.len(), 5 + 1 + MAX_FIELDS);
+        assert!(out.contains(&(b"omitted_fields".to_vec(), b"8976".to_vec())));
+        // At the limit, nothing is left out.
+        let at_limit = RawEntry {
+            id: "1-0".into(),
+            fields: Some(
+                (0..MAX_FIELDS)
+                    .map(|i| (format!("f{i}").into_bytes(), b"x".to_vec()))
+                    .collect(),
+            ),
+        };
+        assert!(Entry::decode(at_limit).is_ok());
+    }
+
+    #[test]
+    fn an_invalid_traceparent_is_ignored() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let entry = Entry::decode(raw(&[(b"traceparent", good.as_bytes())])).expect("decodes");
+        assert_eq!(entry.traceparent(), Some(good));
+        for bad in [
+            &b"not a trace context"[..],
+            b"\xff\xfe",
+            b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            &[b'0'; 10_000],
+        ] {
+            let entry = Entry::decode(raw(&[(b"traceparent", bad), (b"data", b"{}")]))
+                .expect("an invalid traceparent does not fail the entry");
+            assert_eq!(
+                entry.traceparent(),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert_eq!(entry.field("traceparent"), Some(bad), "kept as written");
+        }
+        let future = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
+        let entry = Entry::decode(raw(&[(b"traceparent", future.as_bytes())])).expect("decodes");
+        assert_eq!(entry.traceparent(), Some(future));
     }
 }

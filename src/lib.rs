@@ -109,7 +109,8 @@ pub mod web;
 
 pub use broker::{Admin, Broker, RedisBroker};
 pub use entry::{
-    DecodeError, Entry, Event, RawEntry, dead_letter_field, dead_letter_stream, field,
+    DecodeError, Entry, Event, MAX_EVENT_ID_BYTES, MAX_FIELDS, RawEntry, dead_letter_field,
+    dead_letter_stream, field,
 };
 pub use error::{BoxError, Error, Result};
 pub use handle::{Health, HealthCheck, ProcessorHandle};

@@ -118,6 +118,12 @@ pub struct DatabaseSettings {
     /// run one by one, and one that alone takes longer fails like a handler
     /// error. Keep it above the slowest batch. Default 30000.
     pub batch_timeout_ms: u64,
+    /// Whether `Store::connect` runs redstream's migrations (DDL). `false`
+    /// for a role without DDL rights: the store then only checks, with a
+    /// `SELECT`, that every migration was applied (by a process with `true`,
+    /// as a role that may create tables), and fails start-up naming this key
+    /// if not. Default true.
+    pub migrate: bool,
 }
 
 impl Default for DatabaseSettings {
@@ -129,6 +135,7 @@ impl Default for DatabaseSettings {
             batch_size: 100,
             busy_timeout_ms: 5_000,
             batch_timeout_ms: 30_000,
+            migrate: true,
         }
     }
 }

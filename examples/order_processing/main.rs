@@ -16,7 +16,9 @@
 //! Settings come from `settings/` and `REDSTREAM__…` variables: Redis from
 //! `REDSTREAM__REDIS__URL`, the database from `REDSTREAM__DATABASE__URL`
 //! (default: the SQLite file `redstream.db` in the working directory;
-//! `postgres://…` for PostgreSQL). Members: `--members N` or
+//! `postgres://…` for PostgreSQL; with `REDSTREAM__DATABASE__MIGRATE=false`
+//! neither redstream's tables nor `orders` are created, for a role without
+//! DDL rights). Members: `--members N` or
 //! `ORDERS_MEMBERS` (default 4). `ORDERS_STREAM` and `ORDER_EVENTS_STREAM`
 //! rename the streams (the tests use that).
 
@@ -123,7 +125,11 @@ async fn start(settings: Settings, config: &Config, store: &Store) -> Result<Pro
 async fn connect() -> Result<(Settings, Store), AnyError> {
     let settings = Settings::load()?;
     let store = Store::connect(&settings.database).await?;
-    orders::create_tables(store.connection()).await?;
+    // A role without DDL rights (`database.migrate = false`) finds the
+    // table made by the role that ran the migrations.
+    if settings.database.migrate {
+        orders::create_tables(store.connection()).await?;
+    }
     Ok((settings, store))
 }
 

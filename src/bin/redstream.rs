@@ -257,10 +257,19 @@ async fn stream_info(broker: &RedisBroker, stream: &str) -> Result<StreamInfo, F
 
 async fn status(broker: &RedisBroker, pattern: &str, json: bool) -> Result<(), Failure> {
     let mut infos = Vec::new();
+    let mut refused = 0usize;
     for stream in broker.streams(pattern).await? {
-        if let Some(info) = broker.stream_info(&stream).await? {
-            infos.push(info);
+        // SCAN lists every key; an ACL user restricted to some key patterns
+        // may not read the others: skip those rather than fail.
+        match broker.stream_info(&stream).await {
+            Ok(Some(info)) => infos.push(info),
+            Ok(None) => {}
+            Err(e) if e.redis_code() == Some("NOPERM") => refused += 1,
+            Err(e) => return Err(e.into()),
         }
+    }
+    if refused > 0 {
+        eprintln!("{refused} stream(s) skipped: this Redis user may not read them (NOPERM)");
     }
     if infos.is_empty() && pattern != "*" {
         return Err(Failure::NotFound(format!("no stream matches `{pattern}`")));

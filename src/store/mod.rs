@@ -17,7 +17,9 @@
 //! timeout and `synchronous = FULL`, so a commit that the ack follows is on
 //! disk. PostgreSQL is chosen by a `postgres://` URL. Migrations
 //! (`redstream-migrations`) run at connect, under a lock, with their own
-//! bookkeeping table, so the store can share the application's database.
+//! bookkeeping table, so the store can share the application's database;
+//! with `database.migrate = false` (a role without DDL rights) connect only
+//! checks that they were applied.
 
 mod exactly_once;
 mod outbox;
@@ -131,6 +133,27 @@ where
     }
 }
 
+/// A migration refused for want of rights becomes an error naming
+/// `database.migrate`, the setting for roles without DDL rights.
+fn refused_ddl(e: Error) -> Error {
+    match &e {
+        Error::Database(db) => {
+            let text = db.to_string();
+            if text.contains("permission denied") || text.contains("must be owner") {
+                Error::settings(
+                    "database.migrate",
+                    format!(
+                        "the migrations were refused ({text}): this role may not create tables; run them once as a role that may, and set database.migrate = false for this one"
+                    ),
+                )
+            } else {
+                e
+            }
+        }
+        _ => e,
+    }
+}
+
 /// A database connection pool with redstream's tables migrated.
 ///
 /// ```no_run
@@ -159,7 +182,8 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Connects (SQLite: WAL, busy timeout, `synchronous = FULL`) and runs
-    /// the migrations.
+    /// the migrations, or with `database.migrate = false` checks that they
+    /// were applied.
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self> {
         let mut options = ConnectOptions::new(settings.url.expose().to_owned());
         options
@@ -203,7 +227,11 @@ impl Store {
             Duration::from_millis(settings.batch_timeout_ms),
             settings.url.to_string(),
         );
-        store.migrate().await?;
+        if settings.migrate {
+            store.migrate().await.map_err(refused_ddl)?;
+        } else {
+            store.check_migrated().await?;
+        }
         Ok(store)
     }
 
@@ -253,6 +281,47 @@ impl Store {
     /// fails.
     pub async fn migrate(&self) -> Result<()> {
         patiently("migrations", || self.migrate_once()).await
+    }
+
+    /// Checks, with a `SELECT` only, that every migration was applied: for
+    /// a role without DDL rights (`database.migrate = false`).
+    pub async fn check_migrated(&self) -> Result<()> {
+        use sea_orm::sea_query::{Alias, Expr, Query};
+        let query = Query::select()
+            .expr(Expr::col(Alias::new("version")))
+            .from(Alias::new(redstream_migrations::MIGRATION_TABLE))
+            .to_owned();
+        let rows = patiently("checking the migrations", || self.inner.db.query_all(&query))
+            .await
+            .map_err(|e| {
+                Error::settings(
+                    "database.migrate",
+                    format!(
+                        "is false, but `{}` cannot be read ({e}): run the migrations first with a role that may create tables (a process with database.migrate = true), and grant this role SELECT, INSERT, UPDATE, DELETE on redstream's tables",
+                        redstream_migrations::MIGRATION_TABLE
+                    ),
+                )
+            })?;
+        let applied: std::collections::HashSet<String> = rows
+            .iter()
+            .filter_map(|r| r.try_get_by_index::<String>(0).ok())
+            .collect();
+        let missing: Vec<String> = redstream_migrations::Migrator::migrations()
+            .iter()
+            .map(|m| m.name().to_owned())
+            .filter(|name| !applied.contains(name))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::settings(
+                "database.migrate",
+                format!(
+                    "is false, but migrations {} are not applied: run them with a role that may create tables (a process with database.migrate = true)",
+                    missing.join(", ")
+                ),
+            ))
+        }
     }
 
     async fn migrate_once(&self) -> Result<()> {

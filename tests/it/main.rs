@@ -11,6 +11,7 @@
     missing_docs
 )]
 
+mod bad_entries;
 mod cli;
 mod core;
 mod identity;
@@ -19,6 +20,7 @@ mod market;
 mod observe;
 mod order_saga;
 mod orders;
+mod privilege;
 mod producer;
 mod reclaim;
 mod retry;

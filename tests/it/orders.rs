@@ -13,7 +13,7 @@ use crate::support::{TestContext, eventually};
 
 #[path = "../../examples/order_processing/orders.rs"]
 #[allow(dead_code)]
-mod domain;
+pub(crate) mod domain;
 
 use domain::{GROUP, ORDER_CONFIRMED, ORDER_CREATED, Orders, order, sample_order};
 
@@ -155,7 +155,7 @@ async fn orders_have_one_effect_invalid_ones_are_dead_lettered() {
 }
 
 /// The example binary, built if needed.
-fn example_binary(name: &str) -> std::path::PathBuf {
+pub(crate) fn example_binary(name: &str) -> std::path::PathBuf {
     let status = Command::new(env!("CARGO"))
         .args(["build", "--quiet", "--example", name])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
