@@ -42,6 +42,24 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
 use support::db::{Backend, TestDb};
 use support::{TestContext, eventually};
 
+/// One test per database for a scenario (PostgreSQL skipped with a message
+/// when it does not answer outside CI).
+macro_rules! on_both_databases {
+    ($sqlite:ident, $postgres:ident, $scenario:ident) => {
+        #[actix_rt::test]
+        async fn $sqlite() {
+            $scenario(TestDb::sqlite()).await;
+        }
+
+        #[actix_rt::test]
+        async fn $postgres() {
+            if let Some(db) = TestDb::postgres().await {
+                $scenario(db).await;
+            }
+        }
+    };
+}
+
 /// Cells run one at a time: fault points are global to the process.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -51,6 +69,10 @@ const EVENTS: i64 = 12;
 /// The event that fails its first attempt on purpose, so that each batch
 /// also takes the careful path (a savepoint per entry).
 const FAILS_ONCE: i64 = 5;
+
+fn numbered(n: i64) -> Event {
+    Event::new("n", &serde_json::json!({ "n": n })).unwrap()
+}
 
 /// The exactly-once points, in the order a batch passes them.
 const TX_POINTS: [&str; 6] = [
@@ -178,6 +200,39 @@ impl World {
         })
     }
 
+    /// Creates `group` at the start of `stream` and publishes the cell's
+    /// events before any consumer runs, so they arrive in one read.
+    async fn publish_before_start(&self, stream: &str, group: &str) {
+        let mut c = self.ctx.conn().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let events = (0..EVENTS).map(numbered).collect();
+        let published = self
+            .producer
+            .producer()
+            .publish_batch(stream, events)
+            .await
+            .unwrap();
+        assert!(published.iter().all(Result::is_ok));
+    }
+
+    /// Writes the cell's events to the outbox for `stream`, in one
+    /// transaction.
+    async fn enqueue_all(&self, stream: &str) {
+        let tx = self.store.connection().begin().await.unwrap();
+        for n in 0..EVENTS {
+            enqueue(&tx, stream, numbered(n)).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+
     /// A pool of two connections for one cell.
     async fn cell_store(&self) -> Store {
         let mut settings = self.db.settings.clone();
@@ -214,26 +269,7 @@ impl World {
         let name = format!("{:?} {}", self.db.backend, cell.name());
         let stream = self.ctx.stream(&format!("tx{index}"));
         let group = format!("g{index}");
-        let mut c = self.ctx.conn().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&stream)
-            .arg(&group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        let events = (0..EVENTS)
-            .map(|n| Event::new("n", &serde_json::json!({ "n": n })).unwrap())
-            .collect();
-        let published = self
-            .producer
-            .producer()
-            .publish_batch(&stream, events)
-            .await
-            .unwrap();
-        assert!(published.iter().all(Result::is_ok));
+        self.publish_before_start(&stream, &group).await;
 
         let store = self.cell_store().await;
         inject_db_fault(cell.point, cell.fault, cell.rolls_back, 0, 2).unwrap();
@@ -291,12 +327,7 @@ impl World {
     async fn run_relay_cell(&self, index: usize, cell: Cell) -> String {
         let name = format!("{:?} {}", self.db.backend, cell.name());
         let stream = self.ctx.stream(&format!("out{index}"));
-        let tx = self.store.connection().begin().await.unwrap();
-        for n in 0..EVENTS {
-            let event = Event::new("n", &serde_json::json!({ "n": n })).unwrap();
-            enqueue(&tx, &stream, event).await.unwrap();
-        }
-        tx.commit().await.unwrap();
+        self.enqueue_all(&stream).await;
 
         let store = self.cell_store().await;
         inject_db_fault(cell.point, cell.fault, cell.rolls_back, 0, 2).unwrap();
@@ -396,17 +427,11 @@ async fn matrix(db: TestDb) {
     world.producer.shutdown().await.unwrap();
 }
 
-#[actix_rt::test]
-async fn f26_every_error_at_every_statement_sqlite() {
-    matrix(TestDb::sqlite()).await;
-}
-
-#[actix_rt::test]
-async fn f26_every_error_at_every_statement_postgres() {
-    if let Some(db) = TestDb::postgres().await {
-        matrix(db).await;
-    }
-}
+on_both_databases!(
+    f26_every_error_at_every_statement_sqlite,
+    f26_every_error_at_every_statement_postgres,
+    matrix
+);
 
 /// A stop while the database refuses writes ends long before the shutdown
 /// deadline (the running batches cannot commit, so they are released at
@@ -419,25 +444,7 @@ async fn stop_during_outage(db: TestDb) {
     };
     let stream = world.ctx.stream("stop");
     let group = "g-stop";
-    let mut c = world.ctx.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let events = (0..EVENTS)
-        .map(|n| Event::new("n", &serde_json::json!({ "n": n })).unwrap())
-        .collect();
-    world
-        .producer
-        .producer()
-        .publish_batch(&stream, events)
-        .await
-        .unwrap();
+    world.publish_before_start(&stream, group).await;
     let name = format!("{backend:?} stop during outage");
     let store = world.cell_store().await;
     let mut settings = world.settings();
@@ -503,17 +510,11 @@ async fn stop_during_outage(db: TestDb) {
     world.producer.shutdown().await.unwrap();
 }
 
-#[actix_rt::test]
-async fn a_stop_during_an_outage_releases_at_once_sqlite() {
-    stop_during_outage(TestDb::sqlite()).await;
-}
-
-#[actix_rt::test]
-async fn a_stop_during_an_outage_releases_at_once_postgres() {
-    if let Some(db) = TestDb::postgres().await {
-        stop_during_outage(db).await;
-    }
-}
+on_both_databases!(
+    a_stop_during_an_outage_releases_at_once_sqlite,
+    a_stop_during_an_outage_releases_at_once_postgres,
+    stop_during_outage
+);
 
 /// While the database refuses the relay's marks for several lease
 /// lifetimes, the relay keeps renewing its lease: a second relay waiting on
@@ -543,12 +544,7 @@ async fn relay_keeps_its_lease_while_marks_fail(db: TestDb) {
         .unwrap();
     // About 2.5 s of failing marks: four lease lifetimes.
     inject_db_fault("outbox.mark", DbFault::Full, true, 0, 14).unwrap();
-    let tx = world.store.connection().begin().await.unwrap();
-    for n in 0..EVENTS {
-        let event = Event::new("n", &serde_json::json!({ "n": n })).unwrap();
-        enqueue(&tx, &stream, event).await.unwrap();
-    }
-    tx.commit().await.unwrap();
+    world.enqueue_all(&stream).await;
     let what = format!("{backend:?}: every row relayed and marked after the marks fail");
     eventually(Duration::from_secs(30), &what, || async {
         db_fault_hits("outbox.mark") == 14 && world.unsent(&stream).await == 0
@@ -565,14 +561,8 @@ async fn relay_keeps_its_lease_while_marks_fail(db: TestDb) {
     world.producer.shutdown().await.unwrap();
 }
 
-#[actix_rt::test]
-async fn a_relay_keeps_its_lease_while_marks_fail_sqlite() {
-    relay_keeps_its_lease_while_marks_fail(TestDb::sqlite()).await;
-}
-
-#[actix_rt::test]
-async fn a_relay_keeps_its_lease_while_marks_fail_postgres() {
-    if let Some(db) = TestDb::postgres().await {
-        relay_keeps_its_lease_while_marks_fail(db).await;
-    }
-}
+on_both_databases!(
+    a_relay_keeps_its_lease_while_marks_fail_sqlite,
+    a_relay_keeps_its_lease_while_marks_fail_postgres,
+    relay_keeps_its_lease_while_marks_fail
+);
