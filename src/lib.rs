@@ -107,7 +107,7 @@ mod store;
 #[cfg(feature = "web")]
 pub mod web;
 
-pub use broker::{Admin, Broker, RedisBroker};
+pub use broker::{Admin, Broker, RedisBroker, ServerFeatures, ServerReport};
 pub use entry::{
     DecodeError, Entry, Event, MAX_EVENT_ID_BYTES, MAX_FIELDS, RawEntry, dead_letter_field,
     dead_letter_stream, field,

@@ -210,6 +210,8 @@ impl Group {
             restart_min: Duration::from_millis(s.supervision.restart_min_ms),
             restart_max: Duration::from_millis(s.supervision.restart_max_ms),
             shutdown_deadline: Duration::from_millis(s.shutdown.deadline_ms),
+            // Decided at start-up, once the stream's groups are known.
+            delete_acked: false,
         })
     }
 }
@@ -294,12 +296,18 @@ impl ProcessorBuilder {
             Some(b) => b,
             None => Arc::new(RedisBroker::connect(&settings.redis, &instance).await?),
         };
-        let server = broker.server_report().await?;
+        let mut server = broker.server_report().await?;
+        tracing::info!(
+            server = %server.server,
+            newer_commands = %server.features.describe(),
+            "connected to the stream server"
+        );
         for warning in &server.warnings {
             tracing::warn!(redis_version = %server.version, "{warning}");
         }
 
         let mut seen = std::collections::HashSet::new();
+        let mut seen_many = std::collections::HashSet::new();
         let mut runtimes = Vec::with_capacity(self.groups.len());
         for group in &self.groups {
             if !seen.insert((group.stream.clone(), group.group.clone())) {
@@ -311,12 +319,37 @@ impl ProcessorBuilder {
                     ),
                 ));
             }
-            let options = group.resolve(&settings, &instance)?;
+            let mut options = group.resolve(&settings, &instance)?;
             let created = broker
                 .ensure_group(&group.stream, &group.group, options.start_from)
                 .await?;
             if created {
                 tracing::info!(stream = %group.stream, group = %group.group, "created consumer group");
+            }
+            if settings.retention.delete_acked {
+                // Deleting what one group acked is safe only when no other
+                // group reads the stream: here, or in another process.
+                let here = self
+                    .groups
+                    .iter()
+                    .filter(|g| g.stream == group.stream)
+                    .count() as u64;
+                let groups = broker.group_count(&group.stream).await?.max(here);
+                options.delete_acked = groups == 1;
+                if groups == 1 {
+                    tracing::info!(
+                        stream = %group.stream, group = %group.group,
+                        "retention.delete_acked: acked entries are deleted ({})",
+                        if server.features.xackdel { "XACKDEL" } else { "script" }
+                    );
+                } else if seen_many.insert(group.stream.clone()) {
+                    let warning = format!(
+                        "retention.delete_acked is on, but `{}` is read by {groups} groups: its acked entries are kept",
+                        group.stream
+                    );
+                    tracing::warn!("{warning}");
+                    server.warnings.push(warning);
+                }
             }
             let budget = crate::actors::budget::ReadBudget::new(options.max_pending);
             runtimes.push(Arc::new(GroupRuntime {

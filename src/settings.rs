@@ -64,6 +64,8 @@ pub struct Settings {
     pub supervision: SupervisionSettings,
     /// Graceful shutdown.
     pub shutdown: ShutdownSettings,
+    /// What happens to acked entries.
+    pub retention: RetentionSettings,
 }
 
 /// `[redis]`: the connection to Redis.
@@ -502,6 +504,21 @@ pub struct ShutdownSettings {
     /// entries still running then are released for others, not acked.
     /// Default 30000.
     pub deadline_ms: u64,
+}
+
+/// `[retention]`: what happens to entries once they are acked.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RetentionSettings {
+    /// Delete each entry from the stream when it is acked, on streams that
+    /// exactly one group reads (checked at start-up; on a stream several
+    /// groups read, acked entries are kept and a warning says so). A deleted
+    /// entry can no longer be replayed (`XRANGE`, a new group from the
+    /// start); dead-lettered originals stay. Uses `XACKDEL … ACKED` where
+    /// the server has it, a script elsewhere; either way an entry a group
+    /// still needs is kept. Default false.
+    pub delete_acked: bool,
 }
 
 impl Default for ShutdownSettings {
@@ -963,6 +980,10 @@ mod tests {
                 "reclaim.heartbeat_ms",
             ),
             ("[redis]\nurll = \"redis://x\"", "redis"),
+            (
+                "[retention]\ndelete_acked = \"sometimes\"",
+                "retention.delete_acked",
+            ),
         ];
         for (toml, key) in cases {
             let e = Settings::from_toml(toml).expect_err(toml);
@@ -976,6 +997,23 @@ mod tests {
         let e = Settings::load_layers(&repo_settings_dir(), None, env).expect_err("bad");
         assert_eq!(key_of(&e), "consumer.count");
         assert!(e.to_string().contains("integer"), "{e}");
+    }
+
+    #[test]
+    fn delete_acked_is_off_unless_set_and_a_bad_value_names_it() {
+        assert!(!Settings::default().retention.delete_acked);
+        let env = HashMap::from([(
+            "REDSTREAM__RETENTION__DELETE_ACKED".to_owned(),
+            "maybe".to_owned(),
+        )]);
+        let e = Settings::load_layers(&repo_settings_dir(), None, env).expect_err("bad");
+        assert_eq!(key_of(&e), "retention.delete_acked");
+        let env = HashMap::from([(
+            "REDSTREAM__RETENTION__DELETE_ACKED".to_owned(),
+            "true".to_owned(),
+        )]);
+        let s = Settings::load_layers(&repo_settings_dir(), None, env).expect("valid");
+        assert!(s.retention.delete_acked);
     }
 
     #[test]

@@ -114,6 +114,10 @@ struct StatusReport {
     instance: String,
     uptime_ms: u64,
     redis_version: String,
+    /// The server by name and version (`Redis 8.2.3`, `Valkey 9.1.2`).
+    server: String,
+    /// The newer stream commands in use, in words.
+    newer_commands: String,
     warnings: Vec<String>,
     stopping: bool,
     producer: ProducerView,
@@ -148,6 +152,8 @@ async fn report(handle: &ProcessorHandle) -> StatusReport {
         instance: handle.instance().to_owned(),
         uptime_ms: handle.uptime().as_millis() as u64,
         redis_version: handle.server().version.clone(),
+        server: handle.server().server.clone(),
+        newer_commands: handle.server().features.describe(),
         warnings: handle.server().warnings.clone(),
         stopping: handle.is_stopping(),
         producer: ProducerView::from((&producer, producer.stats())),
@@ -224,7 +230,7 @@ function render(data, at) {
   if (!data) return;
   const h = data.health;
   document.getElementById("meta").replaceChildren(
-    text("span", "instance " + data.instance + " · Redis " + data.redis_version + " · up " + age(data.uptime_ms) + " · "),
+    text("span", "instance " + data.instance + " · " + data.server + " (newer commands: " + data.newer_commands + ") · up " + age(data.uptime_ms) + " · "),
     text("span", h.ready ? "ready" : (data.stopping ? "stopping" : "not ready"), h.ready ? "ok" : "bad"),
     text("span", " · producer " + data.producer.buffered + "/" + data.producer.capacity + " buffered, " + data.producer.written + " written, " + data.producer.failed + " failed"));
   document.getElementById("warnings").replaceChildren(...data.warnings.map(w => text("li", w, "warn")));

@@ -281,6 +281,9 @@ impl Broker for Timed {
         self.probe.acked(ids, n);
         Ok(n)
     }
+    async fn group_count(&self, stream: &str) -> redstream::Result<u64> {
+        self.inner.group_count(stream).await
+    }
     async fn entry_states(
         &self,
         stream: &str,

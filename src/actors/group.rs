@@ -238,7 +238,13 @@ impl GroupSupervisor {
         self.acks.flushing = true;
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
-            let result = rt.broker.ack(&rt.stream, &rt.group, &ids, &forget).await;
+            let result = if rt.options.delete_acked {
+                rt.broker
+                    .ack_and_delete(&rt.stream, &rt.group, &ids, &forget)
+                    .await
+            } else {
+                rt.broker.ack(&rt.stream, &rt.group, &ids, &forget).await
+            };
             if result.is_ok() {
                 crate::failpoints::crash_point!("ack.after_xack");
             }

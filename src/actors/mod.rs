@@ -76,6 +76,9 @@ pub(crate) struct GroupOptions {
     pub(crate) restart_min: Duration,
     pub(crate) restart_max: Duration,
     pub(crate) shutdown_deadline: Duration,
+    /// Delete entries as they are acked (`retention.delete_acked`, and this
+    /// group is the stream's only one, as checked at start-up).
+    pub(crate) delete_acked: bool,
 }
 
 /// The payload an entry arrived with, kept for its dead letter.

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use redstream::broker::admin::StreamInfo;
 use redstream::dead_letters::{DeadLetterEntry, Selection, redrive};
-use redstream::{Admin, RedisBroker, RedisUrl, Settings, dead_letter_stream};
+use redstream::{Admin, Broker, RedisBroker, RedisUrl, Settings, dead_letter_stream};
 use serde::Serialize;
 
 const EXIT_CODES: &str = "Exit codes: 0 done, 1 failed, 2 bad usage, 3 stream, group or entry not found, 4 Redis unreachable.";
@@ -46,6 +46,9 @@ enum Command {
         #[arg(default_value = "*")]
         pattern: String,
     },
+    /// The server: its name and version, the newer stream commands
+    /// redstream uses on it, and settings that can lose stream data.
+    Server,
     /// The pending entries of a group: owner, idle time, deliveries.
     Pending {
         /// The stream.
@@ -164,6 +167,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let broker = connect(cli.redis_url.as_deref()).await?;
     match cli.command {
         Command::Status { pattern } => status(&broker, &pattern, cli.json).await,
+        Command::Server => server(&broker, cli.json).await,
         Command::Pending {
             stream,
             group,
@@ -253,6 +257,37 @@ async fn stream_info(broker: &RedisBroker, stream: &str) -> Result<StreamInfo, F
         .stream_info(stream)
         .await?
         .ok_or_else(|| Failure::NotFound(format!("no stream `{stream}`")))
+}
+
+#[derive(Serialize)]
+struct ServerView {
+    server: String,
+    redis_version: String,
+    xackdel: bool,
+    trim_acked: bool,
+    warnings: Vec<String>,
+}
+
+async fn server(broker: &RedisBroker, json: bool) -> Result<(), Failure> {
+    let report = broker.server_report().await?;
+    if json {
+        return print_json(&ServerView {
+            server: report.server,
+            redis_version: report.version,
+            xackdel: report.features.xackdel,
+            trim_acked: report.features.trim_acked,
+            warnings: report.warnings,
+        });
+    }
+    println!(
+        "server: {} (redis_version {})",
+        report.server, report.version
+    );
+    println!("newer commands used: {}", report.features.describe());
+    for w in &report.warnings {
+        println!("warning: {w}");
+    }
+    Ok(())
 }
 
 async fn status(broker: &RedisBroker, pattern: &str, json: bool) -> Result<(), Failure> {
@@ -500,7 +535,7 @@ async fn trim(
     stream_info(broker, stream).await?;
     let plan = broker.trim_plan(stream).await?;
     let removed = match (&plan.min_id, dry_run) {
-        (Some(min), false) => broker.trim_below(stream, min).await?,
+        (Some(min), false) => broker.trim_acked_below(stream, min).await?,
         _ => 0,
     };
     if json {

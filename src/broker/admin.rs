@@ -128,6 +128,14 @@ pub trait Admin: Send + Sync {
 
     /// Removes the entries below `min_id`; returns how many.
     async fn trim_below(&self, stream: &str, min_id: &str) -> Result<u64>;
+
+    /// The fan-out-safe trim: removes the entries below `min_id` (from
+    /// [`Admin::trim_plan`]) that no group still needs. Where the server has
+    /// `XTRIM … ACKED` (Redis 8.2+) it checks each entry itself, so a group
+    /// created or an entry claimed since the plan is still safe; elsewhere
+    /// it is [`Admin::trim_below`]. Below a plan's `min_id` both remove the
+    /// same entries. Returns how many.
+    async fn trim_acked_below(&self, stream: &str, min_id: &str) -> Result<u64>;
 }
 
 /// Stream ids compare by their two numbers, not as text.

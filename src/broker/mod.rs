@@ -158,11 +158,54 @@ impl PendingSummary {
 
 /// What the server is and whether it can lose stream data.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ServerReport {
-    /// Server version, e.g. `7.0.15`.
+    /// The `redis_version` the server reports, e.g. `7.0.15` (Valkey
+    /// reports `7.2.4` for compatibility, whatever its own version).
     pub version: String,
+    /// The server by name and its own version, e.g. `Redis 8.2.3` or
+    /// `Valkey 9.1.2`.
+    pub server: String,
+    /// The newer stream commands the server has, found by asking it for
+    /// them (not by its version).
+    pub features: ServerFeatures,
     /// Settings that can lose or evict stream data, in words.
     pub warnings: Vec<String>,
+}
+
+/// Newer stream commands a server has, detected when the broker connects
+/// (`COMMAND INFO`, `COMMAND DOCS`). Where one is missing the broker uses
+/// the Redis 7.0 way, with the same results.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerFeatures {
+    /// `XACKDEL … ACKED` (Redis 8.2+): acks and deletes in one step what no
+    /// group still needs. Used only for groups with `retention.delete_acked`
+    /// on streams one group reads; without it a script does the same.
+    pub xackdel: bool,
+    /// `XTRIM … ACKED` (Redis 8.2+): a trim that the server itself stops at
+    /// entries a group still needs. Without it the trim is by `MINID` alone,
+    /// below the id the fan-out-safe plan found.
+    pub trim_acked: bool,
+}
+
+impl ServerFeatures {
+    /// The newer commands in use, for people: e.g. `XACKDEL, XTRIM ACKED`,
+    /// or `none (Redis 7.0 commands)`.
+    pub fn describe(&self) -> String {
+        let mut used = Vec::new();
+        if self.xackdel {
+            used.push("XACKDEL");
+        }
+        if self.trim_acked {
+            used.push("XTRIM ACKED");
+        }
+        if used.is_empty() {
+            "none (Redis 7.0 commands)".to_owned()
+        } else {
+            used.join(", ")
+        }
+    }
 }
 
 /// Every stream operation the actors use.
@@ -198,6 +241,23 @@ pub trait Broker: Send + Sync + 'static {
         ids: &[String],
         forget: &[String],
     ) -> Result<u64>;
+
+    /// Like [`Broker::ack`], then deletes from the stream each entry this
+    /// call acked that no group still needs (pending in none, delivered to
+    /// every one), in the same atomic step. Returns how many were acked.
+    /// The default only acks.
+    async fn ack_and_delete(
+        &self,
+        stream: &str,
+        group: &str,
+        ids: &[String],
+        forget: &[String],
+    ) -> Result<u64> {
+        self.ack(stream, group, ids, forget).await
+    }
+
+    /// How many consumer groups read `stream` (0 if there is no stream).
+    async fn group_count(&self, stream: &str) -> Result<u64>;
 
     /// The durable state of some entries, in the order asked.
     async fn entry_states(

@@ -25,6 +25,7 @@ mod producer;
 mod reclaim;
 mod retry;
 mod schedule;
+mod servers;
 mod settings;
 mod shutdown;
 mod store;

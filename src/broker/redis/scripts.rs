@@ -19,6 +19,57 @@ end
 return lost
 "#;
 
+/// `XACKDEL … ACKED` for servers without it (Redis 7.0–8.0, Valkey):
+/// KEYS = stream, attempts hash; ARGV = group, n, n ids whose attempt counts
+/// to forget, then the ids to ack. Each id is acked; one this call acked is
+/// deleted unless a group still needs it (pending there, or not yet
+/// delivered to it). Returns per id what `XACKDEL` does: -1 not pending
+/// (nothing done), 1 acked and deleted, 2 acked and kept. Ids compare as two
+/// decimal numbers, exactly (by length, then text).
+pub(super) const ACK_DELETE_LUA: &str = r#"
+local function num_gt(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+local function after(a, b)
+  if not b then return true end
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am or not bm then return true end
+  if am ~= bm then return num_gt(am, bm) end
+  return num_gt(as, bs)
+end
+local groups = {}
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  groups[#groups + 1] = {name, last}
+end
+local nforget = tonumber(ARGV[2])
+if nforget > 0 then
+  redis.call('HDEL', KEYS[2], unpack(ARGV, 3, 2 + nforget))
+end
+local out = {}
+for i = 3 + nforget, #ARGV do
+  local id = ARGV[i]
+  local r = -1
+  if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
+    r = 1
+    for _, g in ipairs(groups) do
+      if after(id, g[2]) or #redis.call('XPENDING', KEYS[1], g[1], id, id, 1) > 0 then
+        r = 2
+        break
+      end
+    end
+    if r == 1 then redis.call('XDEL', KEYS[1], id) end
+  end
+  out[#out + 1] = r
+end
+return out
+"#;
+
 /// Records failed attempts and due times, atomically. ARGV holds triples
 /// `id, attempts, delay_ms`; each due time is the server's `TIME` plus the
 /// delay, so the writer's wall clock plays no part (a script may call
@@ -170,6 +221,7 @@ return 1
 "#;
 
 pub(super) struct Scripts {
+    pub(super) ack_delete: Script,
     pub(super) heartbeat: Script,
     pub(super) remove_idle_consumers: Script,
     pub(super) dead_letter: Script,
@@ -183,6 +235,7 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Scripts {
+            ack_delete: Script::new(ACK_DELETE_LUA),
             heartbeat: Script::new(HEARTBEAT_LUA),
             dead_letter: Script::new(DEAD_LETTER_LUA),
             remove_idle_consumers: Script::new(REMOVE_IDLE_CONSUMERS_LUA),

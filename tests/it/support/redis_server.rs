@@ -85,12 +85,13 @@ impl RedisServer {
         .map(|s| s.to_string())
         .collect();
         args.extend(self.extra.iter().cloned());
-        let child = Command::new("redis-server")
+        let binary = server_binary();
+        let child = Command::new(&binary)
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server on PATH");
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
         self.child = Some(child);
         self.wait_ready();
     }
@@ -212,4 +213,14 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop(Stop::Kill9);
     }
+}
+
+/// The server binary tests start: `REDSTREAM_TEST_REDIS_SERVER` (a path to
+/// a `redis-server` or `valkey-server`, e.g. Redis 8.2 or Valkey 9), else
+/// `redis-server` on `PATH`.
+pub fn server_binary() -> String {
+    std::env::var("REDSTREAM_TEST_REDIS_SERVER")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "redis-server".to_owned())
 }

@@ -1,0 +1,294 @@
+//! Newer servers: what is detected (by command, not version), and that the
+//! newer commands and their Redis 7.0 fallbacks give the same results.
+//! Every test here runs both ways on whichever server `REDIS_URL` names
+//! (`RedisBroker::with_newer_commands(false)` forces the fallback); on
+//! Redis 7.0 and Valkey both ways are the fallback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use redstream::prelude::*;
+use redstream::{Admin, Broker, RedisBroker, ServerFeatures};
+
+use crate::support::{TestContext, eventually};
+
+async fn broker(ctx: &TestContext, newer: bool) -> RedisBroker {
+    RedisBroker::connect(&ctx.settings().redis, "servers-test")
+        .await
+        .unwrap()
+        .with_newer_commands(newer)
+}
+
+async fn xadd(c: &mut redis::aio::MultiplexedConnection, stream: &str) -> String {
+    redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg("f")
+        .arg("v")
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
+async fn create_group(c: &mut redis::aio::MultiplexedConnection, stream: &str, group: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(c)
+        .await
+        .unwrap();
+}
+
+/// Reads `count` new entries as one consumer; returns their ids.
+async fn read(
+    c: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    count: usize,
+) -> Vec<String> {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg("c1")
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(c)
+        .await
+        .unwrap();
+    reply
+        .keys
+        .iter()
+        .flat_map(|k| k.ids.iter().map(|i| i.id.clone()))
+        .collect()
+}
+
+async fn ids(ctx: &TestContext, stream: &str) -> Vec<String> {
+    ctx.entries(stream)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// The report names the server and its newer commands, found by asking for
+/// the commands: they match `COMMAND INFO` whatever `redis_version` says.
+#[actix_rt::test]
+async fn newer_commands_are_detected_by_name_not_version() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let mut c = ctx.conn().await;
+    let info: Vec<Value> = redis::cmd("COMMAND")
+        .arg("INFO")
+        .arg("XACKDEL")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let has_xackdel = !matches!(info.first(), None | Some(Value::Nil));
+    let server_info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let valkey = server_info.contains("valkey_version:");
+
+    let b = broker(&ctx, true).await;
+    let report = b.server_report().await.unwrap();
+    eprintln!(
+        "server: {} (redis_version {}), newer commands: {}",
+        report.server,
+        report.version,
+        report.features.describe()
+    );
+    assert_eq!(report.features.xackdel, has_xackdel, "{report:?}");
+    assert_eq!(
+        report.features.trim_acked, has_xackdel,
+        "XTRIM ACKED came with XACKDEL (Redis 8.2): {report:?}"
+    );
+    assert_eq!(report.server.starts_with("Valkey "), valkey, "{report:?}");
+    assert!(!report.version.is_empty());
+
+    let off = broker(&ctx, false).await.server_report().await.unwrap();
+    assert_eq!(off.features, ServerFeatures::default());
+    assert_eq!(off.features.describe(), "none (Redis 7.0 commands)");
+}
+
+/// `ack_and_delete` deletes what it acked and no other group needs, keeps
+/// what another group has pending or has not read, and does nothing for ids
+/// not pending: the same on `XACKDEL … ACKED` and on the script.
+#[actix_rt::test]
+async fn ack_and_delete_is_the_same_both_ways() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let mut results = Vec::new();
+    for newer in [true, false] {
+        let b = broker(&ctx, newer).await;
+        let stream = ctx.stream(&format!("ackdel-{newer}"));
+        let mut c = ctx.conn().await;
+        create_group(&mut c, &stream, "a").await;
+        create_group(&mut c, &stream, "b").await;
+        let mut all = Vec::new();
+        for _ in 0..6 {
+            all.push(xadd(&mut c, &stream).await);
+        }
+        assert_eq!(read(&mut c, &stream, "a", 6).await, all);
+        assert_eq!(read(&mut c, &stream, "b", 3).await, all[..3]); // b: 4th.. unread
+        // b acks and deletes 1st, 2nd: a still has them pending, so kept.
+        let n = b
+            .ack_and_delete(&stream, "b", &all[..2], &[])
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(ids(&ctx, &stream).await, all, "a still needs them");
+        // a acks 1st, 2nd, 5th, and an id it never had: 1st and 2nd go (b
+        // acked them), the 5th stays (b has not read it).
+        let never = format!("{}-0", u64::MAX / 2);
+        let acked = [all[0].clone(), all[1].clone(), all[4].clone(), never];
+        let n = b.ack_and_delete(&stream, "a", &acked, &[]).await.unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(ids(&ctx, &stream).await, all[2..]);
+        // b acks its 3rd; a still has it pending.
+        assert_eq!(
+            b.ack_and_delete(&stream, "b", &all[2..3], &[])
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(ids(&ctx, &stream).await, all[2..]);
+        assert_eq!(ctx.pending(&stream, "a").await, 3);
+        assert_eq!(ctx.pending(&stream, "b").await, 0);
+        results.push(ids(&ctx, &stream).await.len());
+    }
+    assert_eq!(results[0], results[1]);
+}
+
+async fn run_single_group(ctx: &TestContext, newer: bool, groups: &[&str]) -> (String, Processor) {
+    let stream = ctx.stream(&format!("delete-acked-{newer}-{}", groups.len()));
+    let mut settings = ctx.settings();
+    settings.retention.delete_acked = true;
+    let mut builder = Processor::builder(settings).broker(Arc::new(broker(ctx, newer).await));
+    for g in groups {
+        let handler = handler_fn(|v: serde_json::Value, _meta: Meta| async move {
+            if v["n"] == 3 {
+                Ok(Outcome::dead_letter("bad: three"))
+            } else {
+                Ok(Outcome::Ack)
+            }
+        });
+        builder = builder.group(Group::new(&stream, *g, handler));
+    }
+    let processor = builder.start().await.expect("start");
+    (stream, processor)
+}
+
+/// With `retention.delete_acked` on a stream one group reads, acked
+/// entries leave the stream; a dead-lettered original stays. On a stream
+/// two groups read, nothing is deleted and a warning says why. Both ways.
+#[actix_rt::test]
+async fn delete_acked_deletes_only_on_a_single_group_stream_both_ways() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    for newer in [true, false] {
+        for groups in [&["only"][..], &["one", "two"][..]] {
+            let (stream, processor) = run_single_group(&ctx, newer, groups).await;
+            let producer = processor.producer();
+            for n in 0..10 {
+                let event = Event::new("t", &serde_json::json!({ "n": n })).unwrap();
+                producer.publish(&stream, event).await.expect("publish");
+            }
+            eventually(Duration::from_secs(10), "all handled", || async {
+                let mut done = true;
+                for g in groups {
+                    done &= ctx.pending(&stream, g).await == 0;
+                }
+                done && ctx.xlen(&redstream::dead_letter_stream(&stream)).await
+                    == groups.len() as u64
+            })
+            .await;
+            let warnings = processor.server().warnings.clone();
+            processor.shutdown().await.unwrap();
+            let expect_warning = groups.len() > 1;
+            assert_eq!(
+                warnings
+                    .iter()
+                    .any(|w| w.contains("retention.delete_acked")),
+                expect_warning,
+                "newer={newer} groups={groups:?}: {warnings:?}"
+            );
+            let left = ctx.entries(&stream).await;
+            if groups.len() == 1 {
+                assert_eq!(
+                    left.len(),
+                    1,
+                    "newer={newer}: only the dead-lettered original stays"
+                );
+                assert!(
+                    left[0].1.iter().any(|(_, v)| v.contains(r#""n":3"#)),
+                    "{left:?}"
+                );
+            } else {
+                assert_eq!(
+                    left.len(),
+                    10,
+                    "newer={newer}: two groups read it, nothing deleted"
+                );
+            }
+        }
+    }
+}
+
+/// The fan-out-safe trim below a plan's `min_id` removes the same entries
+/// with `XTRIM … ACKED` as by `MINID` alone.
+#[actix_rt::test]
+async fn trim_acked_below_is_the_same_both_ways() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let mut outcomes = Vec::new();
+    for newer in [true, false] {
+        let b = broker(&ctx, newer).await;
+        let stream = ctx.stream(&format!("trim-{newer}"));
+        let mut c = ctx.conn().await;
+        for g in ["fast", "slow", "behind"] {
+            create_group(&mut c, &stream, g).await;
+        }
+        let mut all = Vec::new();
+        for _ in 0..10 {
+            all.push(xadd(&mut c, &stream).await);
+        }
+        let fast = read(&mut c, &stream, "fast", 10).await;
+        b.ack(&stream, "fast", &fast, &[]).await.unwrap();
+        let slow = read(&mut c, &stream, "slow", 10).await;
+        b.ack(&stream, "slow", &slow[..6], &[]).await.unwrap(); // 7th.. pending
+        let behind = read(&mut c, &stream, "behind", 3).await;
+        b.ack(&stream, "behind", &behind, &[]).await.unwrap(); // 4th.. unread
+
+        let plan = b.trim_plan(&stream).await.unwrap();
+        let min = plan.min_id.clone().expect("a plan");
+        assert_eq!(plan.removable, 3);
+        assert_eq!(b.trim_acked_below(&stream, &min).await.unwrap(), 3);
+        assert_eq!(ids(&ctx, &stream).await, all[3..]);
+
+        let more = read(&mut c, &stream, "behind", 5).await; // through the 8th
+        b.ack(&stream, "behind", &more, &[]).await.unwrap();
+        let plan = b.trim_plan(&stream).await.unwrap();
+        let min = plan.min_id.clone().expect("a plan");
+        assert_eq!(min, all[6], "the slow group's oldest pending");
+        assert_eq!(plan.removable, 3);
+        assert_eq!(b.trim_acked_below(&stream, &min).await.unwrap(), 3);
+        assert_eq!(ids(&ctx, &stream).await, all[6..]);
+        assert_eq!(ctx.pending(&stream, "slow").await, 4);
+        assert_eq!(b.trim_acked_below(&stream, &min).await.unwrap(), 0);
+        outcomes.push(ctx.xlen(&stream).await);
+    }
+    assert_eq!(outcomes, [4, 4]);
+}
