@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::broker::{Admin, Broker, PublishItem};
+use crate::broker::{Admin, PublishItem, Streams};
 use crate::entry::{OutgoingEntry, RawEntry, dead_letter_field as f, dead_letter_stream, field};
 use crate::error::Result;
 
@@ -161,7 +161,7 @@ pub async fn redrive<B>(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RedriveReport>
 where
-    B: Broker + Admin + ?Sized,
+    B: Streams + Admin + ?Sized,
 {
     let dlq = dead_letter_stream(stream);
     let mut report = RedriveReport::default();

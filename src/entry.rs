@@ -140,7 +140,7 @@ pub(crate) fn dead_letter_fields(
 /// For times that are data (an entry's `ts`, `processed_at`, a dead
 /// letter's `failed_at_ms`, display), never for a decision: times several
 /// processes compare come from the broker's clock
-/// ([`Broker::server_time_ms`](crate::broker::Broker::server_time_ms), Redis
+/// ([`Diagnostics::server_time_ms`](crate::broker::Diagnostics::server_time_ms), Redis
 /// `TIME` inside the scripts), and durations inside a process from the
 /// monotonic clock (`Instant`). A wall clock can be stepped (NTP, a VM
 /// resumed) and differ between hosts.

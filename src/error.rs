@@ -165,6 +165,12 @@ impl Error {
             _ => None,
         }
     }
+
+    /// Whether the consumer group, or the stream it was on, no longer
+    /// exists (Redis `NOGROUP`: deleted, or lost with the data).
+    pub fn is_missing_group(&self) -> bool {
+        self.redis_code() == Some("NOGROUP")
+    }
 }
 
 /// Server error codes after which a retry may succeed.

@@ -11,7 +11,7 @@ use actix::Addr;
 use serde::Serialize;
 
 use crate::actors::group::{GetStatus, GroupSupervisor};
-use crate::broker::{Broker, ServerReport};
+use crate::broker::{Diagnostics, ServerReport};
 use crate::error::{Error, Result};
 use crate::producer::Producer;
 use crate::status::GroupStatus;
@@ -29,7 +29,7 @@ pub(crate) struct GroupHandle {
 pub(crate) struct Inner {
     pub(crate) producer: Producer,
     pub(crate) groups: Vec<GroupHandle>,
-    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) broker: Arc<dyn Diagnostics>,
     pub(crate) stores: Vec<Store>,
     pub(crate) server: ServerReport,
     pub(crate) instance: String,

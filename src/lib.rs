@@ -70,7 +70,7 @@
 //! | `entry` | the wire format: [`Event`] out, [`Entry`] in, dead-letter fields |
 //! | `handler` | [`Handler`], [`handler_fn`], [`Meta`], [`Schema`] upcasters |
 //! | `outcome` | [`Outcome`], [`RetryPolicy`] |
-//! | [`broker`] | the [`Broker`] trait and [`RedisBroker`]: every Redis command; [`broker::Admin`] for operators |
+//! | [`broker`] | the boundary, split by capability ([`broker::Streams`], [`broker::Redelivery`], [`broker::Leases`], [`broker::Diagnostics`], [`broker::Admin`]; [`Broker`] is the four the runtime needs) and [`RedisBroker`]: every Redis command |
 //! | [`dead_letters`] | reading dead letters back, redriving them |
 //! | `actors` | producer, group supervisor, consumer, reclaimer |
 //! | `processor` | [`Processor`] (the root), [`Group`] |

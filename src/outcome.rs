@@ -135,8 +135,9 @@ impl RetryPolicy {
         self
     }
 
-    /// The delay after failed attempt number `attempt` (1-based), without
-    /// jitter: `initial × factor^(attempt-1)`, at most `max_delay`.
+    /// The delay after failed attempt number `attempt` (1-based):
+    /// `initial × factor^(attempt-1)`, at most `max_delay`, then spread by a
+    /// random ± `jitter` fraction (still at most `max_delay`).
     pub fn delay_for(&self, attempt: u32) -> Duration {
         let exp = attempt.saturating_sub(1).min(64) as i32;
         let secs = self.initial_delay.as_secs_f64() * self.factor.powi(exp);

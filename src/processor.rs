@@ -11,7 +11,9 @@ use crate::actors::group::{GroupStopReport, GroupSupervisor, Lease, StopGroup};
 use crate::actors::producer::{Flush, ProducerActor, ProducerOptions, StatCounters};
 use crate::actors::scheduler::{SchedulerActor, StopSchedule};
 use crate::actors::{GroupOptions, GroupRuntime};
-use crate::broker::{Broker, RedisBroker, ServerReport};
+use crate::broker::{
+    Broker, Diagnostics, GroupRef, Leases, Redelivery, RedisBroker, ServerReport, Streams,
+};
 use crate::error::{Error, Result};
 use crate::handle::{GroupHandle, Health, Inner as HandleInner, ProcessorHandle};
 use crate::handler::{DynHandler, Handler, erase, handler_fn};
@@ -142,7 +144,8 @@ impl Group {
     }
 
     /// Idle time after which entries are reclaimed (default
-    /// `reclaim.min_idle_ms`). Heartbeats run at a third of it at most.
+    /// `reclaim.min_idle_ms`). A heartbeat period longer than half of it is
+    /// cut to a third of it.
     pub fn with_min_idle(mut self, d: Duration) -> Self {
         self.min_idle = Some(d);
         self
@@ -320,9 +323,8 @@ impl ProcessorBuilder {
                 ));
             }
             let mut options = group.resolve(&settings, &instance)?;
-            let created = broker
-                .ensure_group(&group.stream, &group.group, options.start_from)
-                .await?;
+            let target = GroupRef::new(group.stream.as_str(), group.group.as_str());
+            let created = broker.ensure_group(&target, options.start_from).await?;
             if created {
                 tracing::info!(stream = %group.stream, group = %group.group, "created consumer group");
             }
@@ -354,10 +356,13 @@ impl ProcessorBuilder {
             let budget = crate::actors::budget::ReadBudget::new(options.max_pending);
             runtimes.push(Arc::new(GroupRuntime {
                 metrics: GroupMetrics::new(&group.stream, &group.group),
-                broker: Arc::clone(&broker),
+                streams: Arc::clone(&broker) as Arc<dyn Streams>,
+                redelivery: Arc::clone(&broker) as Arc<dyn Redelivery>,
+                leases: Arc::clone(&broker) as Arc<dyn Leases>,
+                diagnostics: Arc::clone(&broker) as Arc<dyn Diagnostics>,
+                capabilities: broker.capabilities(),
                 handler: Arc::clone(&group.handler),
-                stream: Arc::from(group.stream.as_str()),
-                group: Arc::from(group.group.as_str()),
+                target,
                 options,
                 read_turns: Arc::new(tokio::sync::Semaphore::new(
                     settings.consumer.blocked_readers,
@@ -373,7 +378,7 @@ impl ProcessorBuilder {
                 .options
                 .member_names
                 .iter()
-                .map(|m| broker.lease_key(&rt.stream, &rt.group, m))
+                .map(|m| broker.lease_key(&rt.target.member(Arc::clone(m))))
                 .collect();
             leases.push(Lease {
                 token: Arc::clone(&token),
@@ -398,7 +403,7 @@ impl ProcessorBuilder {
         let stats = Arc::new(StatCounters::default());
         let permits = Arc::new(tokio::sync::Semaphore::new(p.buffer));
         let producer_actor = ProducerActor::new(
-            Arc::clone(&broker),
+            Arc::clone(&broker) as Arc<dyn Streams>,
             ProducerOptions {
                 permits: Arc::clone(&permits),
                 capacity: p.buffer,
@@ -433,8 +438,8 @@ impl ProcessorBuilder {
                 GroupSupervisor::new(Arc::clone(&rt), Arc::clone(&handles), offset, lease).start();
             offset += members;
             groups.push(GroupHandle {
-                stream: Arc::clone(&rt.stream),
-                group: Arc::clone(&rt.group),
+                stream: Arc::clone(rt.target.stream_arc()),
+                group: Arc::clone(rt.target.name_arc()),
                 addr: supervisor,
             });
         }
@@ -447,7 +452,7 @@ impl ProcessorBuilder {
                 let addr = SchedulerActor::new(
                     s,
                     producer.clone(),
-                    Arc::clone(&broker),
+                    Arc::clone(&broker) as Arc<dyn Diagnostics>,
                     Arc::clone(&counters),
                 )
                 .start();
@@ -491,7 +496,7 @@ impl ProcessorBuilder {
                 inner: Arc::new(HandleInner {
                     producer,
                     groups,
-                    broker,
+                    broker: broker.clone() as Arc<dyn Diagnostics>,
                     stores,
                     server,
                     instance,
@@ -530,15 +535,15 @@ async fn acquire_all(
                 let all: Vec<String> = leases.iter().flat_map(|l| l.keys.clone()).collect();
                 let _ = broker.release_leases(&all, &lease.token).await;
                 return Err(Error::LeaseHeld {
-                    stream: rt.stream.to_string(),
-                    group: rt.group.to_string(),
+                    stream: rt.target.stream().to_owned(),
+                    group: rt.target.name().to_owned(),
                     member: rt.options.member_names[missing].to_string(),
                     key: lease.keys[missing].clone(),
                 });
             }
             if !announced {
                 tracing::warn!(
-                    stream = %rt.stream, group = %rt.group,
+                    stream = %rt.target.stream(), group = %rt.target.name(),
                     member = %rt.options.member_names[missing],
                     "member name is leased by another process; waiting up to {wait:?} for it to expire",
                 );

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redstream::broker::{
-    ClaimReply, DeadLetter, DueReply, EntryState, GroupReader, PendingSummary, PublishItem,
-    RetrySchedule, ServerReport,
+    Acks, Capabilities, ClaimIdle, ClaimReply, DeadLetter, Diagnostics, DueReply, EntryState,
+    GroupReader, GroupRef, Leases, MemberRef, PendingSummary, PublishItem, Redelivery,
+    RetrySchedule, ServerReport, Streams,
 };
 use redstream::prelude::*;
-use redstream::{Broker, RedisBroker, StartFrom};
+use redstream::{RedisBroker, StartFrom};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use crate::spec::{RunResult, Spec};
@@ -243,14 +244,12 @@ struct Timed {
 }
 
 #[async_trait]
-impl Broker for Timed {
-    async fn ensure_group(
-        &self,
-        stream: &str,
-        group: &str,
-        start: StartFrom,
-    ) -> redstream::Result<bool> {
-        self.inner.ensure_group(stream, group, start).await
+impl Streams for Timed {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn ensure_group(&self, group: &GroupRef, start: StartFrom) -> redstream::Result<bool> {
+        self.inner.ensure_group(group, start).await
     }
     async fn publish(
         &self,
@@ -260,111 +259,73 @@ impl Broker for Timed {
     }
     async fn open_reader(
         &self,
-        stream: &str,
-        group: &str,
-        member: &str,
+        member: &MemberRef,
         block: Duration,
     ) -> redstream::Result<Box<dyn GroupReader>> {
-        self.inner.open_reader(stream, group, member, block).await
+        self.inner.open_reader(member, block).await
     }
-    async fn unblock(&self, token: i64) -> redstream::Result<()> {
-        self.inner.unblock(token).await
-    }
-    async fn ack(
-        &self,
-        stream: &str,
-        group: &str,
-        ids: &[String],
-        forget: &[String],
-    ) -> redstream::Result<u64> {
-        let n = self.inner.ack(stream, group, ids, forget).await?;
-        self.probe.acked(ids, n);
+    async fn ack(&self, group: &GroupRef, acks: Acks<'_>) -> redstream::Result<u64> {
+        let n = self.inner.ack(group, acks).await?;
+        self.probe.acked(acks.ids, n);
         Ok(n)
-    }
-    async fn group_count(&self, stream: &str) -> redstream::Result<u64> {
-        self.inner.group_count(stream).await
-    }
-    async fn entry_states(
-        &self,
-        stream: &str,
-        group: &str,
-        ids: &[String],
-    ) -> redstream::Result<Vec<EntryState>> {
-        self.inner.entry_states(stream, group, ids).await
     }
     async fn schedule_retries(
         &self,
-        stream: &str,
-        group: &str,
+        group: &GroupRef,
         retries: &[RetrySchedule],
     ) -> redstream::Result<()> {
-        self.inner.schedule_retries(stream, group, retries).await
+        self.inner.schedule_retries(group, retries).await
     }
     async fn dead_letter(
         &self,
-        stream: &str,
-        group: &str,
+        group: &GroupRef,
         letters: &[DeadLetter],
     ) -> redstream::Result<Vec<(String, String)>> {
-        self.inner.dead_letter(stream, group, letters).await
-    }
-    async fn claim_idle(
-        &self,
-        stream: &str,
-        group: &str,
-        member: &str,
-        min_idle: Duration,
-        cursor: &str,
-        count: usize,
-    ) -> redstream::Result<ClaimReply> {
-        self.inner
-            .claim_idle(stream, group, member, min_idle, cursor, count)
-            .await
-    }
-    async fn claim_due(
-        &self,
-        stream: &str,
-        group: &str,
-        member: &str,
-        count: usize,
-    ) -> redstream::Result<DueReply> {
-        self.inner.claim_due(stream, group, member, count).await
-    }
-    async fn heartbeat(
-        &self,
-        stream: &str,
-        group: &str,
-        member: &str,
-        ids: &[String],
-    ) -> redstream::Result<Vec<String>> {
-        self.inner.heartbeat(stream, group, member, ids).await
+        self.inner.dead_letter(group, letters).await
     }
     async fn release(
         &self,
-        stream: &str,
-        group: &str,
-        member: &str,
+        member: &MemberRef,
         ids: &[String],
         idle: Duration,
     ) -> redstream::Result<()> {
-        self.inner.release(stream, group, member, ids, idle).await
+        self.inner.release(member, ids, idle).await
     }
-    async fn pending_of(
+}
+
+#[async_trait]
+impl Redelivery for Timed {
+    async fn claim_idle(
         &self,
-        stream: &str,
-        group: &str,
-        member: &str,
-        count: usize,
+        member: &MemberRef,
+        step: ClaimIdle<'_>,
+    ) -> redstream::Result<ClaimReply> {
+        self.inner.claim_idle(member, step).await
+    }
+    async fn claim_due(&self, member: &MemberRef, count: usize) -> redstream::Result<DueReply> {
+        self.inner.claim_due(member, count).await
+    }
+    async fn heartbeat(
+        &self,
+        member: &MemberRef,
+        ids: &[String],
     ) -> redstream::Result<Vec<String>> {
-        self.inner.pending_of(stream, group, member, count).await
+        self.inner.heartbeat(member, ids).await
     }
-    async fn pending_summary(
+    async fn pending_of(&self, member: &MemberRef, count: usize) -> redstream::Result<Vec<String>> {
+        self.inner.pending_of(member, count).await
+    }
+    async fn entry_states(
         &self,
-        stream: &str,
-        group: &str,
-    ) -> redstream::Result<PendingSummary> {
-        self.inner.pending_summary(stream, group).await
+        group: &GroupRef,
+        ids: &[String],
+    ) -> redstream::Result<Vec<EntryState>> {
+        self.inner.entry_states(group, ids).await
     }
+}
+
+#[async_trait]
+impl Leases for Timed {
     async fn acquire_leases(
         &self,
         keys: &[String],
@@ -376,16 +337,25 @@ impl Broker for Timed {
     async fn release_leases(&self, keys: &[String], token: &str) -> redstream::Result<()> {
         self.inner.release_leases(keys, token).await
     }
-    fn lease_key(&self, stream: &str, group: &str, member: &str) -> String {
-        self.inner.lease_key(stream, group, member)
+    fn lease_key(&self, member: &MemberRef) -> String {
+        self.inner.lease_key(member)
+    }
+}
+
+#[async_trait]
+impl Diagnostics for Timed {
+    async fn pending_summary(&self, group: &GroupRef) -> redstream::Result<PendingSummary> {
+        self.inner.pending_summary(group).await
+    }
+    async fn group_count(&self, stream: &str) -> redstream::Result<u64> {
+        self.inner.group_count(stream).await
     }
     async fn remove_idle_consumers(
         &self,
-        stream: &str,
-        group: &str,
+        group: &GroupRef,
         idle: Duration,
     ) -> redstream::Result<Vec<String>> {
-        self.inner.remove_idle_consumers(stream, group, idle).await
+        self.inner.remove_idle_consumers(group, idle).await
     }
     async fn server_report(&self) -> redstream::Result<ServerReport> {
         self.inner.server_report().await

@@ -577,7 +577,7 @@ fn verdict_name(v: &Verdict) -> &'static str {
 fn exit_for(error: &Error) -> Exit {
     Exit::Failed {
         error: error.to_string(),
-        code: error.redis_code().map(str::to_owned),
+        missing_group: error.is_missing_group(),
     }
 }
 
@@ -614,8 +614,8 @@ async fn read_once(
         }
         let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
         let states = runtime
-            .broker
-            .entry_states(&runtime.stream, &runtime.group, &ids)
+            .redelivery
+            .entry_states(&runtime.target, &ids)
             .await?;
         Ok(entries.into_iter().zip(states).collect())
     }
@@ -636,37 +636,33 @@ async fn member_loop(parts: LoopParts) -> Exit {
     let member_name = Arc::clone(&opts.member_names[index]);
     // One owner-checked heartbeat call serves the periodic heartbeat and the
     // check before a commit.
+    let me = runtime.member(index);
     let confirm: ConfirmFn = {
         let rt = Arc::clone(&runtime);
-        let name = Arc::clone(&member_name);
+        let me = me.clone();
         Arc::new(move |ids: Vec<String>| {
             let rt = Arc::clone(&rt);
-            let name = Arc::clone(&name);
-            Box::pin(async move {
-                rt.broker
-                    .heartbeat(&rt.stream, &rt.group, &name, &ids)
-                    .await
-            })
+            let me = me.clone();
+            Box::pin(async move { rt.redelivery.heartbeat(&me, &ids).await })
         })
     };
     let info = Arc::new(MemberInfo {
-        stream: Arc::clone(&runtime.stream),
-        group: Arc::clone(&runtime.group),
+        stream: Arc::clone(runtime.target.stream_arc()),
+        group: Arc::clone(runtime.target.name_arc()),
         member: member_name,
-        check: Some(OwnershipCheck {
-            stale_after: opts.heartbeat * 3 / 2,
-            confirm: Arc::clone(&confirm),
-        }),
+        check: runtime
+            .capabilities
+            .checks_ownership
+            .then(|| OwnershipCheck {
+                stale_after: opts.heartbeat * 3 / 2,
+                confirm: Arc::clone(&confirm),
+            }),
     });
-    let reader = match runtime
-        .broker
-        .open_reader(&runtime.stream, &runtime.group, &info.member, opts.block)
-        .await
-    {
+    let reader = match runtime.streams.open_reader(&me, opts.block).await {
         Ok(reader) => reader,
         Err(e) => return exit_for(&e),
     };
-    let unblock_token = reader.unblock_token();
+    let interrupter = reader.interrupter();
     let mut reader = Some(reader);
     let mut member = Member {
         runtime: Arc::clone(&runtime),
@@ -679,7 +675,13 @@ async fn member_loop(parts: LoopParts) -> Exit {
         seen_in_history: HashSet::new(),
         lost: HashSet::new(),
         unfinished: Vec::new(),
-        source: ReadFrom::PendingAfter(FROM_START.to_owned()),
+        // After a restart under the same name, its own pending entries
+        // first, where the broker keeps them per member.
+        source: if runtime.capabilities.per_member_pending {
+            ReadFrom::PendingAfter(FROM_START.to_owned())
+        } else {
+            ReadFrom::New
+        },
         panic: None,
     };
     let mut read_fut: Option<BoxFuture<'static, ReadOutput>> = None;
@@ -736,10 +738,10 @@ async fn member_loop(parts: LoopParts) -> Exit {
                     deadline = Some(deadline.map_or(at, |d| d.min(at)));
                     stop_reply = Some(done);
                     if read_fut.is_some()
-                        && let Some(token) = unblock_token
+                        && let Some(interrupter) = &interrupter
                     {
                         // The blocked read returns empty at once.
-                        let _ = runtime.broker.unblock(token).await;
+                        let _ = interrupter.interrupt().await;
                     }
                 }
             },
@@ -832,9 +834,9 @@ async fn member_loop(parts: LoopParts) -> Exit {
                 // blocked read to time out.
                 stop_flag.store(true, Ordering::Release);
                 if read_fut.is_some()
-                    && let Some(token) = unblock_token
+                    && let Some(interrupter) = &interrupter
                 {
-                    let _ = runtime.broker.unblock(token).await;
+                    let _ = interrupter.interrupt().await;
                 }
             }
             failure.get_or_insert(Exit::HandlerPanicked(error));
@@ -844,7 +846,7 @@ async fn member_loop(parts: LoopParts) -> Exit {
             let Some(supervisor) = report_to.upgrade() else {
                 return Exit::Failed {
                     error: "supervisor is gone".to_owned(),
-                    code: None,
+                    missing_group: false,
                 };
             };
             let sent = supervisor
@@ -856,7 +858,7 @@ async fn member_loop(parts: LoopParts) -> Exit {
             if sent.is_err() {
                 return Exit::Failed {
                     error: "supervisor is gone".to_owned(),
-                    code: None,
+                    missing_group: false,
                 };
             }
         }

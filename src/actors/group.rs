@@ -29,7 +29,7 @@ use super::{
     ConsumerStopped, Deliver, EntriesClaimed, EntriesHandled, EntryResult, Exit, GroupRuntime,
     RetryDueAt, SetPaused, StopConsumer, StopReclaimer,
 };
-use crate::broker::{DeadLetter, PendingSummary, RetrySchedule};
+use crate::broker::{Acks, DeadLetter, PendingSummary, RetrySchedule};
 use crate::entry::{DecodeError, now_ms};
 use crate::error::Result;
 use crate::handler::Verdict;
@@ -238,12 +238,14 @@ impl GroupSupervisor {
         self.acks.flushing = true;
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
+            let acks = Acks {
+                ids: &ids,
+                forget: &forget,
+            };
             let result = if rt.options.delete_acked {
-                rt.broker
-                    .ack_and_delete(&rt.stream, &rt.group, &ids, &forget)
-                    .await
+                rt.streams.ack_and_delete(&rt.target, acks).await
             } else {
-                rt.broker.ack(&rt.stream, &rt.group, &ids, &forget).await
+                rt.streams.ack(&rt.target, acks).await
             };
             if result.is_ok() {
                 crate::failpoints::crash_point!("ack.after_xack");
@@ -262,7 +264,7 @@ impl GroupSupervisor {
                 Err(e) => {
                     let delay = act.ack_backoff.next_delay();
                     let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (&*rt.stream, &*rt.group);
+                    let (stream, group) = (rt.target.stream(), rt.target.name());
                     tracing::warn!(
                         stream,
                         group,
@@ -290,8 +292,7 @@ impl GroupSupervisor {
         self.writes_in_flight += 1;
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
-            let result =
-                with_tries(|| rt.broker.schedule_retries(&rt.stream, &rt.group, &retries)).await;
+            let result = with_tries(|| rt.streams.schedule_retries(&rt.target, &retries)).await;
             (retries.len(), result)
         };
         ctx.spawn(fut.into_actor(self).map(move |(n, result), act, _ctx| {
@@ -311,7 +312,7 @@ impl GroupSupervisor {
                 }
                 Err(e) => {
                     let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (&*rt.stream, &*rt.group);
+                    let (stream, group) = (rt.target.stream(), rt.target.name());
                     tracing::error!(
                         stream, group, count = n,
                         "could not schedule retries: {e}; the entries stay pending and come back through reclaim",
@@ -334,7 +335,7 @@ impl GroupSupervisor {
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
             let mut last_error = String::new();
             for attempt in 1..=WRITE_TRIES {
-                match rt.broker.dead_letter(&rt.stream, &rt.group, &pending).await {
+                match rt.streams.dead_letter(&rt.target, &pending).await {
                     Ok(failed) => {
                         crate::failpoints::crash_point!("dlq.after_write");
                         let (bad, good): (Vec<DeadLetter>, Vec<DeadLetter>) = pending
@@ -366,7 +367,7 @@ impl GroupSupervisor {
             act.runtime.budget.release(written.len());
             act.runtime.metrics.dead_lettered.increment(written.len() as u64);
             let rt = Arc::clone(&act.runtime);
-            let (stream, group) = (&*rt.stream, &*rt.group);
+            let (stream, group) = (rt.target.stream(), rt.target.name());
             for l in &written {
                 tracing::warn!(
                     stream, group, entry_id = %l.origin_id, attempts = l.attempts,
@@ -461,7 +462,7 @@ impl GroupSupervisor {
     /// The group or its stream is gone (RELIABILITY.md P16).
     fn recover_group(&mut self, ctx: &mut Context<Self>) {
         let rt = Arc::clone(&self.runtime);
-        let (stream, group) = (&*rt.stream, &*rt.group);
+        let (stream, group) = (rt.target.stream(), rt.target.name());
         match self.runtime.options.on_missing_group {
             MissingGroupPolicy::Fail => {
                 if !self.failed {
@@ -487,14 +488,14 @@ impl GroupSupervisor {
                 self.recovering = true;
                 let rt = Arc::clone(&self.runtime);
                 let fut = async move {
-                    rt.broker
-                        .ensure_group(&rt.stream, &rt.group, StartFrom::Beginning)
+                    rt.streams
+                        .ensure_group(&rt.target, StartFrom::Beginning)
                         .await
                 };
                 ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
                     act.recovering = false;
                     let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (&*rt.stream, &*rt.group);
+                    let (stream, group) = (rt.target.stream(), rt.target.name());
                     match result {
                         Ok(created) => {
                             act.group_backoff.reset();
@@ -526,7 +527,7 @@ impl GroupSupervisor {
         self.checking_pending = true;
         let rt = Arc::clone(&self.runtime);
         let mark = rt.budget.mark();
-        let fut = async move { rt.broker.pending_summary(&rt.stream, &rt.group).await };
+        let fut = async move { rt.diagnostics.pending_summary(&rt.target).await };
         ctx.spawn(
             fut.into_actor(self)
                 .map(move |result: Result<PendingSummary>, act, ctx| {
@@ -538,10 +539,10 @@ impl GroupSupervisor {
                             act.record_gauges(&summary);
                             act.last_pending = Some(summary);
                         }
-                        Err(e) if e.redis_code() == Some("NOGROUP") => act.recover_group(ctx),
+                        Err(e) if e.is_missing_group() => act.recover_group(ctx),
                         Err(e) => {
                             let rt = Arc::clone(&act.runtime);
-                            let (stream, group) = (&*rt.stream, &*rt.group);
+                            let (stream, group) = (rt.target.stream(), rt.target.name());
                             tracing::debug!(stream, group, "pending check failed: {e}");
                         }
                     }
@@ -576,7 +577,7 @@ impl GroupSupervisor {
         };
         self.paused = pause;
         let rt = Arc::clone(&self.runtime);
-        let (stream, group) = (&*rt.stream, &*rt.group);
+        let (stream, group) = (rt.target.stream(), rt.target.name());
         if pause {
             tracing::warn!(
                 stream,
@@ -607,7 +608,7 @@ impl GroupSupervisor {
         let lease = self.lease.clone();
         let ttl = rt.options.lease_ttl;
         let fut = async move {
-            rt.broker
+            rt.leases
                 .acquire_leases(&lease.keys, &lease.token, ttl)
                 .await
         };
@@ -616,7 +617,7 @@ impl GroupSupervisor {
                 Ok(held) => held,
                 Err(e) => {
                     let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (&*rt.stream, &*rt.group);
+                    let (stream, group) = (rt.target.stream(), rt.target.name());
                     tracing::warn!(stream, group, "lease renewal failed: {e}");
                     return;
                 }
@@ -624,7 +625,7 @@ impl GroupSupervisor {
             for (index, held) in held.into_iter().enumerate() {
                 let name = act.member_name(index).to_owned();
                 let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (&*rt.stream, &*rt.group);
+                    let (stream, group) = (rt.target.stream(), rt.target.name());
                 let slot = &mut act.members[index];
                 if !held && !slot.lease_lost {
                     tracing::error!(
@@ -648,8 +649,8 @@ impl GroupSupervisor {
 
     fn status(&self) -> GroupStatus {
         GroupStatus {
-            stream: self.runtime.stream.to_string(),
-            group: self.runtime.group.to_string(),
+            stream: self.runtime.target.stream().to_owned(),
+            group: self.runtime.target.name().to_owned(),
             members: self
                 .members
                 .iter()
@@ -714,7 +715,7 @@ impl Actor for GroupSupervisor {
         // over its bound starts paused.
         let rt = Arc::clone(&self.runtime);
         let mark = rt.budget.mark();
-        let first_check = async move { rt.broker.pending_summary(&rt.stream, &rt.group).await };
+        let first_check = async move { rt.diagnostics.pending_summary(&rt.target).await };
         ctx.wait(first_check.into_actor(self).map(move |result, act, ctx| {
             if let Ok(summary) = result {
                 act.runtime.budget.rebase(mark, summary.active());
@@ -725,17 +726,21 @@ impl Actor for GroupSupervisor {
                 act.start_member(index, ctx);
             }
         }));
-        let me = ctx.address();
-        let reclaimer = ReclaimerActor::new(
-            Arc::clone(&self.runtime),
-            me.clone().recipient::<EntriesClaimed>().downgrade(),
-        );
-        self.reclaimer = Some(reclaimer.start());
+        // Reclaiming idle entries and polling for due retries is the
+        // runtime's job only where the broker does not redeliver by itself.
+        if !self.runtime.capabilities.redelivers_itself {
+            let me = ctx.address();
+            let reclaimer = ReclaimerActor::new(
+                Arc::clone(&self.runtime),
+                me.recipient::<EntriesClaimed>().downgrade(),
+            );
+            self.reclaimer = Some(reclaimer.start());
+        }
         let opts = &self.runtime.options;
         ctx.run_interval(opts.pending_check, |act, ctx| act.check_pending(ctx));
         ctx.run_interval(opts.lease_ttl / 3, |act, ctx| act.renew_leases(ctx));
         let rt = Arc::clone(&self.runtime);
-        let (stream, group) = (&*rt.stream, &*rt.group);
+        let (stream, group) = (rt.target.stream(), rt.target.name());
         tracing::info!(stream, group, members = self.members.len(), "group started");
     }
 }
@@ -774,15 +779,15 @@ impl Handler<ConsumerStopped> for GroupSupervisor {
         let restarts = slot.restarts;
         let name = self.member_name(msg.member).to_owned();
         let rt = Arc::clone(&self.runtime);
-        let (stream, group) = (&*rt.stream, &*rt.group);
+        let (stream, group) = (rt.target.stream(), rt.target.name());
         tracing::warn!(
             stream, group, member = %name, restarts,
             "consumer stopped ({description}); restarting in {delay:?}",
         );
         if let Exit::Failed {
-            code: Some(code), ..
+            missing_group: true,
+            ..
         } = &msg.exit
-            && code == "NOGROUP"
         {
             self.recover_group(ctx);
         }
@@ -887,18 +892,18 @@ impl Handler<StopGroup> for GroupSupervisor {
                     let name = &names[index];
                     // Pending, but idle enough for any member to reclaim now.
                     if let Err(e) = rt
-                        .broker
-                        .release(&rt.stream, &rt.group, name, &ids, rt.options.min_idle)
+                        .streams
+                        .release(&rt.member(index), &ids, rt.options.min_idle)
                         .await
                     {
                         tracing::warn!(
-                            stream = %rt.stream, group = %rt.group, member = %name,
+                            stream = %rt.target.stream(), group = %rt.target.name(), member = %name,
                             "releasing unfinished entries failed: {e}; they are reclaimed after min_idle",
                         );
                     }
                 }
-                if let Err(e) = rt.broker.release_leases(&lease.keys, &lease.token).await {
-                    tracing::warn!(stream = %rt.stream, group = %rt.group, "releasing leases failed: {e}");
+                if let Err(e) = rt.leases.release_leases(&lease.keys, &lease.token).await {
+                    tracing::warn!(stream = %rt.target.stream(), group = %rt.target.name(), "releasing leases failed: {e}");
                 }
                 GroupStopReport { released, settled }
             }
@@ -906,7 +911,7 @@ impl Handler<StopGroup> for GroupSupervisor {
         })
         .map(|report, act, ctx| {
             let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (&*rt.stream, &*rt.group);
+                    let (stream, group) = (rt.target.stream(), rt.target.name());
             tracing::info!(
                 stream, group, released = report.released, settled = report.settled,
                 "group stopped",

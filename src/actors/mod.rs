@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use actix::Message;
 
-use crate::broker::{Broker, EntryState};
+use crate::broker::{
+    Capabilities, Diagnostics, EntryState, GroupRef, Leases, MemberRef, Redelivery, Streams,
+};
 use crate::entry::{Entry, RawEntry};
 use crate::handler::{DynHandler, Verdict};
 use crate::metrics::GroupMetrics;
@@ -40,10 +42,16 @@ use crate::settings::{MissingGroupPolicy, StartFrom};
 /// Everything the actors of one group share.
 pub(crate) struct GroupRuntime {
     pub(crate) metrics: GroupMetrics,
-    pub(crate) broker: Arc<dyn Broker>,
+    /// The broker, by capability.
+    pub(crate) streams: Arc<dyn Streams>,
+    pub(crate) redelivery: Arc<dyn Redelivery>,
+    pub(crate) leases: Arc<dyn Leases>,
+    pub(crate) diagnostics: Arc<dyn Diagnostics>,
+    /// What the broker does by itself.
+    pub(crate) capabilities: Capabilities,
     pub(crate) handler: Arc<dyn DynHandler>,
-    pub(crate) stream: Arc<str>,
-    pub(crate) group: Arc<str>,
+    /// The stream and group this runtime serves.
+    pub(crate) target: GroupRef,
     pub(crate) options: GroupOptions,
     /// Turns at a blocking read (`consumer.blocked_readers`), shared by the
     /// group's members.
@@ -51,6 +59,14 @@ pub(crate) struct GroupRuntime {
     /// Room for new reads below `consumer.max_pending`, shared by the
     /// group's members in this process.
     pub(crate) budget: budget::ReadBudget,
+}
+
+impl GroupRuntime {
+    /// Member `index` of the group, by its name.
+    pub(crate) fn member(&self, index: usize) -> MemberRef {
+        self.target
+            .member(Arc::clone(&self.options.member_names[index]))
+    }
 }
 
 /// A group's settings after defaults and overrides are resolved.
@@ -130,8 +146,9 @@ pub(crate) struct EntriesHandled {
 pub(crate) enum Exit {
     /// Asked to stop, and did.
     Stopped,
-    /// Its connection or a command failed; `code` is the Redis error code.
-    Failed { error: String, code: Option<String> },
+    /// Its connection or a command failed; `missing_group` when the group
+    /// (or its stream) is gone ([`Error::is_missing_group`](crate::Error::is_missing_group)).
+    Failed { error: String, missing_group: bool },
     /// A handler panicked (the panic was caught; the consumer restarts
     /// fresh, as supervision asks).
     HandlerPanicked(String),

@@ -20,7 +20,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use crate::broker::{Broker, PublishItem};
+use crate::broker::{PublishItem, Streams};
 use crate::error::{Error, Result};
 use crate::outcome::Backoff;
 
@@ -142,7 +142,7 @@ pub(crate) struct ProducerOptions {
 
 /// The batching producer.
 pub(crate) struct ProducerActor {
-    broker: Arc<dyn Broker>,
+    broker: Arc<dyn Streams>,
     options: ProducerOptions,
     stats: Arc<StatCounters>,
     buffer: Vec<Queued>,
@@ -154,7 +154,7 @@ pub(crate) struct ProducerActor {
 
 impl ProducerActor {
     pub(crate) fn new(
-        broker: Arc<dyn Broker>,
+        broker: Arc<dyn Streams>,
         options: ProducerOptions,
         stats: Arc<StatCounters>,
     ) -> Self {
@@ -205,7 +205,7 @@ impl ProducerActor {
 /// Writes a batch, retrying what failed transiently, and answers each
 /// publisher.
 async fn write_batch(
-    broker: Arc<dyn Broker>,
+    broker: Arc<dyn Streams>,
     options: ProducerOptions,
     stats: Arc<StatCounters>,
     batch: Vec<Queued>,

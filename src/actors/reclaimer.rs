@@ -31,7 +31,7 @@ use actix::WeakRecipient;
 use actix::prelude::*;
 
 use super::{EntriesClaimed, GroupRuntime, RetryDueAt, StopReclaimer};
-use crate::broker::{CURSOR_START, EntryState};
+use crate::broker::{CURSOR_START, ClaimIdle, EntryState};
 
 /// How often idle consumers are looked for, at most.
 const CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -98,18 +98,14 @@ impl ReclaimerActor {
         self.last_cleanup = Some(Instant::now());
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
-            match rt
-                .broker
-                .remove_idle_consumers(&rt.stream, &rt.group, idle)
-                .await
-            {
+            match rt.diagnostics.remove_idle_consumers(&rt.target, idle).await {
                 Ok(removed) if !removed.is_empty() => tracing::info!(
-                    stream = %rt.stream, group = %rt.group, removed = ?removed,
+                    stream = %rt.target.stream(), group = %rt.target.name(), removed = ?removed,
                     "removed consumers with nothing pending, idle longer than {idle:?} and no live lease",
                 ),
                 Ok(_) => {}
                 Err(e) => tracing::debug!(
-                    stream = %rt.stream, group = %rt.group, "consumer cleanup failed: {e}"
+                    stream = %rt.target.stream(), group = %rt.target.name(), "consumer cleanup failed: {e}"
                 ),
             }
         };
@@ -184,34 +180,29 @@ async fn idle_scan(
     loop {
         let index = member % members;
         let step = async {
-            let reply = rt
-                .broker
-                .claim_idle(
-                    &rt.stream,
-                    &rt.group,
-                    &opts.member_names[index],
-                    opts.min_idle,
-                    &cursor,
-                    opts.reclaim_count,
-                )
-                .await?;
+            let step = ClaimIdle {
+                min_idle: opts.min_idle,
+                cursor: &cursor,
+                count: opts.reclaim_count,
+            };
+            let reply = rt.redelivery.claim_idle(&rt.member(index), step).await?;
             let ids: Vec<String> = reply.claimed.iter().map(|e| e.id.clone()).collect();
             if !ids.is_empty() {
                 crate::failpoints::crash_point!("reclaimer.after_claim");
             }
-            let states = rt.broker.entry_states(&rt.stream, &rt.group, &ids).await?;
+            let states = rt.redelivery.entry_states(&rt.target, &ids).await?;
             Ok::<_, crate::error::Error>((reply, states))
         };
         let (reply, states) = match step.await {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(stream = %rt.stream, group = %rt.group, "reclaim step failed: {e}");
+                tracing::debug!(stream = %rt.target.stream(), group = %rt.target.name(), "reclaim step failed: {e}");
                 return (cursor, member);
             }
         };
         if !reply.claimed.is_empty() || !reply.deleted.is_empty() {
             tracing::info!(
-                stream = %rt.stream, group = %rt.group, member = %opts.member_names[index],
+                stream = %rt.target.stream(), group = %rt.target.name(), member = %opts.member_names[index],
                 claimed = reply.claimed.len(), trimmed = reply.deleted.len(),
                 "reclaimed idle entries",
             );
@@ -243,18 +234,13 @@ async fn due_pass(
     loop {
         let index = member % members;
         let reply = match rt
-            .broker
-            .claim_due(
-                &rt.stream,
-                &rt.group,
-                &opts.member_names[index],
-                opts.reclaim_count,
-            )
+            .redelivery
+            .claim_due(&rt.member(index), opts.reclaim_count)
             .await
         {
             Ok(reply) => reply,
             Err(e) => {
-                tracing::debug!(stream = %rt.stream, group = %rt.group, "retry poll failed: {e}");
+                tracing::debug!(stream = %rt.target.stream(), group = %rt.target.name(), "retry poll failed: {e}");
                 return member;
             }
         };

@@ -11,7 +11,7 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
-use crate::broker::Broker;
+use crate::broker::Diagnostics;
 use crate::handler::panic_message;
 use crate::producer::Producer;
 use crate::schedule::{
@@ -98,7 +98,7 @@ pub(crate) struct SchedulerActor {
     options: Schedule,
     producer: Producer,
     /// The clock several processes agree on (for [`Cadence::Aligned`]).
-    clock: Arc<dyn Broker>,
+    clock: Arc<dyn Diagnostics>,
     counters: Arc<ScheduleCounters>,
     running: bool,
     stopping: bool,
@@ -114,7 +114,7 @@ impl SchedulerActor {
     pub(crate) fn new(
         options: Schedule,
         producer: Producer,
-        clock: Arc<dyn Broker>,
+        clock: Arc<dyn Diagnostics>,
         counters: Arc<ScheduleCounters>,
     ) -> Self {
         SchedulerActor {

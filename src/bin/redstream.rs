@@ -16,9 +16,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use redstream::broker::Diagnostics;
 use redstream::broker::admin::StreamInfo;
 use redstream::dead_letters::{DeadLetterEntry, Selection, redrive};
-use redstream::{Admin, Broker, RedisBroker, RedisUrl, Settings, dead_letter_stream};
+use redstream::{Admin, RedisBroker, RedisUrl, Settings, dead_letter_stream};
 use serde::Serialize;
 
 const EXIT_CODES: &str = "Exit codes: 0 done, 1 failed, 2 bad usage, 3 stream, group or entry not found, 4 Redis unreachable.";
@@ -121,7 +122,7 @@ impl From<redstream::Error> for Failure {
             || matches!(&e, redstream::Error::Redis(r) if r.is_connection_refusal())
         {
             Failure::Unreachable(e.to_string())
-        } else if e.redis_code() == Some("NOGROUP") {
+        } else if e.is_missing_group() {
             Failure::NotFound(e.to_string())
         } else {
             Failure::Failed(e.to_string())

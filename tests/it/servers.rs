@@ -8,8 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value;
+use redstream::broker::{Acks, Diagnostics, GroupRef, Streams};
 use redstream::prelude::*;
-use redstream::{Admin, Broker, RedisBroker, ServerFeatures};
+use redstream::{Admin, RedisBroker, ServerFeatures};
+
+/// An ack call that forgets no attempt counts.
+fn acks(ids: &[String]) -> Acks<'_> {
+    Acks { ids, forget: &[] }
+}
 
 use crate::support::{TestContext, eventually};
 
@@ -143,7 +149,7 @@ async fn ack_and_delete_is_the_same_both_ways() {
         assert_eq!(read(&mut c, &stream, "b", 3).await, all[..3]); // b: 4th.. unread
         // b acks and deletes 1st, 2nd: a still has them pending, so kept.
         let n = b
-            .ack_and_delete(&stream, "b", &all[..2], &[])
+            .ack_and_delete(&GroupRef::new(stream.as_str(), "b"), acks(&all[..2]))
             .await
             .unwrap();
         assert_eq!(n, 2);
@@ -152,12 +158,15 @@ async fn ack_and_delete_is_the_same_both_ways() {
         // acked them), the 5th stays (b has not read it).
         let never = format!("{}-0", u64::MAX / 2);
         let acked = [all[0].clone(), all[1].clone(), all[4].clone(), never];
-        let n = b.ack_and_delete(&stream, "a", &acked, &[]).await.unwrap();
+        let n = b
+            .ack_and_delete(&GroupRef::new(stream.as_str(), "a"), acks(&acked))
+            .await
+            .unwrap();
         assert_eq!(n, 3);
         assert_eq!(ids(&ctx, &stream).await, all[2..]);
         // b acks its 3rd; a still has it pending.
         assert_eq!(
-            b.ack_and_delete(&stream, "b", &all[2..3], &[])
+            b.ack_and_delete(&GroupRef::new(stream.as_str(), "b"), acks(&all[2..3]))
                 .await
                 .unwrap(),
             1
@@ -266,11 +275,17 @@ async fn trim_acked_below_is_the_same_both_ways() {
             all.push(xadd(&mut c, &stream).await);
         }
         let fast = read(&mut c, &stream, "fast", 10).await;
-        b.ack(&stream, "fast", &fast, &[]).await.unwrap();
+        b.ack(&GroupRef::new(stream.as_str(), "fast"), acks(&fast))
+            .await
+            .unwrap();
         let slow = read(&mut c, &stream, "slow", 10).await;
-        b.ack(&stream, "slow", &slow[..6], &[]).await.unwrap(); // 7th.. pending
+        b.ack(&GroupRef::new(stream.as_str(), "slow"), acks(&slow[..6]))
+            .await
+            .unwrap(); // 7th.. pending
         let behind = read(&mut c, &stream, "behind", 3).await;
-        b.ack(&stream, "behind", &behind, &[]).await.unwrap(); // 4th.. unread
+        b.ack(&GroupRef::new(stream.as_str(), "behind"), acks(&behind))
+            .await
+            .unwrap(); // 4th.. unread
 
         let plan = b.trim_plan(&stream).await.unwrap();
         let min = plan.min_id.clone().expect("a plan");
@@ -279,7 +294,9 @@ async fn trim_acked_below_is_the_same_both_ways() {
         assert_eq!(ids(&ctx, &stream).await, all[3..]);
 
         let more = read(&mut c, &stream, "behind", 5).await; // through the 8th
-        b.ack(&stream, "behind", &more, &[]).await.unwrap();
+        b.ack(&GroupRef::new(stream.as_str(), "behind"), acks(&more))
+            .await
+            .unwrap();
         let plan = b.trim_plan(&stream).await.unwrap();
         let min = plan.min_id.clone().expect("a plan");
         assert_eq!(min, all[6], "the slow group's oldest pending");

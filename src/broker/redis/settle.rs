@@ -1,0 +1,304 @@
+//! [`Streams`] for Redis: groups, `XADD` batches, member readers
+//! (`XREADGROUP` on a connection of their own, interrupted by
+//! `CLIENT UNBLOCK`), and settling (`XACK`, the retry and dead-letter
+//! scripts, `XCLAIM … IDLE` to release).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
+
+use super::reply::{parse_read_reply, text, unexpected};
+use super::{
+    AUTO_ID, RedisBroker, STREAM_END, STREAM_START, UNDELIVERED, attempts_key, client_name,
+    retry_key,
+};
+use crate::broker::{
+    Acks, Capabilities, DeadLetter, GroupReader, GroupRef, Interrupt, MemberRef, PublishItem,
+    ReadFrom, RetrySchedule, Streams,
+};
+use crate::entry::{RawEntry, dead_letter_fields, dead_letter_stream};
+use crate::error::Result;
+use crate::settings::StartFrom;
+
+/// A member's reader: its own connection, named after the member.
+struct RedisReader {
+    conn: MultiplexedConnection,
+    stream: String,
+    group: String,
+    member: String,
+    block_ms: u64,
+    /// Interrupts this reader's blocked read from another connection.
+    interrupt: Arc<dyn Interrupt>,
+}
+
+#[async_trait]
+impl GroupReader for RedisReader {
+    async fn read(&mut self, from: &ReadFrom, count: usize) -> Result<Vec<RawEntry>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.member)
+            .arg("COUNT")
+            .arg(count.max(1));
+        let id = match from {
+            ReadFrom::New => {
+                cmd.arg("BLOCK").arg(self.block_ms);
+                UNDELIVERED
+            }
+            ReadFrom::PendingAfter(after) => after.as_str(),
+        };
+        cmd.arg("STREAMS").arg(&self.stream).arg(id);
+        let reply: Value = cmd.query_async(&mut self.conn).await?;
+        parse_read_reply(reply)
+    }
+
+    fn interrupter(&self) -> Option<Arc<dyn Interrupt>> {
+        Some(Arc::clone(&self.interrupt))
+    }
+}
+
+/// `CLIENT UNBLOCK <id>` for one reader's connection, sent on the shared
+/// command connection (the reader's own is busy with the read).
+struct Unblock {
+    conn: ConnectionManager,
+    client_id: i64,
+}
+
+#[async_trait]
+impl Interrupt for Unblock {
+    async fn interrupt(&self) -> Result<()> {
+        let _: Value = redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(self.client_id)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Streams for RedisBroker {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::REDIS
+    }
+
+    async fn ensure_group(&self, group: &GroupRef, start: StartFrom) -> Result<bool> {
+        let (stream, group) = (group.stream(), group.name());
+        let id = match start {
+            StartFrom::Beginning => STREAM_START,
+            StartFrom::Latest => STREAM_END,
+        };
+        let result: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg(id)
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn publish(&self, items: &[PublishItem]) -> Result<Vec<Result<String>>> {
+        let mut pipe = redis::Pipeline::with_capacity(items.len());
+        for item in items {
+            // Sized up front: one allocation per command, not one per
+            // argument that outgrows the buffer.
+            let args = 6 + 2 * item.entry.fields.len();
+            let bytes = 32 + item.stream.len() + item.entry.encoded_len();
+            let mut cmd = redis::Cmd::with_capacity(args, bytes);
+            cmd.arg("XADD").arg(&*item.stream);
+            if let Some(n) = item.max_len {
+                cmd.arg("MAXLEN").arg("~").arg(n);
+            }
+            cmd.arg(AUTO_ID);
+            for (name, value) in &item.entry.fields {
+                cmd.arg(name.as_bytes()).arg(value.as_slice());
+            }
+            pipe.add_command(cmd);
+        }
+        pipe.ignore_errors();
+        let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(&mut self.conn()).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r {
+                Ok(v) => text(&v).ok_or_else(|| unexpected("XADD", "no entry id")),
+                Err(e) => Err(e.into()),
+            })
+            .collect())
+    }
+
+    async fn open_reader(
+        &self,
+        member: &MemberRef,
+        block: Duration,
+    ) -> Result<Box<dyn GroupReader>> {
+        let (stream, group, member) = (
+            member.group().stream(),
+            member.group().name(),
+            member.member(),
+        );
+        // A server woken for an entry another member took re-blocks with a
+        // fresh timeout (redis/redis#12998), so allow twice the block time.
+        let response_timeout = block * 2 + Duration::from_secs(1);
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.inner.connect_timeout))
+            .set_response_timeout(Some(response_timeout));
+        let mut conn = self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let (_, client_id): ((), i64) = redis::pipe()
+            .cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(client_name(&["redstream", group, member, "read"]))
+            .cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await?;
+        Ok(Box::new(RedisReader {
+            conn,
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            member: member.to_owned(),
+            block_ms: block.as_millis() as u64,
+            interrupt: Arc::new(Unblock {
+                conn: self.conn(),
+                client_id,
+            }),
+        }))
+    }
+
+    async fn ack(&self, group: &GroupRef, acks: Acks<'_>) -> Result<u64> {
+        let (stream, group) = (group.stream(), group.name());
+        let Acks { ids, forget } = acks;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK").arg(stream).arg(group).arg(ids);
+        if !forget.is_empty() {
+            pipe.cmd("HDEL")
+                .arg(attempts_key(stream, group))
+                .arg(forget)
+                .ignore();
+        }
+        let (acked,): (u64,) = pipe.query_async(&mut self.conn()).await?;
+        Ok(acked)
+    }
+
+    async fn ack_and_delete(&self, group: &GroupRef, acks: Acks<'_>) -> Result<u64> {
+        let (stream, group) = (group.stream(), group.name());
+        let Acks { ids, forget } = acks;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // Per id: -1 not pending in this group (nothing done), 1 acked and
+        // deleted, 2 acked and kept because a group still needs it.
+        let codes: Vec<i64> = if self.features.xackdel {
+            let mut pipe = redis::pipe();
+            pipe.cmd("XACKDEL")
+                .arg(stream)
+                .arg(group)
+                .arg("ACKED")
+                .arg("IDS")
+                .arg(ids.len())
+                .arg(ids);
+            if !forget.is_empty() {
+                pipe.cmd("HDEL")
+                    .arg(attempts_key(stream, group))
+                    .arg(forget)
+                    .ignore();
+            }
+            let (codes,): (Vec<i64>,) = pipe.query_async(&mut self.conn()).await?;
+            codes
+        } else {
+            let mut invocation = self.inner.scripts.ack_delete.prepare_invoke();
+            invocation
+                .key(stream)
+                .key(attempts_key(stream, group))
+                .arg(group)
+                .arg(forget.len())
+                .arg(forget)
+                .arg(ids);
+            invocation.invoke_async(&mut self.conn()).await?
+        };
+        Ok(codes.iter().filter(|&&c| c > 0).count() as u64)
+    }
+
+    async fn schedule_retries(&self, group: &GroupRef, retries: &[RetrySchedule]) -> Result<()> {
+        let (stream, group) = (group.stream(), group.name());
+        if retries.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.inner.scripts.schedule_retries.prepare_invoke();
+        invocation
+            .key(attempts_key(stream, group))
+            .key(retry_key(stream, group));
+        for r in retries {
+            let delay_ms = u64::try_from(r.delay.as_millis()).unwrap_or(u64::MAX);
+            invocation.arg(&r.id).arg(r.attempts).arg(delay_ms);
+        }
+        let _now: u64 = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        group: &GroupRef,
+        letters: &[DeadLetter],
+    ) -> Result<Vec<(String, String)>> {
+        let (stream, group) = (group.stream(), group.name());
+        if letters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.inner.scripts.dead_letter.prepare_invoke();
+        invocation
+            .key(stream)
+            .key(dead_letter_stream(stream))
+            .key(attempts_key(stream, group))
+            .key(retry_key(stream, group))
+            .arg(group)
+            .arg(letters.len());
+        for letter in letters {
+            let fields = dead_letter_fields(letter, group);
+            invocation.arg(&letter.origin_id).arg(fields.len());
+            for (name, value) in fields {
+                invocation.arg(name).arg(value);
+            }
+        }
+        let failed: Vec<(String, String)> = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(failed)
+    }
+
+    async fn release(&self, member: &MemberRef, ids: &[String], idle: Duration) -> Result<()> {
+        let (stream, group, member) = (
+            member.group().stream(),
+            member.group().name(),
+            member.member(),
+        );
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(member)
+            .arg(0)
+            .arg(ids)
+            .arg("IDLE")
+            .arg(idle.as_millis() as u64)
+            .arg("JUSTID")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+}
