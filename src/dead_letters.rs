@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::broker::{Admin, PublishItem, Streams};
-use crate::entry::{OutgoingEntry, RawEntry, dead_letter_field as f, dead_letter_stream, field};
 use crate::error::Result;
+use crate::wire::{OutgoingEntry, RawEntry, dead_letter_field as f, dead_letter_stream, field};
 
 /// A dead letter read back from `<stream>:dlq`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -35,7 +35,7 @@ pub struct DeadLetterEntry {
     /// The last error, if an attempt failed.
     pub error: Option<String>,
     /// Original fields left out of the letter (past
-    /// [`MAX_FIELDS`](crate::entry::MAX_FIELDS)); such a letter is not
+    /// [`MAX_FIELDS`](crate::wire::MAX_FIELDS)); such a letter is not
     /// redriven.
     pub omitted_fields: u64,
     /// The original entry's fields (empty if its payload was trimmed away),
@@ -233,7 +233,7 @@ where
 mod tests {
     use super::*;
     use crate::broker::DeadLetter;
-    use crate::entry::dead_letter_fields;
+    use crate::wire::dead_letter_fields;
 
     #[test]
     fn a_dead_letter_reads_back_to_its_original_fields() {
@@ -245,7 +245,7 @@ mod tests {
         let letter = DeadLetter {
             origin_id: "5-0".into(),
             fields: original.clone(),
-            reason: "rejected: no".into(),
+            reason: crate::wire::DeadLetterReason::Rejected("no".into()),
             attempts: 2,
             error: Some("boom".into()),
             failed_at_ms: 42,

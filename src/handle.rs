@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use serde::Serialize;
 
-use crate::actors::group::{GetStatus, GroupSupervisor};
 use crate::broker::{Diagnostics, ServerReport};
 use crate::error::{Error, Result};
+use crate::group::supervisor::{GetStatus, GroupSupervisor};
 use crate::producer::Producer;
 use crate::status::GroupStatus;
 use crate::store::Store;

@@ -87,17 +87,16 @@
 //! The library installs no global tracing subscriber, metrics recorder or
 //! panic hook: the host application owns those.
 
-mod actors;
 pub mod broker;
+mod clock;
 pub mod dead_letters;
-mod entry;
 mod error;
 pub mod failpoints;
+mod group;
 mod handle;
 mod handler;
 mod latest;
 pub mod metrics;
-mod outcome;
 mod processor;
 mod producer;
 mod schedule;
@@ -106,23 +105,26 @@ mod status;
 mod store;
 #[cfg(feature = "web")]
 pub mod web;
+mod wire;
 
 pub use broker::{Admin, Broker, RedisBroker, ServerFeatures, ServerReport};
-pub use entry::{
-    DecodeError, Entry, Event, MAX_EVENT_ID_BYTES, MAX_FIELDS, RawEntry, dead_letter_field,
-    dead_letter_stream, field,
-};
 pub use error::{BoxError, Error, Result};
 pub use handle::{Health, HealthCheck, ProcessorHandle};
-pub use handler::{FnHandler, Handler, HandlerResult, Meta, OwnershipLost, Schema, handler_fn};
+pub use handler::{
+    FnHandler, Handler, HandlerResult, Meta, Outcome, OwnershipLost, RetryPolicy, Schema,
+    handler_fn,
+};
 pub use latest::{Applied, Latest, LatestValues, MAX_VERSION_PART, Version};
-pub use outcome::{Outcome, RetryPolicy};
 pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};
 pub use producer::{Producer, ProducerStats, Published};
 pub use schedule::{Cadence, JobResult, Schedule, ScheduleStats, Tick};
 pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};
 pub use status::{GroupStatus, MemberStatus};
 pub use store::{DatabaseOutage, Store, StoreStats, TxHandler, enqueue};
+pub use wire::{
+    DeadLetterReason, DecodeError, Entry, Event, MAX_EVENT_ID_BYTES, MAX_FIELDS, RawEntry,
+    dead_letter_field, dead_letter_stream, field,
+};
 
 /// The names most programs need: `use redstream::prelude::*;`.
 pub mod prelude {

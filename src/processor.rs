@@ -7,19 +7,19 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::actors::group::{GroupStopReport, GroupSupervisor, Lease, StopGroup};
-use crate::actors::producer::{Flush, ProducerActor, ProducerOptions, StatCounters};
-use crate::actors::scheduler::{SchedulerActor, StopSchedule};
-use crate::actors::{GroupOptions, GroupRuntime};
 use crate::broker::{
     Broker, Diagnostics, GroupRef, Leases, Redelivery, RedisBroker, ServerReport, Streams,
 };
 use crate::error::{Error, Result};
+use crate::group::supervisor::{GroupStopReport, GroupSupervisor, Lease, StopGroup};
+use crate::group::{GroupOptions, GroupRuntime};
 use crate::handle::{GroupHandle, Health, Inner as HandleInner, ProcessorHandle};
+use crate::handler::RetryPolicy;
 use crate::handler::{DynHandler, Handler, erase, handler_fn};
 use crate::metrics::GroupMetrics;
-use crate::outcome::RetryPolicy;
+use crate::producer::actor::{Flush, ProducerActor, ProducerOptions, StatCounters};
 use crate::producer::{Producer, ProducerLimits, new_event_id};
+use crate::schedule::actor::{SchedulerActor, StopSchedule};
 use crate::schedule::{Schedule, ScheduleCounters, ScheduleStats};
 use crate::settings::{IdFormat, Settings, StartFrom};
 use crate::status::GroupStatus;
@@ -353,7 +353,7 @@ impl ProcessorBuilder {
                     server.warnings.push(warning);
                 }
             }
-            let budget = crate::actors::budget::ReadBudget::new(options.max_pending);
+            let budget = crate::group::budget::ReadBudget::new(options.max_pending);
             runtimes.push(Arc::new(GroupRuntime {
                 metrics: GroupMetrics::new(&group.stream, &group.group),
                 streams: Arc::clone(&broker) as Arc<dyn Streams>,

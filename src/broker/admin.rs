@@ -5,8 +5,8 @@
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::entry::RawEntry;
 use crate::error::Result;
+use crate::wire::RawEntry;
 
 /// A stream and its groups.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

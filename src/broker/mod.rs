@@ -45,8 +45,12 @@ pub use self::leases::Leases;
 pub use self::redelivery::{ClaimIdle, ClaimReply, DueReply, EntryState, Redelivery};
 pub use self::redis::RedisBroker;
 pub use self::streams::{
-    Acks, DeadLetter, GroupReader, Interrupt, PublishItem, ReadFrom, RetrySchedule, Streams,
+    Acks, GroupReader, Interrupt, PublishItem, ReadFrom, RetrySchedule, Streams,
 };
+/// The letter [`Streams::dead_letter`] writes (its home is the wire format).
+pub use crate::wire::DeadLetter;
+/// The fields of one entry to write, in a [`PublishItem`].
+pub use crate::wire::OutgoingEntry;
 
 /// The id that means "from the start" in [`ReadFrom::PendingAfter`].
 pub const FROM_START: &str = "0";

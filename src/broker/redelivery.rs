@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{GroupRef, MemberRef};
-use crate::entry::RawEntry;
 use crate::error::Result;
+use crate::wire::RawEntry;
 
 /// Durable per-entry state of a group.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -5,9 +5,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{Capabilities, GroupRef, MemberRef};
-use crate::entry::{OutgoingEntry, RawEntry};
 use crate::error::Result;
 use crate::settings::StartFrom;
+use crate::wire::{DeadLetter, OutgoingEntry, RawEntry};
 
 /// One entry to write, with the stream it goes to.
 #[derive(Clone, Debug)]
@@ -72,24 +72,6 @@ pub struct RetrySchedule {
     /// Not before this long after the write: the broker adds it to its own
     /// clock, so the writer's wall clock plays no part.
     pub delay: Duration,
-}
-
-/// An entry to move to the dead-letter stream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// The original entry id.
-    pub origin_id: String,
-    /// The original fields (empty if the payload was trimmed away).
-    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Why: a stable code, a colon, details.
-    pub reason: String,
-    /// Failed attempts.
-    pub attempts: u32,
-    /// The last error, if an attempt failed.
-    pub error: Option<String>,
-    /// When it was dead-lettered (ms since the epoch, the writer's wall
-    /// clock: data for people, never compared to decide anything).
-    pub failed_at_ms: u64,
 }
 
 /// Every group needs these: creating the group, publishing, reading for a

@@ -74,11 +74,13 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use serde::de::DeserializeOwned;
 
 use super::{PROBE_TIMEOUT, Store};
-use crate::entry::{DecodeError, now_ms};
+use crate::clock::Backoff;
+use crate::clock::now_ms;
 use crate::error::{Error, Result, db_is_transient, is_transient_db_error};
 use crate::failpoints::db_fault;
+use crate::handler::Outcome;
 use crate::handler::{DynHandler, HandlerResult, Meta, Schema, Verdict, panic_message};
-use crate::outcome::{Backoff, Outcome};
+use crate::wire::DecodeError;
 
 /// A handler whose effects are database writes, made exactly-once.
 ///

@@ -115,8 +115,7 @@ where
     E: Into<Error>,
 {
     let started = std::time::Instant::now();
-    let mut backoff =
-        crate::outcome::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    let mut backoff = crate::clock::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     loop {
         match run().await.map_err(Into::into) {
             Err(Error::Database(e))

@@ -32,12 +32,13 @@ use sea_orm::{ConnectionTrait, DbBackend};
 use tokio::sync::{Notify, watch};
 
 use super::Store;
-use crate::entry::{Event, now_ms};
+use crate::clock::Backoff;
+use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::failpoints::db_fault;
-use crate::outcome::Backoff;
 use crate::producer::{Producer, new_event_id};
 use crate::settings::IdFormat;
+use crate::wire::Event;
 
 /// The PostgreSQL channel the relay listens on.
 const CHANNEL: &str = "redstream_outbox";

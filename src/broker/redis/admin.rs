@@ -8,8 +8,8 @@ use super::{RedisBroker, retry_key};
 use crate::broker::admin::{
     Admin, ConsumerInfo, GroupInfo, PendingEntry, StreamInfo, TrimPlan, next_id, parse_id,
 };
-use crate::entry::{RawEntry, dead_letter_stream};
 use crate::error::Result;
+use crate::wire::{RawEntry, dead_letter_stream};
 
 /// Entries read per page when counting what a trim would remove.
 const COUNT_PAGE: usize = 10_000;

@@ -10,8 +10,8 @@ use redis::Value;
 use super::reply::{parse_entries, parse_fields, text, unexpected};
 use super::{RedisBroker, attempts_key, retry_key, server_ms};
 use crate::broker::{ClaimIdle, ClaimReply, DueReply, EntryState, GroupRef, MemberRef, Redelivery};
-use crate::entry::RawEntry;
 use crate::error::Result;
+use crate::wire::RawEntry;
 
 #[async_trait]
 impl Redelivery for RedisBroker {

@@ -10,8 +10,8 @@ use redis::Value;
 use super::reply::{group_field, int, major_version, text, unexpected};
 use super::{RedisBroker, lease_prefix, retry_key, server_ms};
 use crate::broker::{Diagnostics, GroupRef, PendingSummary, ServerReport};
-use crate::entry::dead_letter_stream;
 use crate::error::Result;
+use crate::wire::dead_letter_stream;
 
 #[async_trait]
 impl Diagnostics for RedisBroker {

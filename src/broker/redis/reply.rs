@@ -4,8 +4,8 @@
 
 use redis::Value;
 
-use crate::entry::RawEntry;
 use crate::error::{Error, Result};
+use crate::wire::RawEntry;
 
 /// One field of one group in an `XINFO GROUPS` reply (a list of flat
 /// name/value arrays in RESP2, of maps in RESP3).

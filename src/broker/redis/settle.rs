@@ -19,9 +19,9 @@ use crate::broker::{
     Acks, Capabilities, DeadLetter, GroupReader, GroupRef, Interrupt, MemberRef, PublishItem,
     ReadFrom, RetrySchedule, Streams,
 };
-use crate::entry::{RawEntry, dead_letter_fields, dead_letter_stream};
 use crate::error::Result;
 use crate::settings::StartFrom;
+use crate::wire::{RawEntry, dead_letter_fields, dead_letter_stream};
 
 /// A member's reader: its own connection, named after the member.
 struct RedisReader {

@@ -39,6 +39,10 @@
 //! # let _ = log;
 //! ```
 
+mod outcome;
+
+pub use self::outcome::{Outcome, RetryPolicy};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
@@ -52,9 +56,9 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 
-use crate::entry::{DecodeError, Entry};
+use crate::clock::mono_ms;
 use crate::error::BoxError;
-use crate::outcome::Outcome;
+use crate::wire::{DecodeError, Entry};
 
 /// What a handler returns: an [`Outcome`], or an error meaning "retry".
 pub type HandlerResult = Result<Outcome, BoxError>;
@@ -257,15 +261,6 @@ struct OwnershipState {
     /// an in-process duration, so a wall-clock step neither makes a fresh
     /// confirmation look stale nor a stale one look fresh.
     confirmed_ms: AtomicU64,
-}
-
-/// Milliseconds on the monotonic clock since the first call in this
-/// process (never moved by a wall-clock step). For in-process durations
-/// only.
-fn mono_ms() -> u64 {
-    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let base = *BASE.get_or_init(std::time::Instant::now);
-    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Ownership {

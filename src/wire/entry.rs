@@ -1,337 +1,8 @@
-//! The wire format: how an event is laid out as a stream entry.
-//!
-//! An entry is a flat field map so that any client can write and read it.
-//! The reserved fields, all optional for entries written by other clients:
-//!
-//! | field | meaning |
-//! |---|---|
-//! | `id` | the event's own id, the idempotency key (the producer assigns a ULID or UUIDv7) |
-//! | `type` | event type, e.g. `order.created` |
-//! | `v` | schema version, default `1` |
-//! | `data` | the payload, JSON |
-//! | `ts` | publish time, milliseconds since the Unix epoch |
-//! | `key` | ordering / partition key |
-//! | `traceparent` | W3C trace context |
-//!
-//! An entry without `data` is delivered too: its non-reserved fields, as a
-//! JSON object of strings, are the payload. Decoding is per entry; an entry
-//! that cannot be decoded becomes a [`DecodeError`] with a specific reason
-//! and goes to the dead-letter stream, and its batch-mates are unaffected.
+//! Entries on their way in: [`RawEntry`] as the broker returns it, decoded
+//! one at a time into an [`Entry`] or a [`DecodeError`].
 
-use std::borrow::Cow;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use serde::Serialize;
-
+use super::{MAX_EVENT_ID_BYTES, MAX_FIELDS, field};
 use crate::error::{Error, Result};
-
-/// Names of the reserved fields.
-pub mod field {
-    /// The event id (idempotency key).
-    pub const ID: &str = "id";
-    /// The event type.
-    pub const TYPE: &str = "type";
-    /// The schema version.
-    pub const VERSION: &str = "v";
-    /// The JSON payload.
-    pub const DATA: &str = "data";
-    /// Publish time in milliseconds since the Unix epoch.
-    pub const TS: &str = "ts";
-    /// Ordering / partition key.
-    pub const KEY: &str = "key";
-    /// W3C trace context.
-    pub const TRACEPARENT: &str = "traceparent";
-    /// All reserved field names.
-    pub const RESERVED: [&str; 7] = [ID, TYPE, VERSION, DATA, TS, KEY, TRACEPARENT];
-}
-
-/// Most fields an entry may have. An entry with more is dead-lettered
-/// (`too_many_fields`) without being handed to a handler; its dead letter
-/// keeps the first `MAX_FIELDS` fields (a Lua script writes each letter, and
-/// one Redis call from Lua takes fewer than 8,000 arguments).
-pub const MAX_FIELDS: usize = 1_024;
-
-/// Longest `id` field, in bytes. The event id is the idempotency key, a
-/// primary-key column of `processed_events`; a longer one is dead-lettered
-/// (`oversized_field`) rather than failing the database write (PostgreSQL
-/// refuses index rows above about 2.7 kB).
-pub const MAX_EVENT_ID_BYTES: usize = 512;
-
-/// The name of the dead-letter stream of `stream`: `<stream>:dlq`.
-pub fn dead_letter_stream(stream: &str) -> String {
-    format!("{stream}:dlq")
-}
-
-/// Names of the fields a dead letter adds to the original entry's fields.
-///
-/// Original fields whose names collide with these (or start with
-/// [`ORIGINAL_PREFIX`](dead_letter_field::ORIGINAL_PREFIX)) are kept under
-/// that prefix, so nothing the writer sent is lost or shadowed.
-pub mod dead_letter_field {
-    /// Why the entry was dead-lettered: a stable code, a colon, details.
-    pub const REASON: &str = "reason";
-    /// The original entry id.
-    pub const ORIGIN_ID: &str = "origin_id";
-    /// The consumer group that gave up on it.
-    pub const GROUP: &str = "group";
-    /// Failed attempts.
-    pub const ATTEMPTS: &str = "attempts";
-    /// When it was dead-lettered, ms since the Unix epoch.
-    pub const FAILED_AT: &str = "failed_at";
-    /// The last error, when an attempt failed.
-    pub const ERROR: &str = "error";
-    /// How many original fields past [`MAX_FIELDS`](crate::MAX_FIELDS)
-    /// were left out of the letter (present only then; the whole entry
-    /// stays in the stream under `origin_id` until trimmed).
-    pub const OMITTED_FIELDS: &str = "omitted_fields";
-    /// Prefix for original fields whose names collide with the above.
-    pub const ORIGINAL_PREFIX: &str = "original.";
-    /// All names a dead letter adds.
-    pub const ADDED: [&str; 7] = [
-        REASON,
-        ORIGIN_ID,
-        GROUP,
-        ATTEMPTS,
-        FAILED_AT,
-        ERROR,
-        OMITTED_FIELDS,
-    ];
-}
-
-/// The fields of a dead-letter entry: the letter's metadata, then the
-/// original fields (renamed only where they would collide).
-pub(crate) fn dead_letter_fields(
-    letter: &crate::broker::DeadLetter,
-    group: &str,
-) -> Vec<(Vec<u8>, Vec<u8>)> {
-    use dead_letter_field as f;
-    let mut out: Vec<(Vec<u8>, Vec<u8>)> = vec![
-        (f::REASON.into(), letter.reason.clone().into_bytes()),
-        (f::ORIGIN_ID.into(), letter.origin_id.clone().into_bytes()),
-        (f::GROUP.into(), group.as_bytes().to_vec()),
-        (f::ATTEMPTS.into(), letter.attempts.to_string().into_bytes()),
-        (
-            f::FAILED_AT.into(),
-            letter.failed_at_ms.to_string().into_bytes(),
-        ),
-    ];
-    if let Some(error) = &letter.error {
-        out.push((f::ERROR.into(), error.clone().into_bytes()));
-    }
-    let omitted = letter.fields.len().saturating_sub(MAX_FIELDS);
-    if omitted > 0 {
-        out.push((f::OMITTED_FIELDS.into(), omitted.to_string().into_bytes()));
-    }
-    for (name, value) in letter.fields.iter().take(MAX_FIELDS) {
-        let collides = f::ADDED.iter().any(|a| a.as_bytes() == name.as_slice())
-            || name.starts_with(f::ORIGINAL_PREFIX.as_bytes());
-        let name = if collides {
-            [f::ORIGINAL_PREFIX.as_bytes(), name].concat()
-        } else {
-            name.clone()
-        };
-        out.push((name, value.clone()));
-    }
-    out
-}
-
-/// Milliseconds since the Unix epoch, now, by this process's wall clock.
-///
-/// For times that are data (an entry's `ts`, `processed_at`, a dead
-/// letter's `failed_at_ms`, display), never for a decision: times several
-/// processes compare come from the broker's clock
-/// ([`Diagnostics::server_time_ms`](crate::broker::Diagnostics::server_time_ms), Redis
-/// `TIME` inside the scripts), and durations inside a process from the
-/// monotonic clock (`Instant`). A wall clock can be stepped (NTP, a VM
-/// resumed) and differ between hosts.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// An event to publish.
-///
-/// ```
-/// use redstream::Event;
-/// #[derive(serde::Serialize)]
-/// struct OrderCreated { order_id: String }
-///
-/// let event = Event::new("order.created", &OrderCreated { order_id: "o-1".into() })?
-///     .with_key("customer-7");
-/// assert_eq!(event.event_type(), "order.created");
-/// assert_eq!(event.id(), None); // the producer assigns one
-/// # Ok::<(), redstream::Error>(())
-/// ```
-#[derive(Clone, Debug, PartialEq)]
-pub struct Event {
-    id: Option<String>,
-    event_type: String,
-    version: u32,
-    data: Vec<u8>,
-    key: Option<String>,
-    traceparent: Option<String>,
-    headers: Vec<(String, String)>,
-}
-
-impl Event {
-    /// An event of `event_type` whose `data` is `data` encoded as JSON.
-    pub fn new<T: Serialize + ?Sized>(event_type: impl Into<String>, data: &T) -> Result<Self> {
-        let data = serde_json::to_vec(data).map_err(Error::Encode)?;
-        Ok(Self::from_json(event_type, data))
-    }
-
-    /// An event whose `data` is already-encoded JSON. The bytes are not
-    /// checked here; a consumer dead-letters an entry whose `data` is not
-    /// valid JSON.
-    pub fn from_json(event_type: impl Into<String>, json: impl Into<Vec<u8>>) -> Self {
-        Event {
-            id: None,
-            event_type: event_type.into(),
-            version: 1,
-            data: json.into(),
-            key: None,
-            traceparent: None,
-            headers: Vec::new(),
-        }
-    }
-
-    /// Sets the event id instead of letting the producer assign one (the
-    /// outbox relay and dead-letter redrive keep ids this way, so that
-    /// consumers' idempotency still holds).
-    pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = Some(id.into());
-        self
-    }
-
-    /// Sets the schema version (`v`). Default 1.
-    pub fn with_version(mut self, version: u32) -> Self {
-        self.version = version;
-        self
-    }
-
-    /// Sets the ordering / partition key.
-    pub fn with_key(mut self, key: impl Into<String>) -> Self {
-        self.key = Some(key.into());
-        self
-    }
-
-    /// Sets the W3C `traceparent`.
-    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
-        self.traceparent = Some(traceparent.into());
-        self
-    }
-
-    /// Adds an extra field. Reserved names are refused at publish.
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.push((name.into(), value.into()));
-        self
-    }
-
-    /// The event id, if set.
-    pub fn id(&self) -> Option<&str> {
-        self.id.as_deref()
-    }
-
-    /// The event type.
-    pub fn event_type(&self) -> &str {
-        &self.event_type
-    }
-
-    /// The encoded JSON payload.
-    pub fn data(&self) -> &[u8] {
-        &self.data
-    }
-
-    /// The schema version.
-    pub fn version(&self) -> u32 {
-        self.version
-    }
-
-    /// The ordering key, if set.
-    pub fn key(&self) -> Option<&str> {
-        self.key.as_deref()
-    }
-
-    /// The W3C trace context, if set.
-    pub fn traceparent(&self) -> Option<&str> {
-        self.traceparent.as_deref()
-    }
-
-    /// Extra fields.
-    pub fn headers(&self) -> &[(String, String)] {
-        &self.headers
-    }
-
-    /// Checks what can be checked before writing: no header may use a
-    /// reserved field name.
-    pub(crate) fn check(&self) -> Result<()> {
-        if let Some((name, _)) = self
-            .headers
-            .iter()
-            .find(|(name, _)| field::RESERVED.contains(&name.as_str()))
-        {
-            return Err(Error::InvalidEvent {
-                reason: format!("header `{name}` uses a reserved field name"),
-            });
-        }
-        Ok(())
-    }
-
-    /// Checks the event and turns it into the fields of one entry.
-    pub(crate) fn into_outgoing(
-        self,
-        default_id: impl FnOnce() -> String,
-    ) -> Result<OutgoingEntry> {
-        self.check()?;
-        let id = match self.id {
-            Some(id) if !id.is_empty() => id,
-            _ => default_id(),
-        };
-        let mut fields: Vec<(Cow<'static, str>, Vec<u8>)> =
-            Vec::with_capacity(6 + self.headers.len());
-        fields.push((Cow::Borrowed(field::ID), id.clone().into_bytes()));
-        fields.push((Cow::Borrowed(field::TYPE), self.event_type.into_bytes()));
-        fields.push((
-            Cow::Borrowed(field::VERSION),
-            self.version.to_string().into_bytes(),
-        ));
-        // `ts` is data (display, the end-to-end latency metric): the
-        // publisher's wall clock.
-        fields.push((Cow::Borrowed(field::TS), now_ms().to_string().into_bytes()));
-        if let Some(key) = self.key {
-            fields.push((Cow::Borrowed(field::KEY), key.into_bytes()));
-        }
-        if let Some(tp) = self.traceparent {
-            fields.push((Cow::Borrowed(field::TRACEPARENT), tp.into_bytes()));
-        }
-        for (name, value) in self.headers {
-            fields.push((Cow::Owned(name), value.into_bytes()));
-        }
-        fields.push((Cow::Borrowed(field::DATA), self.data));
-        Ok(OutgoingEntry {
-            event_id: id,
-            fields,
-        })
-    }
-}
-
-/// An entry ready to be written: its event id and its fields in order.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OutgoingEntry {
-    /// The event id (also present as the `id` field).
-    pub event_id: String,
-    /// Field names and values, in the order they are written.
-    pub fields: Vec<(Cow<'static, str>, Vec<u8>)>,
-}
-
-impl OutgoingEntry {
-    /// Encoded size of all names and values, in bytes.
-    pub fn encoded_len(&self) -> usize {
-        self.fields.iter().map(|(k, v)| k.len() + v.len()).sum()
-    }
-}
 
 /// An entry as the broker returns it: its id and raw fields, undecoded.
 /// `fields == None` means the id is still pending but its payload was trimmed
@@ -440,6 +111,21 @@ impl DecodeError {
     /// The dead-letter reason: a stable code, a colon, and details.
     pub fn reason(&self) -> String {
         self.to_string()
+    }
+
+    /// The stable code alone: `bad_json`, `trimmed_while_pending`, …
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecodeError::Trimmed => "trimmed_while_pending",
+            DecodeError::FieldNameNotUtf8 { .. } => "malformed_field_name",
+            DecodeError::FieldNotUtf8 { .. } | DecodeError::NotANumber { .. } => "malformed_field",
+            DecodeError::DuplicateField { .. } => "duplicate_field",
+            DecodeError::TooManyFields { .. } => "too_many_fields",
+            DecodeError::Oversized { .. } => "oversized_field",
+            DecodeError::BadJson { .. } => "bad_json",
+            DecodeError::UnknownVersion { .. } => "unknown_schema_version",
+            DecodeError::UpcastFailed { .. } => "upcast_failed",
+        }
     }
 }
 
@@ -677,6 +363,7 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{Event, dead_letter_fields};
 
     fn raw(fields: &[(&[u8], &[u8])]) -> RawEntry {
         RawEntry {
@@ -776,10 +463,10 @@ mod tests {
         };
         let (_, err) = Entry::decode(raw_entry).expect_err("too many");
         assert_eq!(err.reason(), "too_many_fields: 10000 fields, at most 1024");
-        let letter = crate::broker::DeadLetter {
+        let letter = crate::wire::DeadLetter {
             origin_id: "1-0".into(),
             fields,
-            reason: err.reason(),
+            reason: crate::wire::DeadLetterReason::Undecodable(err),
             attempts: 0,
             error: None,
             failed_at_ms: 0,

@@ -29,13 +29,14 @@ use super::{
     ConsumerStopped, Deliver, EntriesClaimed, EntriesHandled, EntryResult, Exit, GroupRuntime,
     RetryDueAt, SetPaused, StopConsumer, StopReclaimer,
 };
-use crate::broker::{Acks, DeadLetter, PendingSummary, RetrySchedule};
-use crate::entry::{DecodeError, now_ms};
+use crate::broker::{Acks, PendingSummary, RetrySchedule};
+use crate::clock::{Backoff, now_ms, with_tries};
 use crate::error::Result;
+use crate::handler::Outcome;
 use crate::handler::Verdict;
-use crate::outcome::{Backoff, Outcome};
 use crate::settings::{MissingGroupPolicy, StartFrom};
 use crate::status::{GroupStatus, MemberStatus};
+use crate::wire::{DeadLetter, DeadLetterReason, DecodeError};
 
 /// How long a consumer must have run for its restart backoff to reset.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
@@ -292,7 +293,10 @@ impl GroupSupervisor {
         self.writes_in_flight += 1;
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
-            let result = with_tries(|| rt.streams.schedule_retries(&rt.target, &retries)).await;
+            let result = with_tries(WRITE_TRIES, || {
+                rt.streams.schedule_retries(&rt.target, &retries)
+            })
+            .await;
             (retries.len(), result)
         };
         ctx.spawn(fut.into_actor(self).map(move |(n, result), act, _ctx| {
@@ -396,14 +400,15 @@ impl GroupSupervisor {
         let mut letters = Vec::new();
         for r in results {
             let ran = r.prior_attempts + 1;
-            let letter = |reason: String, attempts: u32, error: Option<String>| DeadLetter {
-                origin_id: r.id.clone(),
-                fields: r.payload.fields(),
-                reason,
-                attempts,
-                error,
-                failed_at_ms: now,
-            };
+            let letter =
+                |reason: DeadLetterReason, attempts: u32, error: Option<String>| DeadLetter {
+                    origin_id: r.id.clone(),
+                    fields: r.payload.fields(),
+                    reason,
+                    attempts,
+                    error,
+                    failed_at_ms: now,
+                };
             match r.verdict {
                 Verdict::Decided(Outcome::Ack) => {
                     let m = &self.runtime.metrics;
@@ -418,14 +423,18 @@ impl GroupSupervisor {
                     self.acks.ids.push(r.id);
                 }
                 Verdict::Decided(Outcome::DeadLetter(reason)) => {
-                    letters.push(letter(format!("rejected: {reason}"), ran, None));
+                    letters.push(letter(DeadLetterReason::Rejected(reason), ran, None));
                 }
                 Verdict::Undecodable(e) => {
-                    letters.push(letter(e.reason(), r.prior_attempts, None));
+                    letters.push(letter(
+                        DeadLetterReason::Undecodable(e),
+                        r.prior_attempts,
+                        None,
+                    ));
                 }
                 Verdict::Lost => {}
                 Verdict::Exhausted => letters.push(letter(
-                    "max_attempts_exceeded: the attempt budget was already spent".to_owned(),
+                    DeadLetterReason::BudgetSpent,
                     r.prior_attempts,
                     None,
                 )),
@@ -438,7 +447,7 @@ impl GroupSupervisor {
                     if ran >= policy.max_attempts {
                         let error = error.or_else(|| Some("handler asked for a retry".to_owned()));
                         letters.push(letter(
-                            format!("max_attempts_exceeded: {ran} attempts failed"),
+                            DeadLetterReason::AttemptsExhausted { attempts: ran },
                             ran,
                             error,
                         ));
@@ -680,24 +689,6 @@ impl GroupSupervisor {
     }
 }
 
-/// Tries a write a few times with short pauses.
-async fn with_tries<F, Fut>(mut write: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match write().await {
-            Ok(()) => return Ok(()),
-            Err(e) if tries >= WRITE_TRIES || !e.is_transient() => return Err(e),
-            Err(_) => tokio::time::sleep(backoff.next_delay()).await,
-        }
-    }
-}
-
 fn describe(exit: &Exit) -> String {
     match exit {
         Exit::Stopped => "stopped".to_owned(),
@@ -813,7 +804,7 @@ impl Handler<EntriesClaimed> for GroupSupervisor {
             .map(|id| DeadLetter {
                 origin_id: id,
                 fields: Vec::new(),
-                reason: DecodeError::Trimmed.reason(),
+                reason: DeadLetterReason::Undecodable(DecodeError::Trimmed),
                 attempts: 0,
                 error: None,
                 failed_at_ms: now,

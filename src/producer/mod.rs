@@ -6,12 +6,14 @@ use std::sync::Arc;
 use actix::Addr;
 use tokio::sync::Semaphore;
 
-use crate::actors::producer::{Collector, ProducerActor, Publish, Queued, StatCounters};
-pub use crate::actors::producer::{ProducerStats, Published};
+pub(crate) mod actor;
+
+use self::actor::{Collector, ProducerActor, Publish, Queued, StatCounters};
+pub use self::actor::{ProducerStats, Published};
 use crate::broker::PublishItem;
-use crate::entry::{Event, OutgoingEntry};
 use crate::error::{Error, Result};
 use crate::settings::IdFormat;
+use crate::wire::{Event, OutgoingEntry};
 
 /// Publishes events. Cheap to clone; share it (for example through
 /// actix-web's `web::Data`).

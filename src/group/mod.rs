@@ -20,10 +20,8 @@
 
 pub(crate) mod budget;
 pub(crate) mod consumer;
-pub(crate) mod group;
-pub(crate) mod producer;
 pub(crate) mod reclaimer;
-pub(crate) mod scheduler;
+pub(crate) mod supervisor;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,11 +31,11 @@ use actix::Message;
 use crate::broker::{
     Capabilities, Diagnostics, EntryState, GroupRef, Leases, MemberRef, Redelivery, Streams,
 };
-use crate::entry::{Entry, RawEntry};
+use crate::handler::RetryPolicy;
 use crate::handler::{DynHandler, Verdict};
 use crate::metrics::GroupMetrics;
-use crate::outcome::RetryPolicy;
 use crate::settings::{MissingGroupPolicy, StartFrom};
+use crate::wire::{Entry, RawEntry};
 
 /// Everything the actors of one group share.
 pub(crate) struct GroupRuntime {

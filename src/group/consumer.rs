@@ -36,10 +36,10 @@ use super::{
     StopConsumer,
 };
 use crate::broker::{EntryState, FROM_START, GroupReader, ReadFrom};
-use crate::entry::{Entry, RawEntry};
 use crate::error::{Error, Result};
+use crate::handler::Outcome;
 use crate::handler::{self, ConfirmFn, MemberInfo, Meta, Ownership, OwnershipCheck, Verdict};
-use crate::outcome::Outcome;
+use crate::wire::{Entry, RawEntry};
 
 /// How often a stopping member checks whether its handler's database
 /// refuses writes (then it releases its running entries at once).

@@ -151,37 +151,6 @@ impl RetryPolicy {
     }
 }
 
-/// Exponential backoff for reconnects and restarts (no attempt budget).
-#[derive(Clone, Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            current: min,
-        }
-    }
-
-    /// The next pause (with ±20 % jitter), doubling the one after it.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let base = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let spread = rand::rng().random_range(0.8..=1.2);
-        base.mul_f64(spread).min(self.max)
-    }
-
-    /// Back to the first pause, after a success.
-    pub(crate) fn reset(&mut self) {
-        self.current = self.min;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,18 +178,5 @@ mod tests {
             let d = p.delay_for(1).as_secs_f64();
             assert!((8.0..=12.0).contains(&d), "{d}");
         }
-    }
-
-    #[test]
-    fn backoff_doubles_to_max_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
-        let d1 = b.next_delay();
-        let _ = b.next_delay();
-        let d3 = b.next_delay();
-        let d4 = b.next_delay();
-        assert!(d1 <= Duration::from_millis(120));
-        assert!(d3 >= Duration::from_millis(320) && d4 <= Duration::from_millis(400));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(120));
     }
 }

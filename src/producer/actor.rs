@@ -21,8 +21,8 @@ use actix::prelude::*;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use crate::broker::{PublishItem, Streams};
+use crate::clock::Backoff;
 use crate::error::{Error, Result};
-use crate::outcome::Backoff;
 
 /// The id and entry id of a published event.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -27,6 +27,8 @@
 //! than a period) are not made up for: the schedule continues at the next
 //! due time.
 
+pub(crate) mod actor;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +37,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::future::BoxFuture;
 use metrics::{Counter, Histogram, counter, histogram};
 
-use crate::entry::Event;
 use crate::error::{BoxError, Error, Result};
 use crate::metrics::names;
+use crate::wire::Event;
 
 /// When a schedule runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
