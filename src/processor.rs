@@ -15,7 +15,7 @@ use crate::group::supervisor::{GroupStopReport, GroupSupervisor, Lease, StopGrou
 use crate::group::{GroupOptions, GroupRuntime};
 use crate::handle::{GroupHandle, Health, Inner as HandleInner, ProcessorHandle};
 use crate::handler::RetryPolicy;
-use crate::handler::{DynHandler, Handler, erase, handler_fn};
+use crate::handler::{ErasedHandler, Handler, erase, handler_fn};
 use crate::metrics::GroupMetrics;
 use crate::producer::actor::{Flush, ProducerActor, ProducerOptions, StatCounters};
 use crate::producer::{Producer, ProducerLimits, new_event_id};
@@ -43,7 +43,7 @@ use crate::store::{OutboxRelay, RelayOptions, StopRelay, Store, TxHandler, erase
 pub struct Group {
     stream: String,
     group: String,
-    handler: Arc<dyn DynHandler>,
+    handler: ErasedHandler,
     store: Option<Store>,
     members: Option<usize>,
     in_flight: Option<usize>,
@@ -361,7 +361,7 @@ impl ProcessorBuilder {
                 leases: Arc::clone(&broker) as Arc<dyn Leases>,
                 diagnostics: Arc::clone(&broker) as Arc<dyn Diagnostics>,
                 capabilities: broker.capabilities(),
-                handler: Arc::clone(&group.handler),
+                handler: group.handler.clone(),
                 target,
                 options,
                 read_turns: Arc::new(tokio::sync::Semaphore::new(

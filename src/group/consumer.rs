@@ -37,8 +37,10 @@ use super::{
 };
 use crate::broker::{EntryState, FROM_START, GroupReader, ReadFrom};
 use crate::error::{Error, Result};
-use crate::handler::Outcome;
-use crate::handler::{self, ConfirmFn, MemberInfo, Meta, Ownership, OwnershipCheck, Verdict};
+use crate::handler::{
+    self, ConfirmFn, ErasedHandler, MemberInfo, Meta, Outcome, Ownership, OwnershipCheck, RunBatch,
+    RunEach, Verdict,
+};
 use crate::wire::{Entry, RawEntry};
 
 /// How often a stopping member checks whether its handler's database
@@ -315,27 +317,27 @@ impl Member {
             return;
         }
         let ready = std::mem::take(&mut self.ready);
-        match self.runtime.handler.batch_size() {
-            None => {
+        match self.runtime.handler.clone() {
+            ErasedHandler::Each(handler) => {
                 for (entry, prior) in ready {
-                    self.start_one(entry, prior);
+                    self.start_one(&handler, entry, prior);
                 }
             }
-            Some(size) => {
+            ErasedHandler::Batch { handler, max } => {
                 let mut rest = ready.into_iter().peekable();
                 while rest.peek().is_some() {
-                    let batch: Vec<_> = rest.by_ref().take(size.max(1)).collect();
-                    self.start_batch(batch);
+                    let batch: Vec<_> = rest.by_ref().take(max.max(1)).collect();
+                    self.start_batch(&handler, batch);
                 }
             }
         }
     }
 
-    fn start_one(&mut self, entry: Arc<Entry>, prior_attempts: u32) {
+    fn start_one(&mut self, handler: &Arc<dyn RunEach>, entry: Arc<Entry>, prior_attempts: u32) {
         let (meta, ownership) = self.meta_for(&entry, prior_attempts);
         let span = meta.span();
         let (abort, registration) = AbortHandle::new_pair();
-        let handler = Arc::clone(&self.runtime.handler);
+        let handler = Arc::clone(handler);
         let id = entry.id().to_owned();
         self.held.insert(
             id.clone(),
@@ -373,7 +375,7 @@ impl Member {
         }));
     }
 
-    fn start_batch(&mut self, batch: Vec<(Arc<Entry>, u32)>) {
+    fn start_batch(&mut self, handler: &Arc<dyn RunBatch>, batch: Vec<(Arc<Entry>, u32)>) {
         let (abort, registration) = AbortHandle::new_pair();
         let mut metas = Vec::with_capacity(batch.len());
         for (entry, prior) in &batch {
@@ -388,7 +390,7 @@ impl Member {
                 },
             );
         }
-        let run = self.runtime.handler.run_batch(metas);
+        let run = handler.run_batch(metas);
         let metrics = self.runtime.metrics.clone();
         for (_, prior) in &batch {
             metrics.delivery_attempt.record(f64::from(prior + 1));

@@ -32,7 +32,7 @@ use crate::broker::{
     Capabilities, Diagnostics, EntryState, GroupRef, Leases, MemberRef, Redelivery, Streams,
 };
 use crate::handler::RetryPolicy;
-use crate::handler::{DynHandler, Verdict};
+use crate::handler::{ErasedHandler, Verdict};
 use crate::metrics::GroupMetrics;
 use crate::settings::{MissingGroupPolicy, StartFrom};
 use crate::wire::{Entry, RawEntry};
@@ -47,7 +47,7 @@ pub(crate) struct GroupRuntime {
     pub(crate) diagnostics: Arc<dyn Diagnostics>,
     /// What the broker does by itself.
     pub(crate) capabilities: Capabilities,
-    pub(crate) handler: Arc<dyn DynHandler>,
+    pub(crate) handler: ErasedHandler,
     /// The stream and group this runtime serves.
     pub(crate) target: GroupRef,
     pub(crate) options: GroupOptions,

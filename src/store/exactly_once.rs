@@ -79,8 +79,7 @@ use crate::clock::now_ms;
 use crate::error::{Error, Result, db_is_transient, is_transient_db_error};
 use crate::failpoints::db_fault;
 use crate::handler::Outcome;
-use crate::handler::{DynHandler, HandlerResult, Meta, Schema, Verdict, panic_message};
-use crate::wire::DecodeError;
+use crate::handler::{ErasedHandler, HandlerResult, Meta, RunBatch, Schema, Verdict};
 
 /// A handler whose effects are database writes, made exactly-once.
 ///
@@ -155,37 +154,22 @@ struct TxErased<H: TxHandler> {
     schema: Arc<Schema>,
 }
 
-/// Erases a transactional handler for the consumers.
-pub(crate) fn erase_tx<H: TxHandler>(store: Store, handler: H) -> Arc<dyn DynHandler> {
+/// Erases a transactional handler for the consumers: batches of at most
+/// `database.batch_size` entries, one transaction each.
+pub(crate) fn erase_tx<H: TxHandler>(store: Store, handler: H) -> ErasedHandler {
     let schema = Arc::new(handler.schema());
-    Arc::new(TxErased {
-        store,
-        handler: Arc::new(handler),
-        schema,
-    })
+    let max = store.batch_size();
+    ErasedHandler::Batch {
+        handler: Arc::new(TxErased {
+            store,
+            handler: Arc::new(handler),
+            schema,
+        }),
+        max,
+    }
 }
 
-impl<H: TxHandler> DynHandler for TxErased<H> {
-    fn start(
-        &self,
-        meta: Meta,
-    ) -> std::result::Result<BoxFuture<'static, HandlerResult>, DecodeError> {
-        self.schema.decode::<H::Event>(meta.entry())?;
-        let run = self.run_batch(vec![meta]);
-        Ok(Box::pin(async move {
-            match run.await.pop() {
-                Some(Verdict::Decided(outcome)) => Ok(outcome),
-                Some(Verdict::Failed { error, .. }) => Err(error.into()),
-                Some(other) => Err(format!("not handled: {other:?}").into()),
-                None => Err("not handled".into()),
-            }
-        }))
-    }
-
-    fn batch_size(&self) -> Option<usize> {
-        Some(self.store.batch_size())
-    }
-
+impl<H: TxHandler> RunBatch for TxErased<H> {
     fn stalled(&self) -> bool {
         self.store.outage().is_some()
     }
@@ -609,14 +593,8 @@ async fn careful<H: TxHandler>(
             },
             Ok(Ok(outcome)) => Verdict::Decided(outcome),
             Ok(Err(error)) if is_transient_db_error(&error) => return Err(unavailable(error)),
-            Ok(Err(error)) => Verdict::Failed {
-                error: error.to_string(),
-                panicked: false,
-            },
-            Err(payload) => Verdict::Failed {
-                error: format!("panic: {}", panic_message(payload.as_ref())),
-                panicked: true,
-            },
+            Ok(Err(error)) => Verdict::failed(error),
+            Err(payload) => Verdict::panicked(payload.as_ref()),
         };
         // If even this fails, the transaction is gone (SQLite rolled it back
         // by itself): the whole batch runs again.
