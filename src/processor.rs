@@ -12,7 +12,7 @@ use crate::broker::{
 };
 use crate::error::{Error, Result};
 use crate::group::supervisor::{GroupStopReport, GroupSupervisor, Lease, StopGroup};
-use crate::group::{GroupOptions, GroupRuntime};
+use crate::group::{GroupOptions, GroupRuntime, RestartPolicy};
 use crate::handle::{GroupHandle, Health, Inner as HandleInner, ProcessorHandle};
 use crate::handler::RetryPolicy;
 use crate::handler::{ErasedHandler, Handler, erase, handler_fn};
@@ -210,8 +210,11 @@ impl Group {
             heartbeat,
             lease_ttl: Duration::from_millis(s.reclaim.lease_ttl_ms),
             remove_idle_consumers: Duration::from_millis(s.reclaim.remove_idle_consumers_ms),
-            restart_min: Duration::from_millis(s.supervision.restart_min_ms),
-            restart_max: Duration::from_millis(s.supervision.restart_max_ms),
+            restart: RestartPolicy {
+                min: Duration::from_millis(s.supervision.restart_min_ms),
+                max: Duration::from_millis(s.supervision.restart_max_ms),
+                healthy_run: RestartPolicy::HEALTHY_RUN,
+            },
             shutdown_deadline: Duration::from_millis(s.shutdown.deadline_ms),
             // Decided at start-up, once the stream's groups are known.
             delete_acked: false,

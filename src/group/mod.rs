@@ -87,12 +87,31 @@ pub(crate) struct GroupOptions {
     pub(crate) lease_ttl: Duration,
     /// Zero: never remove idle consumers.
     pub(crate) remove_idle_consumers: Duration,
-    pub(crate) restart_min: Duration,
-    pub(crate) restart_max: Duration,
+    pub(crate) restart: RestartPolicy,
     pub(crate) shutdown_deadline: Duration,
     /// Delete entries as they are acked (`retention.delete_acked`, and this
     /// group is the stream's only one, as checked at start-up).
     pub(crate) delete_acked: bool,
+}
+
+/// How a stopped member, or a failed group recovery, is started again:
+/// exponential backoff from `min` to `max`, back to `min` after a member
+/// ran `healthy_run` without stopping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RestartPolicy {
+    pub(crate) min: Duration,
+    pub(crate) max: Duration,
+    pub(crate) healthy_run: Duration,
+}
+
+impl RestartPolicy {
+    /// How long a member must have run for its restart backoff to reset.
+    pub(crate) const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+    /// A fresh backoff of this policy.
+    pub(crate) fn backoff(&self) -> crate::clock::Backoff {
+        crate::clock::Backoff::new(self.min, self.max)
+    }
 }
 
 /// The payload an entry arrived with, kept for its dead letter.

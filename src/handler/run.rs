@@ -207,15 +207,17 @@ mod tests {
 
     #[actix_rt::test]
     async fn panics_and_errors_become_verdicts() {
-        let ErasedHandler::Each(panicky) = erase(handler_fn(|v: serde_json::Value, _m: Meta| async move {
-            if v["boom"].as_bool() == Some(true) {
-                panic!("boom requested");
-            }
-            if v["fail"].as_bool() == Some(true) {
-                return Err("refused".into());
-            }
-            Ok(Outcome::Ack)
-        })) else {
+        let ErasedHandler::Each(panicky) =
+            erase(handler_fn(|v: serde_json::Value, _m: Meta| async move {
+                if v["boom"].as_bool() == Some(true) {
+                    panic!("boom requested");
+                }
+                if v["fail"].as_bool() == Some(true) {
+                    return Err("refused".into());
+                }
+                Ok(Outcome::Ack)
+            }))
+        else {
             panic!("a Handler runs one entry at a time");
         };
         let meta = |data: &str| Meta::for_test(entry(&[("data", data)]), "s", "g", 1);

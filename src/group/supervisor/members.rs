@@ -1,0 +1,107 @@
+//! Members: starting each consumer on its arbiter, restarting one once the
+//! writes its last run caused have settled, and renewing the process's
+//! leases on the member names (a member whose name another process took is
+//! stopped here).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::{GroupSupervisor, Lifecycle};
+use crate::group::consumer::ConsumerActor;
+use crate::group::{ConsumerStopped, EntriesHandled, SetPaused, StopConsumer};
+
+/// How often a restart waiting for writes to settle checks again.
+const SETTLE_POLL: Duration = Duration::from_millis(20);
+
+impl GroupSupervisor {
+    pub(super) fn start_member(&mut self, index: usize, ctx: &mut Context<Self>) {
+        if !self.lifecycle.runs_members() {
+            return;
+        }
+        let me = ctx.address();
+        let handled = me.clone().recipient::<EntriesHandled>().downgrade();
+        let stopped = me.recipient::<ConsumerStopped>().downgrade();
+        let runtime = Arc::clone(&self.runtime);
+        let arbiter = &self.arbiters[(self.arbiter_offset + index) % self.arbiters.len()];
+        let slot = &mut self.members[index];
+        slot.generation += 1;
+        let generation = slot.generation;
+        let addr = ConsumerActor::start_in_arbiter(arbiter, move |_| {
+            ConsumerActor::new(runtime, index, generation, handled, stopped)
+        });
+        slot.addr = Some(addr.clone());
+        slot.started_at = Instant::now();
+        if self.lifecycle.reads_paused() {
+            ctx.spawn(
+                addr.send(SetPaused(true))
+                    .into_actor(self)
+                    .map(|_, _, _| ()),
+            );
+        }
+    }
+
+    /// Restarts a member once every write its last run caused has settled,
+    /// so that its re-read of its pending list sees them.
+    pub(super) fn restart_when_settled(&mut self, index: usize, ctx: &mut Context<Self>) {
+        let slot = &self.members[index];
+        if !self.lifecycle.runs_members() || slot.addr.is_some() || slot.lease_lost {
+            return;
+        }
+        if !self.settled() {
+            ctx.run_later(SETTLE_POLL, move |act, ctx| {
+                act.restart_when_settled(index, ctx)
+            });
+            return;
+        }
+        self.start_member(index, ctx);
+    }
+
+    pub(super) fn renew_leases(&mut self, ctx: &mut Context<Self>) {
+        if self.lifecycle == Lifecycle::Stopping {
+            return;
+        }
+        let rt = Arc::clone(&self.runtime);
+        let lease = self.lease.clone();
+        let ttl = rt.options.lease_ttl;
+        let fut = async move {
+            rt.leases
+                .acquire_leases(&lease.keys, &lease.token, ttl)
+                .await
+        };
+        ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
+            let held = match result {
+                Ok(held) => held,
+                Err(e) => {
+                    let rt = Arc::clone(&act.runtime);
+                    let (stream, group) = (rt.target.stream(), rt.target.name());
+                    tracing::warn!(stream, group, "lease renewal failed: {e}");
+                    return;
+                }
+            };
+            for (index, held) in held.into_iter().enumerate() {
+                let name = act.member_name(index).to_owned();
+                let rt = Arc::clone(&act.runtime);
+                    let (stream, group) = (rt.target.stream(), rt.target.name());
+                let slot = &mut act.members[index];
+                if !held && !slot.lease_lost {
+                    tracing::error!(
+                        stream, group, member = %name,
+                        "another process took the lease of member `{name}`; stopping it here",
+                    );
+                    slot.lease_lost = true;
+                    if let Some(addr) = &slot.addr {
+                        addr.do_send(StopConsumer {
+                            deadline: Instant::now(),
+                        });
+                    }
+                } else if held && slot.lease_lost {
+                    tracing::info!(stream, group, member = %name, "lease of member `{name}` regained");
+                    slot.lease_lost = false;
+                    act.restart_when_settled(index, ctx);
+                }
+            }
+        }));
+    }
+}
