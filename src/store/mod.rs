@@ -23,6 +23,7 @@
 
 mod exactly_once;
 mod outbox;
+mod relay;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +37,7 @@ use sea_orm::{
 pub use self::exactly_once::TxHandler;
 pub(crate) use self::exactly_once::erase_tx;
 pub use self::outbox::enqueue;
-pub(crate) use self::outbox::{OutboxRelay, RelayOptions, StopRelay};
+pub(crate) use self::relay::{OutboxRelay, RelayOptions, StopRelay};
 use crate::error::{Error, Result};
 use crate::settings::DatabaseSettings;
 
