@@ -66,23 +66,25 @@
 //!
 //! | module | concept |
 //! |---|---|
+//! | `error` | [`Error`], [`Result`], and the classifier (transient, missing group, …) |
+//! | `clock` | the three clocks (the broker's, the monotonic one, the wall clock as data) and the one backoff |
 //! | [`settings`] | typed settings: defaults, `settings/*.toml`, `REDSTREAM__…` env |
-//! | `entry` | the wire format: [`Event`] out, [`Entry`] in, dead-letter fields |
-//! | `handler` | [`Handler`], [`handler_fn`], [`Meta`], [`Schema`] upcasters |
-//! | `outcome` | [`Outcome`], [`RetryPolicy`] |
+//! | `wire` | the wire format: [`Event`] out, [`Entry`] in, dead letters and their [`DeadLetterReason`] |
 //! | [`broker`] | the boundary, split by capability ([`broker::Streams`], [`broker::Redelivery`], [`broker::Leases`], [`broker::Diagnostics`], [`broker::Admin`]; [`Broker`] is the four the runtime needs) and [`RedisBroker`]: every Redis command |
-//! | [`dead_letters`] | reading dead letters back, redriving them |
-//! | `actors` | producer, group supervisor, consumer, reclaimer |
-//! | `processor` | [`Processor`] (the root), [`Group`] |
-//! | `producer` | [`Producer`], the publishing handle |
-//! | `latest` | [`LatestValues`]: the newest value per key in a Redis hash; an older [`Version`] never overwrites a newer one |
+//! | `handler` | [`Handler`], [`handler_fn`], [`Meta`], [`Outcome`], [`RetryPolicy`], [`Schema`]; running a handler |
+//! | `group` | one consumer group's runtime: its supervisor (deciding, settling, members, the pending check), consumers, reclaimer |
+//! | `producer` | [`Producer`], the publishing handle, and its batching actor |
 //! | `schedule` | [`Schedule`]: scheduled producers (a function run on a [`Cadence`], its events published) |
+//! | `store` | [`Store`], [`TxHandler`] (exactly one effect), [`enqueue`] (outbox) and the relay |
+//! | `processor` | [`Processor`] (the root), [`ProcessorBuilder`], [`Group`] |
+//! | `latest` | [`LatestValues`]: the newest value per key in a Redis hash; an older [`Version`] never overwrites a newer one |
+//! | [`dead_letters`] | reading dead letters back, redriving them |
 //! | [`metrics`] | metric names, `install_prometheus` |
 //! | `web` | an actix-web scope: `/health`, `/metrics`, `/status` (feature `web`) |
-//! | `status` | [`GroupStatus`] |
-//! | `store` | [`Store`], [`TxHandler`] (exactly one effect), [`enqueue`] (outbox) |
-//! | `error` | [`Error`], [`Result`] |
+//! | `handle`, `status` | [`ProcessorHandle`], [`GroupStatus`] |
 //! | [`failpoints`] | named crash points for the fault-injection suite (feature `failpoints`) |
+//!
+//! `docs/architecture.md` walks one event through these modules.
 //!
 //! The library installs no global tracing subscriber, metrics recorder or
 //! panic hook: the host application owns those.

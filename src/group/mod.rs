@@ -1,4 +1,4 @@
-//! The actors and the messages between them.
+//! One consumer group's runtime: its actors and the messages between them.
 //!
 //! ```text
 //! Processor (handle) ── owns ──▶ ProducerActor
@@ -10,7 +10,7 @@
 //!
 //! Messages are facts, one struct each. Consumers and the reclaimer report
 //! what happened ([`EntriesHandled`], [`ConsumerStopped`],
-//! [`EntriesClaimed`]); only the [`GroupSupervisor`](group::GroupSupervisor)
+//! [`EntriesClaimed`]); only the [`GroupSupervisor`](supervisor::GroupSupervisor)
 //! decides an entry's fate (ack, retry, dead letter) and a member's (restart).
 //! Children hold weak references to their parent, so there are no cycles.
 //!
