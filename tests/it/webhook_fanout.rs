@@ -114,6 +114,22 @@ async fn start(ctx: &TestContext, store: &Store, groups: Vec<Group>) -> Processo
     builder.start().await.unwrap()
 }
 
+/// A fan-out deployment on `db`: the [`Wiring`] of `endpoints` with
+/// `policy`, its fan-out and delivery groups running.
+async fn deploy(
+    ctx: &TestContext,
+    db: &TestDb,
+    endpoints: Vec<Endpoint>,
+    policy: RetryPolicy,
+) -> (Store, Wiring, Processor) {
+    let store = store_for(db).await;
+    let w = wiring(ctx, endpoints, policy);
+    let mut groups = w.fan_out_groups(&store);
+    groups.extend(w.delivery_groups(&store).unwrap());
+    let processor = start(ctx, &store, groups).await;
+    (store, w, processor)
+}
+
 /// Every attempt recorded for an endpoint, by event then attempt.
 async fn attempts(store: &Store, endpoint: &str) -> Vec<attempt_row::Model> {
     attempt_row::Entity::find()
@@ -181,16 +197,9 @@ async fn each_of_the_three_groups_gets_every_event() {
         let Some(ctx) = TestContext::new() else {
             return;
         };
-        let store = store_for(&db).await;
         let receiver = healthy().await;
-        let w = wiring(
-            &ctx,
-            vec![endpoint("all", &receiver.url, &["*"], 2_000)],
-            policy(3),
-        );
-        let mut groups = w.fan_out_groups(&store);
-        groups.extend(w.delivery_groups(&store).unwrap());
-        let processor = start(&ctx, &store, groups).await;
+        let endpoints = vec![endpoint("all", &receiver.url, &["*"], 2_000)];
+        let (store, w, processor) = deploy(&ctx, &db, endpoints, policy(3)).await;
         let mut events: Vec<Event> = (0..30).map(order).collect();
         for i in 0..5 {
             events.push(
@@ -309,17 +318,13 @@ async fn deliveries_are_signed_and_carry_their_headers() {
     let Some(ctx) = TestContext::new() else {
         return;
     };
-    let db = TestDb::sqlite();
-    let store = store_for(&db).await;
     let receiver = healthy().await;
     let ep = endpoint("signed", &receiver.url, &[ORDER_CREATED], 2_000);
     let key = BASE64
         .decode(ep.secret.strip_prefix("whsec_").unwrap())
         .unwrap();
-    let w = wiring(&ctx, vec![ep], policy(3));
-    let mut groups = w.fan_out_groups(&store);
-    groups.extend(w.delivery_groups(&store).unwrap());
-    let processor = start(&ctx, &store, groups).await;
+    let db = TestDb::sqlite();
+    let (store, w, processor) = deploy(&ctx, &db, vec![ep], policy(3)).await;
     let events: Vec<Event> = (0..3).map(order).collect();
     for r in processor
         .producer()
@@ -376,8 +381,6 @@ async fn transient_failures_are_retried_until_delivered() {
     let Some(ctx) = TestContext::new() else {
         return;
     };
-    let db = TestDb::sqlite();
-    let store = store_for(&db).await;
     let receiver = Receiver::start(replying(|r| match r.nth {
         1 => Reply::Status(503),
         2 => Reply::RetryAfter(429, 2),
@@ -386,14 +389,9 @@ async fn transient_failures_are_retried_until_delivered() {
     }))
     .await
     .unwrap();
-    let w = wiring(
-        &ctx,
-        vec![endpoint("flaky", &receiver.url, &["*"], 300)],
-        policy(5),
-    );
-    let mut groups = w.fan_out_groups(&store);
-    groups.extend(w.delivery_groups(&store).unwrap());
-    let processor = start(&ctx, &store, groups).await;
+    let db = TestDb::sqlite();
+    let endpoints = vec![endpoint("flaky", &receiver.url, &["*"], 300)];
+    let (store, w, processor) = deploy(&ctx, &db, endpoints, policy(5)).await;
     processor
         .producer()
         .publish(&w.source, order(1))
@@ -449,19 +447,17 @@ async fn a_client_error_is_dead_lettered_at_once() {
     let Some(ctx) = TestContext::new() else {
         return;
     };
-    let db = TestDb::sqlite();
-    let store = store_for(&db).await;
     let receiver = Receiver::start(replying(|_| Reply::Status(404)))
         .await
         .unwrap();
-    let w = wiring(
+    let db = TestDb::sqlite();
+    let (store, w, processor) = deploy(
         &ctx,
+        &db,
         vec![endpoint("gone", &receiver.url, &["*"], 2_000)],
         policy(5),
-    );
-    let mut groups = w.fan_out_groups(&store);
-    groups.extend(w.delivery_groups(&store).unwrap());
-    let processor = start(&ctx, &store, groups).await;
+    )
+    .await;
     processor
         .producer()
         .publish(&w.source, order(7))
@@ -495,19 +491,17 @@ async fn exhausted_retries_are_dead_lettered() {
     let Some(ctx) = TestContext::new() else {
         return;
     };
-    let db = TestDb::sqlite();
-    let store = store_for(&db).await;
     let receiver = Receiver::start(replying(|_| Reply::Status(500)))
         .await
         .unwrap();
-    let w = wiring(
+    let db = TestDb::sqlite();
+    let (store, w, processor) = deploy(
         &ctx,
+        &db,
         vec![endpoint("broken", &receiver.url, &["*"], 2_000)],
         policy(3),
-    );
-    let mut groups = w.fan_out_groups(&store);
-    groups.extend(w.delivery_groups(&store).unwrap());
-    let processor = start(&ctx, &store, groups).await;
+    )
+    .await;
     processor
         .producer()
         .publish(&w.source, order(2))
