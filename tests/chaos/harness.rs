@@ -267,14 +267,18 @@ impl Chaos {
                     .unwrap_or_else(|e| e.into_inner())
                     .push((Instant::now(), n));
                 {
-                    let live: Vec<u32> = pids.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    // A gone process is dropped from the list: a soak
+                    // restarts workers thousands of times.
+                    let mut live = pids.lock().unwrap_or_else(|e| e.into_inner());
                     let mut peaks = rss.lock().unwrap_or_else(|e| e.into_inner());
-                    for pid in live {
-                        if let Some(kb) = peak_rss_kb(pid) {
+                    live.retain(|&pid| match peak_rss_kb(pid) {
+                        Some(kb) => {
                             let p = peaks.entry(pid).or_insert(0);
                             *p = (*p).max(kb);
+                            true
                         }
-                    }
+                        None => false,
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -53,6 +53,7 @@ mod proxy;
 mod redis_restart;
 mod redis_stall;
 mod retry_wait_kill;
+mod soak;
 
 /// Whether the tests run in CI, where a missing service is a failure.
 pub fn in_ci() -> bool {

@@ -35,15 +35,20 @@ pub fn worker_binary() -> PathBuf {
                     build.env_remove(&*key);
                 }
             }
+            build.args([
+                "build",
+                "--quiet",
+                "--example",
+                "chaos_worker",
+                "--features",
+                "failpoints",
+            ]);
+            // The same profile as this test binary: the path below is its
+            // sibling directory.
+            if !cfg!(debug_assertions) {
+                build.arg("--release");
+            }
             let status = build
-                .args([
-                    "build",
-                    "--quiet",
-                    "--example",
-                    "chaos_worker",
-                    "--features",
-                    "failpoints",
-                ])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .expect("cargo build --example chaos_worker");

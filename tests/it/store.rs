@@ -773,6 +773,10 @@ async fn a_crash_between_commit_and_ack_gives_no_second_effect() {
         server.cmd(&["CLIENT", "UNPAUSE"]);
         assert_eq!(ctx.pending(&stream, "g").await, 1, "the ack was lost");
 
+        // The restarted process has the usual timeout: the short one above
+        // only serves to end the stuck XACK, and on a loaded machine it can
+        // fail start-up's own commands.
+        settings.redis.command_timeout_ms = Settings::default().redis.command_timeout_ms;
         let processor = Processor::builder(settings)
             .group(Group::transactional(&stream, "g", &store, Effects::plain()))
             .start()
