@@ -324,7 +324,7 @@ async fn deliveries_are_signed_and_carry_their_headers() {
         .decode(ep.secret.strip_prefix("whsec_").unwrap())
         .unwrap();
     let db = TestDb::sqlite();
-    let (store, w, processor) = deploy(&ctx, &db, vec![ep], policy(3)).await;
+    let (_store, w, processor) = deploy(&ctx, &db, vec![ep], policy(3)).await;
     let events: Vec<Event> = (0..3).map(order).collect();
     for r in processor
         .producer()
