@@ -23,16 +23,7 @@ fn json(output: &[u8]) -> serde_json::Value {
 }
 
 async fn create_group(ctx: &TestContext, stream: &str, group: &str) {
-    let mut c = ctx.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    ctx.create_group(stream, group).await;
 }
 
 #[actix_rt::test]

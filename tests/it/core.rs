@@ -203,16 +203,8 @@ async fn a_malformed_entry_is_dead_lettered_and_its_batch_mates_processed() {
     let (seen, handler) = recording_handler();
     // Entries are written before the processor starts, so that they arrive
     // in one read.
+    ctx.create_group(&stream, "billing").await;
     let mut c = ctx.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("billing")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
     let good = serde_json::to_string(&order(1)).unwrap();
     let mut bad_ids = HashMap::new();
     for (i, data) in [
@@ -343,16 +335,8 @@ async fn reading_pauses_above_the_pending_bound_and_resumes_below_it() {
         return;
     };
     let stream = ctx.stream("bounded");
+    ctx.create_group(&stream, "g").await;
     let mut c = ctx.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
     // Another process read 50 entries and has not acked them yet.
     for i in 0..50 {
         let data = serde_json::to_string(&order(i)).unwrap();

@@ -61,16 +61,8 @@ async fn consumers_of_gone_instances_are_removed_and_pending_ones_kept() {
         return;
     };
     let stream = ctx.stream("names");
+    ctx.create_group(&stream, "g").await;
     let mut c = ctx.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
     for i in 0..15 {
         let _: String = c.xadd(&stream, "*", &[("n", i.to_string())]).await.unwrap();
     }

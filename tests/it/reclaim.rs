@@ -13,16 +13,7 @@ use redstream::prelude::*;
 use crate::support::{TestContext, eventually};
 
 async fn create_group(ctx: &TestContext, stream: &str) {
-    let mut c = ctx.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    ctx.create_group(stream, "g").await;
 }
 
 /// Reads `count` new entries as `consumer` and never acks them.

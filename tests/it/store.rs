@@ -132,16 +132,7 @@ async fn publish_numbers(processor: &Processor, stream: &str, range: std::ops::R
 /// Creates group `g` at the start of `stream` and publishes `range` before
 /// any consumer runs, so the events arrive in one read.
 async fn publish_before_start(ctx: &TestContext, stream: &str, range: std::ops::Range<u64>) {
-    let mut c = ctx.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    ctx.create_group(stream, "g").await;
     let producer_only = Processor::builder(ctx.settings()).start().await.unwrap();
     publish_numbers(&producer_only, stream, range).await;
     producer_only.shutdown().await.unwrap();
@@ -169,15 +160,7 @@ async fn exactly_one_effect_under_redelivery(db: TestDb) {
     })
     .await;
     // Replay the whole stream to the group: every event is delivered again.
-    let mut c = ctx.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("SETID")
-        .arg(&stream)
-        .arg("ledger")
-        .arg("0")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    ctx.replay_group(&stream, "ledger").await;
     eventually(
         Duration::from_secs(20),
         "200 duplicates absorbed",

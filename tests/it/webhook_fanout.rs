@@ -658,16 +658,8 @@ async fn analytics_and_notifications_are_exactly_once_under_redelivery() {
         processor.shutdown().await.unwrap();
 
         // Redeliver everything: both groups start over from the beginning.
-        let mut c = ctx.conn().await;
         for group in [ANALYTICS_GROUP, NOTIFICATION_GROUP] {
-            let _: () = redis::cmd("XGROUP")
-                .arg("SETID")
-                .arg(&w.source)
-                .arg(group)
-                .arg("0")
-                .query_async(&mut c)
-                .await
-                .unwrap();
+            ctx.replay_group(&w.source, group).await;
         }
         let before = store.stats().duplicates;
         let processor = start(&ctx, &store, groups()).await;

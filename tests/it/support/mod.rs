@@ -108,6 +108,35 @@ impl TestContext {
             .expect("connect to Redis")
     }
 
+    /// Creates `group` on `stream` (and the stream) from its first entry,
+    /// as another client would: `XGROUP CREATE … 0 MKSTREAM`.
+    pub async fn create_group(&self, stream: &str, group: &str) {
+        let mut c = self.conn().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+
+    /// Moves `group`'s last-delivered id back to the start (`XGROUP SETID
+    /// … 0`): every entry is delivered to it again.
+    pub async fn replay_group(&self, stream: &str, group: &str) {
+        let mut c = self.conn().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("SETID")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+
     /// XPENDING count of a group.
     pub async fn pending(&self, stream: &str, group: &str) -> u64 {
         let mut c = self.conn().await;
