@@ -48,6 +48,9 @@ async fn run(backend: Backend) {
     c.start_sampler();
     let producing = c.start_producing(n, length).await;
     let (mut kills, mut terms, mut unclean, mut redis_kills) = (0u32, 0u32, 0u32, 0u32);
+    // Workers that exited by themselves: a start-up that met a Redis
+    // restart fails with that error (exit 1) instead of waiting.
+    let mut startup_exits = 0u32;
     let mut stop_times = Vec::new();
     let started = Instant::now();
     let mut last_redis_kill = Instant::now();
@@ -66,6 +69,12 @@ async fn run(backend: Backend) {
         c.sample_rss_now();
         c.fault();
         if (kills + terms) % 20 == 19 {
+            // A worker whose start-up met the Redis restart exited with
+            // that error: restart it, as a process supervisor would.
+            if !c.workers[i].alive() {
+                startup_exits += 1;
+                c.respawn(i, MEMBERS, false).await;
+            }
             // A SIGTERM before the signal handler is installed ends the
             // process by the default action: stop a running worker.
             assert!(
@@ -99,9 +108,13 @@ async fn run(backend: Backend) {
     }
     c.phase("faults done");
     let history = producing.await.expect("producer task");
-    for w in &mut c.workers {
+    for i in 0..WORKERS {
+        if !c.workers[i].alive() {
+            startup_exits += 1;
+            c.respawn(i, MEMBERS, false).await;
+        }
         assert!(
-            w.wait_started(Duration::from_secs(30)).await,
+            c.workers[i].wait_started(Duration::from_secs(30)).await,
             "a restarted worker did not start (seed {})",
             c.seed
         );
@@ -116,8 +129,8 @@ async fn run(backend: Backend) {
     let unknown = history.count(crate::workload::Outcome::Unknown);
     let note = format!(
         "{minutes} min; {kills} SIGKILLs, {terms} SIGTERMs (unclean {unclean}, stop p99 {:.2}s), \
-         {redis_kills} redis kill -9; publishes unknown {unknown}, max publish latency {:.1}s; \
-         consumers at end {}",
+         {redis_kills} redis kill -9 ({startup_exits} start-ups failed on it and were restarted); \
+         publishes unknown {unknown}, max publish latency {:.1}s; consumers at end {}",
         p99.as_secs_f64(),
         history.max_latency.as_secs_f64(),
         consumers.len()
