@@ -16,7 +16,7 @@
 //!
 //! The actors own state, connections and timers only: the work on an entry
 //! is the plain async function [`crate::handler::run`], and the member's
-//! read loop is the plain async function [`consumer::member_loop`].
+//! read loop is the plain async function `consumer::member_loop`.
 
 pub(crate) mod budget;
 pub(crate) mod consumer;

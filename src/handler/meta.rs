@@ -258,7 +258,10 @@ impl Meta {
     /// The tracing span of one entry's handling (`outcome` is recorded when
     /// it ends).
     pub(crate) fn span(&self) -> tracing::Span {
+        // A root: each delivery is its own trace, not a child of the
+        // member's long-lived span that is current where it starts.
         tracing::info_span!(
+            parent: None,
             "redstream.entry",
             stream = %self.member.stream,
             group = %self.member.group,
