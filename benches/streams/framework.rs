@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redstream::broker::{
     Acks, Capabilities, ClaimIdle, ClaimReply, DeadLetter, Diagnostics, DueReply, EntryState,
-    GroupReader, GroupRef, Leases, MemberRef, PendingSummary, PublishItem, Redelivery,
+    GroupReader, GroupRef, Leases, MemberRef, PendingSummary, PublishItem, Receipt, Redelivery,
     RetrySchedule, ServerReport, Streams,
 };
 use redstream::prelude::*;
@@ -50,11 +50,13 @@ impl Probe {
         }
     }
 
-    fn acked(&self, ids: &[String], n: u64) {
+    /// `receipts` were acked: a Redis receipt's token is the entry id.
+    fn acked(&self, receipts: &[Receipt], n: u64) {
         let now = now_us();
         if self.track_latency {
-            let lat: Vec<u32> = ids
+            let lat: Vec<u32> = receipts
                 .iter()
+                .map(Receipt::token)
                 .filter_map(|id| self.shard(id).lock().ok()?.remove(id))
                 .map(|sent| now.saturating_sub(sent) as u32)
                 .collect();
@@ -266,7 +268,7 @@ impl Streams for Timed {
     }
     async fn ack(&self, group: &GroupRef, acks: Acks<'_>) -> redstream::Result<u64> {
         let n = self.inner.ack(group, acks).await?;
-        self.probe.acked(acks.ids, n);
+        self.probe.acked(acks.receipts, n);
         Ok(n)
     }
     async fn schedule_retries(
@@ -279,17 +281,17 @@ impl Streams for Timed {
     async fn dead_letter(
         &self,
         group: &GroupRef,
-        letters: &[DeadLetter],
-    ) -> redstream::Result<Vec<(String, String)>> {
+        letters: &[(Receipt, DeadLetter)],
+    ) -> redstream::Result<Vec<(Receipt, String)>> {
         self.inner.dead_letter(group, letters).await
     }
     async fn release(
         &self,
         member: &MemberRef,
-        ids: &[String],
+        receipts: &[Receipt],
         idle: Duration,
     ) -> redstream::Result<()> {
-        self.inner.release(member, ids, idle).await
+        self.inner.release(member, receipts, idle).await
     }
 }
 
@@ -308,19 +310,16 @@ impl Redelivery for Timed {
     async fn heartbeat(
         &self,
         member: &MemberRef,
-        ids: &[String],
-    ) -> redstream::Result<Vec<String>> {
-        self.inner.heartbeat(member, ids).await
-    }
-    async fn pending_of(&self, member: &MemberRef, count: usize) -> redstream::Result<Vec<String>> {
-        self.inner.pending_of(member, count).await
+        receipts: &[Receipt],
+    ) -> redstream::Result<Vec<Receipt>> {
+        self.inner.heartbeat(member, receipts).await
     }
     async fn entry_states(
         &self,
         group: &GroupRef,
-        ids: &[String],
+        receipts: &[Receipt],
     ) -> redstream::Result<Vec<EntryState>> {
-        self.inner.entry_states(group, ids).await
+        self.inner.entry_states(group, receipts).await
     }
 }
 

@@ -33,6 +33,7 @@
 pub mod admin;
 mod diagnostics;
 mod leases;
+mod receipt;
 mod redelivery;
 mod redis;
 mod streams;
@@ -42,6 +43,7 @@ use std::sync::Arc;
 pub use self::admin::Admin;
 pub use self::diagnostics::{Diagnostics, PendingSummary, ServerFeatures, ServerReport};
 pub use self::leases::Leases;
+pub use self::receipt::{Delivery, Receipt};
 pub use self::redelivery::{ClaimIdle, ClaimReply, DueReply, EntryState, Redelivery};
 pub use self::redis::RedisBroker;
 pub use self::streams::{

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{GroupRef, MemberRef};
+use super::{Delivery, GroupRef, MemberRef, Receipt};
 use crate::error::Result;
-use crate::wire::RawEntry;
 
 /// Durable per-entry state of a group.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,17 +37,18 @@ pub struct ClaimReply {
     /// Cursor for the next call; [`CURSOR_START`](super::CURSOR_START) when the scan wrapped.
     pub next_cursor: String,
     /// Entries now owned by the claiming member.
-    pub claimed: Vec<RawEntry>,
-    /// Ids that were pending but whose payload is gone; the broker already
-    /// dropped them from the pending list, so they must be dead-lettered.
-    pub deleted: Vec<String>,
+    pub claimed: Vec<Delivery>,
+    /// Entries that were pending but whose payload is gone (`fields` is
+    /// `None`); the broker already dropped them from the pending list, so
+    /// they must be dead-lettered.
+    pub deleted: Vec<Delivery>,
 }
 
 /// Entries taken from the retry schedule because they are due.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DueReply {
     /// Entries now owned by the claiming member, with their failed attempts.
-    pub claimed: Vec<(RawEntry, u32)>,
+    pub claimed: Vec<(Delivery, u32)>,
 }
 
 /// Redelivery done by the runtime on the broker's pending list.
@@ -64,12 +64,10 @@ pub trait Redelivery: Send + Sync + 'static {
     async fn claim_due(&self, member: &MemberRef, count: usize) -> Result<DueReply>;
 
     /// Extends `member`'s claim on entries it is still working on, after
-    /// checking it still owns each. Returns the ids it lost.
-    async fn heartbeat(&self, member: &MemberRef, ids: &[String]) -> Result<Vec<String>>;
+    /// checking it still owns each. Returns the receipts it lost.
+    async fn heartbeat(&self, member: &MemberRef, receipts: &[Receipt]) -> Result<Vec<Receipt>>;
 
-    /// Ids pending for one member (at most `count`).
-    async fn pending_of(&self, member: &MemberRef, count: usize) -> Result<Vec<String>>;
-
-    /// The durable state of some entries, in the order asked.
-    async fn entry_states(&self, group: &GroupRef, ids: &[String]) -> Result<Vec<EntryState>>;
+    /// The durable state of some deliveries, in the order asked.
+    async fn entry_states(&self, group: &GroupRef, receipts: &[Receipt])
+    -> Result<Vec<EntryState>>;
 }

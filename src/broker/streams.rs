@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Capabilities, GroupRef, MemberRef};
+use super::{Capabilities, Delivery, GroupRef, MemberRef, Receipt};
 use crate::error::Result;
 use crate::settings::StartFrom;
-use crate::wire::{DeadLetter, OutgoingEntry, RawEntry};
+use crate::wire::{DeadLetter, OutgoingEntry};
 
 /// One entry to write, with the stream it goes to.
 #[derive(Clone, Debug)]
@@ -36,7 +36,7 @@ pub enum ReadFrom {
 #[async_trait]
 pub trait GroupReader: Send {
     /// Reads up to `count` entries.
-    async fn read(&mut self, from: &ReadFrom, count: usize) -> Result<Vec<RawEntry>>;
+    async fn read(&mut self, from: &ReadFrom, count: usize) -> Result<Vec<Delivery>>;
 
     /// What makes a blocked [`GroupReader::read`] return at once, if the
     /// backend can (Redis: `CLIENT UNBLOCK` on the reader's connection).
@@ -55,18 +55,18 @@ pub trait Interrupt: Send + Sync {
 /// The entries one ack call settles.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Acks<'a> {
-    /// The entries handled.
-    pub ids: &'a [String],
+    /// The deliveries handled.
+    pub receipts: &'a [Receipt],
     /// Of those, the ones that had failed before, whose attempt counts are
     /// forgotten in the same step.
-    pub forget: &'a [String],
+    pub forget: &'a [Receipt],
 }
 
 /// An entry to redeliver later.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetrySchedule {
-    /// The stream entry id.
-    pub id: String,
+    /// The delivery to retry.
+    pub receipt: Receipt,
     /// Failed attempts, including the one that just failed.
     pub attempts: u32,
     /// Not before this long after the write: the broker adds it to its own
@@ -114,17 +114,18 @@ pub trait Streams: Send + Sync + 'static {
     /// due at the broker's clock now plus the entry's delay.
     async fn schedule_retries(&self, group: &GroupRef, retries: &[RetrySchedule]) -> Result<()>;
 
-    /// Writes dead letters to `<stream>:dlq`, acking each original in the
-    /// same atomic step as its letter: an original is acked only if its
-    /// letter was written. Returns `(id, error)` for letters that could not
-    /// be written; their originals stay pending.
+    /// Writes dead letters to `<stream>:dlq`, acking each original (by its
+    /// receipt) in the same atomic step as its letter: an original is acked
+    /// only if its letter was written. Returns `(receipt, error)` for
+    /// letters that could not be written; their originals stay pending.
     async fn dead_letter(
         &self,
         group: &GroupRef,
-        letters: &[DeadLetter],
-    ) -> Result<Vec<(String, String)>>;
+        letters: &[(Receipt, DeadLetter)],
+    ) -> Result<Vec<(Receipt, String)>>;
 
     /// Hands entries `member` cannot finish to other members at once: they
     /// stay pending but look idle for `idle`.
-    async fn release(&self, member: &MemberRef, ids: &[String], idle: Duration) -> Result<()>;
+    async fn release(&self, member: &MemberRef, receipts: &[Receipt], idle: Duration)
+    -> Result<()>;
 }

@@ -29,13 +29,14 @@ use std::time::{Duration, Instant};
 use actix::Message;
 
 use crate::broker::{
-    Capabilities, Diagnostics, EntryState, GroupRef, Leases, MemberRef, Redelivery, Streams,
+    Capabilities, Delivery, Diagnostics, EntryState, GroupRef, Leases, MemberRef, Receipt,
+    Redelivery, Streams,
 };
 use crate::handler::RetryPolicy;
 use crate::handler::{ErasedHandler, Verdict};
 use crate::metrics::GroupMetrics;
 use crate::settings::{MissingGroupPolicy, StartFrom};
-use crate::wire::{Entry, RawEntry};
+use crate::wire::Entry;
 
 /// Everything the actors of one group share.
 pub(crate) struct GroupRuntime {
@@ -144,6 +145,8 @@ impl Payload {
 #[derive(Debug)]
 pub(crate) struct EntryResult {
     pub(crate) id: String,
+    /// What settling it takes.
+    pub(crate) receipt: Receipt,
     pub(crate) payload: Payload,
     /// Failed attempts before this delivery.
     pub(crate) prior_attempts: u32,
@@ -187,13 +190,13 @@ pub(crate) struct ConsumerStopped {
 #[derive(Message, Debug)]
 #[rtype(result = "bool")]
 pub(crate) struct Deliver {
-    pub(crate) entries: Vec<(RawEntry, u32)>,
+    pub(crate) entries: Vec<(Delivery, u32)>,
 }
 
 /// Stop reading, finish running handlers by the deadline, report
-/// (supervisor → consumer). Answers with the ids left unfinished.
+/// (supervisor → consumer). Answers with the receipts of the entries left unfinished.
 #[derive(Message, Debug)]
-#[rtype(result = "Vec<String>")]
+#[rtype(result = "Vec<Receipt>")]
 pub(crate) struct StopConsumer {
     pub(crate) deadline: Instant,
 }
@@ -209,9 +212,9 @@ pub(crate) struct SetPaused(pub(crate) bool);
 pub(crate) struct EntriesClaimed {
     pub(crate) member: usize,
     /// Entries with their durable state.
-    pub(crate) entries: Vec<(RawEntry, EntryState)>,
-    /// Ids whose payload was trimmed away while pending.
-    pub(crate) trimmed: Vec<String>,
+    pub(crate) entries: Vec<(Delivery, EntryState)>,
+    /// Entries whose payload was trimmed away while pending.
+    pub(crate) trimmed: Vec<Delivery>,
 }
 
 /// A retry falls due at this time (supervisor → reclaimer), so short delays

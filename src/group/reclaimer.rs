@@ -31,7 +31,7 @@ use actix::WeakRecipient;
 use actix::prelude::*;
 
 use super::{EntriesClaimed, GroupRuntime, RetryDueAt, StopReclaimer};
-use crate::broker::{CURSOR_START, ClaimIdle, EntryState};
+use crate::broker::{CURSOR_START, ClaimIdle, EntryState, Receipt};
 
 /// How often idle consumers are looked for, at most.
 const CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -186,11 +186,11 @@ async fn idle_scan(
                 count: opts.reclaim_count,
             };
             let reply = rt.redelivery.claim_idle(&rt.member(index), step).await?;
-            let ids: Vec<String> = reply.claimed.iter().map(|e| e.id.clone()).collect();
-            if !ids.is_empty() {
+            let receipts: Vec<Receipt> = reply.claimed.iter().map(|d| d.receipt.clone()).collect();
+            if !receipts.is_empty() {
                 crate::failpoints::crash_point!("reclaimer.after_claim");
             }
-            let states = rt.redelivery.entry_states(&rt.target, &ids).await?;
+            let states = rt.redelivery.entry_states(&rt.target, &receipts).await?;
             Ok::<_, crate::error::Error>((reply, states))
         };
         let (reply, states) = match step.await {

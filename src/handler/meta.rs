@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 
+use crate::broker::Receipt;
 use crate::clock::mono_ms;
 use crate::wire::Entry;
 
@@ -15,11 +16,13 @@ use crate::wire::Entry;
 /// confirmed. A heartbeat that finds another member took the entry over
 /// flips it; the handler's future is then dropped and nothing about the
 /// entry is acked.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct Ownership(Arc<OwnershipState>);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct OwnershipState {
+    /// The delivery this is about, as the broker settles it.
+    receipt: Receipt,
     lost: AtomicBool,
     /// When the read or the last heartbeat found it ours, in [`mono_ms`]:
     /// an in-process duration, so a wall-clock step neither makes a fresh
@@ -28,11 +31,18 @@ struct OwnershipState {
 }
 
 impl Ownership {
-    /// Owned, as of now (the entry was just read or claimed).
-    pub(crate) fn confirmed_now() -> Self {
-        let ownership = Ownership::default();
-        ownership.confirm();
-        ownership
+    /// Owned, as of now (the delivery was just read or claimed).
+    pub(crate) fn confirmed_now(receipt: Receipt) -> Self {
+        Ownership(Arc::new(OwnershipState {
+            receipt,
+            lost: AtomicBool::new(false),
+            confirmed_ms: AtomicU64::new(mono_ms()),
+        }))
+    }
+
+    /// The delivery's receipt.
+    pub(crate) fn receipt(&self) -> &Receipt {
+        &self.0.receipt
     }
 
     pub(crate) fn mark_lost(&self) {
@@ -53,10 +63,11 @@ impl Ownership {
     }
 }
 
-/// Asks the broker which of these entries another member took over (and
+/// Asks the broker which of these deliveries another member took over (and
 /// extends the rest, like a heartbeat).
-pub(crate) type ConfirmFn =
-    Arc<dyn Fn(Vec<String>) -> BoxFuture<'static, crate::error::Result<Vec<String>>> + Send + Sync>;
+pub(crate) type ConfirmFn = Arc<
+    dyn Fn(Vec<Receipt>) -> BoxFuture<'static, crate::error::Result<Vec<Receipt>>> + Send + Sync,
+>;
 
 /// How a member re-checks ownership before a commit, when its heartbeats
 /// may have stalled (the process was stopped, the machine froze).
@@ -108,11 +119,14 @@ pub(crate) async fn confirm_stale_ownership(metas: &[Meta]) {
     if stale.is_empty() {
         return;
     }
-    let ids = stale.iter().map(|m| m.entry.id().to_owned()).collect();
-    match tokio::time::timeout(CONFIRM_TIMEOUT, (check.confirm)(ids)).await {
+    let receipts = stale
+        .iter()
+        .map(|m| m.ownership.receipt().clone())
+        .collect();
+    match tokio::time::timeout(CONFIRM_TIMEOUT, (check.confirm)(receipts)).await {
         Ok(Ok(lost)) => {
             for meta in stale {
-                if lost.iter().any(|id| id == meta.entry.id()) {
+                if lost.contains(meta.ownership.receipt()) {
                     tracing::warn!(
                         stream = %meta.member.stream, group = %meta.member.group,
                         member = %meta.member.member, entry_id = meta.entry.id(),
@@ -161,6 +175,7 @@ impl Meta {
 
     /// A `Meta` for calling a handler directly in unit tests.
     pub fn for_test(entry: Entry, stream: &str, group: &str, attempt: u32) -> Self {
+        let receipt = Receipt::new(stream, entry.id());
         Meta::new(
             Arc::new(entry),
             Arc::new(MemberInfo {
@@ -170,7 +185,7 @@ impl Meta {
                 check: None,
             }),
             attempt,
-            Ownership::default(),
+            Ownership::confirmed_now(receipt),
         )
     }
 

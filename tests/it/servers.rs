@@ -8,13 +8,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value;
-use redstream::broker::{Acks, Diagnostics, GroupRef, Streams};
+use redstream::broker::{Acks, Diagnostics, GroupRef, Receipt, Streams};
 use redstream::prelude::*;
 use redstream::{Admin, RedisBroker, ServerFeatures};
 
+/// The receipts of entries of `stream` (a Redis receipt is the entry id).
+fn receipts(stream: &str, ids: &[String]) -> Vec<Receipt> {
+    ids.iter()
+        .map(|id| Receipt::new(stream, id.as_str()))
+        .collect()
+}
+
 /// An ack call that forgets no attempt counts.
-fn acks(ids: &[String]) -> Acks<'_> {
-    Acks { ids, forget: &[] }
+fn acks(receipts: &[Receipt]) -> Acks<'_> {
+    Acks {
+        receipts,
+        forget: &[],
+    }
 }
 
 use crate::support::{TestContext, eventually};
@@ -149,7 +159,10 @@ async fn ack_and_delete_is_the_same_both_ways() {
         assert_eq!(read(&mut c, &stream, "b", 3).await, all[..3]); // b: 4th.. unread
         // b acks and deletes 1st, 2nd: a still has them pending, so kept.
         let n = b
-            .ack_and_delete(&GroupRef::new(stream.as_str(), "b"), acks(&all[..2]))
+            .ack_and_delete(
+                &GroupRef::new(stream.as_str(), "b"),
+                acks(&receipts(&stream, &all[..2])),
+            )
             .await
             .unwrap();
         assert_eq!(n, 2);
@@ -159,16 +172,22 @@ async fn ack_and_delete_is_the_same_both_ways() {
         let never = format!("{}-0", u64::MAX / 2);
         let acked = [all[0].clone(), all[1].clone(), all[4].clone(), never];
         let n = b
-            .ack_and_delete(&GroupRef::new(stream.as_str(), "a"), acks(&acked))
+            .ack_and_delete(
+                &GroupRef::new(stream.as_str(), "a"),
+                acks(&receipts(&stream, &acked)),
+            )
             .await
             .unwrap();
         assert_eq!(n, 3);
         assert_eq!(ids(&ctx, &stream).await, all[2..]);
         // b acks its 3rd; a still has it pending.
         assert_eq!(
-            b.ack_and_delete(&GroupRef::new(stream.as_str(), "b"), acks(&all[2..3]))
-                .await
-                .unwrap(),
+            b.ack_and_delete(
+                &GroupRef::new(stream.as_str(), "b"),
+                acks(&receipts(&stream, &all[2..3]))
+            )
+            .await
+            .unwrap(),
             1
         );
         assert_eq!(ids(&ctx, &stream).await, all[2..]);
@@ -275,17 +294,26 @@ async fn trim_acked_below_is_the_same_both_ways() {
             all.push(xadd(&mut c, &stream).await);
         }
         let fast = read(&mut c, &stream, "fast", 10).await;
-        b.ack(&GroupRef::new(stream.as_str(), "fast"), acks(&fast))
-            .await
-            .unwrap();
+        b.ack(
+            &GroupRef::new(stream.as_str(), "fast"),
+            acks(&receipts(&stream, &fast)),
+        )
+        .await
+        .unwrap();
         let slow = read(&mut c, &stream, "slow", 10).await;
-        b.ack(&GroupRef::new(stream.as_str(), "slow"), acks(&slow[..6]))
-            .await
-            .unwrap(); // 7th.. pending
+        b.ack(
+            &GroupRef::new(stream.as_str(), "slow"),
+            acks(&receipts(&stream, &slow[..6])),
+        )
+        .await
+        .unwrap(); // 7th.. pending
         let behind = read(&mut c, &stream, "behind", 3).await;
-        b.ack(&GroupRef::new(stream.as_str(), "behind"), acks(&behind))
-            .await
-            .unwrap(); // 4th.. unread
+        b.ack(
+            &GroupRef::new(stream.as_str(), "behind"),
+            acks(&receipts(&stream, &behind)),
+        )
+        .await
+        .unwrap(); // 4th.. unread
 
         let plan = b.trim_plan(&stream).await.unwrap();
         let min = plan.min_id.clone().expect("a plan");
@@ -294,9 +322,12 @@ async fn trim_acked_below_is_the_same_both_ways() {
         assert_eq!(ids(&ctx, &stream).await, all[3..]);
 
         let more = read(&mut c, &stream, "behind", 5).await; // through the 8th
-        b.ack(&GroupRef::new(stream.as_str(), "behind"), acks(&more))
-            .await
-            .unwrap();
+        b.ack(
+            &GroupRef::new(stream.as_str(), "behind"),
+            acks(&receipts(&stream, &more)),
+        )
+        .await
+        .unwrap();
         let plan = b.trim_plan(&stream).await.unwrap();
         let min = plan.min_id.clone().expect("a plan");
         assert_eq!(min, all[6], "the slow group's oldest pending");

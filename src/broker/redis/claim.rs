@@ -1,21 +1,24 @@
 //! [`Redelivery`] for Redis: `XAUTOCLAIM` scans, the due-retry and
-//! heartbeat scripts, `XPENDING` per member, and the attempt and due-time
-//! keys.
+//! heartbeat scripts, and the attempt and due-time keys.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Value;
 
 use super::reply::{parse_entries, parse_fields, text, unexpected};
-use super::{RedisBroker, attempts_key, retry_key, server_ms};
-use crate::broker::{ClaimIdle, ClaimReply, DueReply, EntryState, GroupRef, MemberRef, Redelivery};
+use super::{RedisBroker, attempts_key, deliveries, entry_ids, retry_key, server_ms};
+use crate::broker::{
+    ClaimIdle, ClaimReply, Delivery, DueReply, EntryState, GroupRef, MemberRef, Receipt, Redelivery,
+};
 use crate::error::Result;
 use crate::wire::RawEntry;
 
 #[async_trait]
 impl Redelivery for RedisBroker {
     async fn claim_idle(&self, member: &MemberRef, step: ClaimIdle<'_>) -> Result<ClaimReply> {
+        let stream_arc = member.group().stream_arc();
         let (stream, group, member) = (
             member.group().stream(),
             member.group().name(),
@@ -43,10 +46,15 @@ impl Redelivery for RedisBroker {
             return Err(unexpected("XAUTOCLAIM", "fewer than 2 elements"));
         }
         let deleted = match parts.get(2) {
-            Some(Value::Array(ids)) => ids.iter().filter_map(text).collect(),
+            Some(Value::Array(ids)) => ids
+                .iter()
+                .filter_map(text)
+                .map(|id| RawEntry { id, fields: None })
+                .collect(),
             _ => Vec::new(),
         };
-        let claimed = parse_entries(std::mem::take(&mut parts[1]))?;
+        let deleted = deliveries(stream_arc, deleted);
+        let claimed = deliveries(stream_arc, parse_entries(std::mem::take(&mut parts[1]))?);
         let next_cursor = text(&parts[0]).ok_or_else(|| unexpected("XAUTOCLAIM", "no cursor"))?;
         Ok(ClaimReply {
             next_cursor,
@@ -56,6 +64,7 @@ impl Redelivery for RedisBroker {
     }
 
     async fn claim_due(&self, member: &MemberRef, count: usize) -> Result<DueReply> {
+        let member_ref = member;
         let (stream, group, member) = (
             member.group().stream(),
             member.group().name(),
@@ -94,12 +103,15 @@ impl Redelivery for RedisBroker {
                 Some(v) => parse_fields(std::mem::take(v))?,
                 None => None,
             };
-            claimed.push((RawEntry { id, fields }, attempts));
+            let receipt = Receipt::new(Arc::clone(member_ref.group().stream_arc()), id.as_str());
+            claimed.push((Delivery::new(RawEntry { id, fields }, receipt), attempts));
         }
         Ok(DueReply { claimed })
     }
 
-    async fn heartbeat(&self, member: &MemberRef, ids: &[String]) -> Result<Vec<String>> {
+    async fn heartbeat(&self, member: &MemberRef, receipts: &[Receipt]) -> Result<Vec<Receipt>> {
+        let stream_arc = Arc::clone(member.group().stream_arc());
+        let ids = entry_ids(receipts);
         let (stream, group, member) = (
             member.group().stream(),
             member.group().name(),
@@ -118,37 +130,18 @@ impl Redelivery for RedisBroker {
             .arg(ids)
             .invoke_async(&mut self.conn())
             .await?;
-        Ok(lost)
-    }
-
-    async fn pending_of(&self, member: &MemberRef, count: usize) -> Result<Vec<String>> {
-        let (stream, group, member) = (
-            member.group().stream(),
-            member.group().name(),
-            member.member(),
-        );
-        let reply: Value = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(group)
-            .arg("-")
-            .arg("+")
-            .arg(count.max(1))
-            .arg(member)
-            .query_async(&mut self.conn())
-            .await?;
-        let Value::Array(rows) = reply else {
-            return Ok(Vec::new());
-        };
-        Ok(rows
-            .iter()
-            .filter_map(|row| match row {
-                Value::Array(cols) => cols.first().and_then(text),
-                _ => None,
-            })
+        Ok(lost
+            .into_iter()
+            .map(|id| Receipt::new(Arc::clone(&stream_arc), id))
             .collect())
     }
 
-    async fn entry_states(&self, group: &GroupRef, ids: &[String]) -> Result<Vec<EntryState>> {
+    async fn entry_states(
+        &self,
+        group: &GroupRef,
+        receipts: &[Receipt],
+    ) -> Result<Vec<EntryState>> {
+        let ids = entry_ids(receipts);
         let (stream, group) = (group.stream(), group.name());
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -160,10 +153,10 @@ impl Redelivery for RedisBroker {
                 .cmd("TIME")
                 .cmd("HMGET")
                 .arg(attempts_key(stream, group))
-                .arg(ids)
+                .arg(&ids)
                 .cmd("ZMSCORE")
                 .arg(retry_key(stream, group))
-                .arg(ids)
+                .arg(&ids)
                 .query_async(&mut self.conn())
                 .await?;
         let now = server_ms(&time)?;

@@ -58,6 +58,8 @@ mod settle;
 
 use self::reply::unexpected;
 use self::scripts::Scripts;
+use crate::broker::{Delivery, Receipt};
+use crate::wire::RawEntry;
 
 use super::ServerFeatures;
 use crate::error::Result;
@@ -83,6 +85,23 @@ fn server_ms(time: &[String]) -> Result<u64> {
         (Some(secs), Some(micros)) => Ok(secs * 1_000 + micros / 1_000),
         _ => Err(unexpected("TIME", "not two integers")),
     }
+}
+
+/// The entry ids behind Redis receipts: a Redis receipt's token is the
+/// entry id (its stream is the group's).
+fn entry_ids(receipts: &[Receipt]) -> Vec<&str> {
+    receipts.iter().map(Receipt::token).collect()
+}
+
+/// Entries read from `stream`, each with its receipt.
+fn deliveries(stream: &Arc<str>, entries: Vec<RawEntry>) -> Vec<Delivery> {
+    entries
+        .into_iter()
+        .map(|entry| {
+            let receipt = Receipt::new(Arc::clone(stream), entry.id.as_str());
+            Delivery::new(entry, receipt)
+        })
+        .collect()
 }
 
 fn attempts_key(stream: &str, group: &str) -> String {

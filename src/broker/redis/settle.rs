@@ -13,20 +13,20 @@ use redis::{AsyncConnectionConfig, Value};
 use super::reply::{parse_read_reply, text, unexpected};
 use super::{
     AUTO_ID, RedisBroker, STREAM_END, STREAM_START, UNDELIVERED, attempts_key, client_name,
-    retry_key,
+    deliveries, entry_ids, retry_key,
 };
 use crate::broker::{
-    Acks, Capabilities, DeadLetter, GroupReader, GroupRef, Interrupt, MemberRef, PublishItem,
-    ReadFrom, RetrySchedule, Streams,
+    Acks, Capabilities, DeadLetter, Delivery, GroupReader, GroupRef, Interrupt, MemberRef,
+    PublishItem, ReadFrom, Receipt, RetrySchedule, Streams,
 };
 use crate::error::Result;
 use crate::settings::StartFrom;
-use crate::wire::{RawEntry, dead_letter_fields, dead_letter_stream};
+use crate::wire::{dead_letter_fields, dead_letter_stream};
 
 /// A member's reader: its own connection, named after the member.
 struct RedisReader {
     conn: MultiplexedConnection,
-    stream: String,
+    stream: Arc<str>,
     group: String,
     member: String,
     block_ms: u64,
@@ -36,7 +36,7 @@ struct RedisReader {
 
 #[async_trait]
 impl GroupReader for RedisReader {
-    async fn read(&mut self, from: &ReadFrom, count: usize) -> Result<Vec<RawEntry>> {
+    async fn read(&mut self, from: &ReadFrom, count: usize) -> Result<Vec<Delivery>> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
@@ -50,9 +50,9 @@ impl GroupReader for RedisReader {
             }
             ReadFrom::PendingAfter(after) => after.as_str(),
         };
-        cmd.arg("STREAMS").arg(&self.stream).arg(id);
+        cmd.arg("STREAMS").arg(&*self.stream).arg(id);
         let reply: Value = cmd.query_async(&mut self.conn).await?;
-        parse_read_reply(reply)
+        Ok(deliveries(&self.stream, parse_read_reply(reply)?))
     }
 
     fn interrupter(&self) -> Option<Arc<dyn Interrupt>> {
@@ -140,11 +140,8 @@ impl Streams for RedisBroker {
         member: &MemberRef,
         block: Duration,
     ) -> Result<Box<dyn GroupReader>> {
-        let (stream, group, member) = (
-            member.group().stream(),
-            member.group().name(),
-            member.member(),
-        );
+        let stream = Arc::clone(member.group().stream_arc());
+        let (group, member) = (member.group().name(), member.member());
         // A server woken for an entry another member took re-blocks with a
         // fresh timeout (redis/redis#12998), so allow twice the block time.
         let response_timeout = block * 2 + Duration::from_secs(1);
@@ -166,7 +163,7 @@ impl Streams for RedisBroker {
             .await?;
         Ok(Box::new(RedisReader {
             conn,
-            stream: stream.to_owned(),
+            stream,
             group: group.to_owned(),
             member: member.to_owned(),
             block_ms: block.as_millis() as u64,
@@ -179,7 +176,7 @@ impl Streams for RedisBroker {
 
     async fn ack(&self, group: &GroupRef, acks: Acks<'_>) -> Result<u64> {
         let (stream, group) = (group.stream(), group.name());
-        let Acks { ids, forget } = acks;
+        let (ids, forget) = (entry_ids(acks.receipts), entry_ids(acks.forget));
         if ids.is_empty() {
             return Ok(0);
         }
@@ -197,7 +194,7 @@ impl Streams for RedisBroker {
 
     async fn ack_and_delete(&self, group: &GroupRef, acks: Acks<'_>) -> Result<u64> {
         let (stream, group) = (group.stream(), group.name());
-        let Acks { ids, forget } = acks;
+        let (ids, forget) = (entry_ids(acks.receipts), entry_ids(acks.forget));
         if ids.is_empty() {
             return Ok(0);
         }
@@ -245,7 +242,10 @@ impl Streams for RedisBroker {
             .key(retry_key(stream, group));
         for r in retries {
             let delay_ms = u64::try_from(r.delay.as_millis()).unwrap_or(u64::MAX);
-            invocation.arg(&r.id).arg(r.attempts).arg(delay_ms);
+            invocation
+                .arg(r.receipt.token())
+                .arg(r.attempts)
+                .arg(delay_ms);
         }
         let _now: u64 = invocation.invoke_async(&mut self.conn()).await?;
         Ok(())
@@ -254,8 +254,9 @@ impl Streams for RedisBroker {
     async fn dead_letter(
         &self,
         group: &GroupRef,
-        letters: &[DeadLetter],
-    ) -> Result<Vec<(String, String)>> {
+        letters: &[(Receipt, DeadLetter)],
+    ) -> Result<Vec<(Receipt, String)>> {
+        let stream_arc = group.stream_arc();
         let (stream, group) = (group.stream(), group.name());
         if letters.is_empty() {
             return Ok(Vec::new());
@@ -268,18 +269,27 @@ impl Streams for RedisBroker {
             .key(retry_key(stream, group))
             .arg(group)
             .arg(letters.len());
-        for letter in letters {
+        for (receipt, letter) in letters {
             let fields = dead_letter_fields(letter, group);
-            invocation.arg(&letter.origin_id).arg(fields.len());
+            invocation.arg(receipt.token()).arg(fields.len());
             for (name, value) in fields {
                 invocation.arg(name).arg(value);
             }
         }
         let failed: Vec<(String, String)> = invocation.invoke_async(&mut self.conn()).await?;
-        Ok(failed)
+        Ok(failed
+            .into_iter()
+            .map(|(id, error)| (Receipt::new(Arc::clone(stream_arc), id), error))
+            .collect())
     }
 
-    async fn release(&self, member: &MemberRef, ids: &[String], idle: Duration) -> Result<()> {
+    async fn release(
+        &self,
+        member: &MemberRef,
+        receipts: &[Receipt],
+        idle: Duration,
+    ) -> Result<()> {
+        let ids = entry_ids(receipts);
         let (stream, group, member) = (
             member.group().stream(),
             member.group().name(),

@@ -10,12 +10,12 @@ use futures_util::future::{AbortHandle, Abortable, Aborted, BoxFuture};
 use futures_util::stream::FuturesUnordered;
 use tracing::Instrument;
 
-use crate::broker::{EntryState, FROM_START, ReadFrom};
+use crate::broker::{Delivery, EntryState, FROM_START, ReadFrom, Receipt};
 use crate::group::{EntryResult, GroupRuntime, Payload};
 use crate::handler::{
     self, ErasedHandler, MemberInfo, Meta, Outcome, Ownership, RunBatch, RunEach, Verdict,
 };
-use crate::wire::{Entry, RawEntry};
+use crate::wire::Entry;
 
 /// Bookkeeping for an entry this member holds (running or queued).
 pub(super) struct Held {
@@ -26,7 +26,9 @@ pub(super) struct Held {
     pub(super) ownership: Ownership,
 }
 
-pub(super) type Finished = Vec<(String, std::result::Result<EntryResult, Aborted>)>;
+/// Per entry: its id, its receipt, and its result (`Err` when its handler
+/// was dropped).
+pub(super) type Finished = Vec<(String, Receipt, std::result::Result<EntryResult, Aborted>)>;
 
 /// The member's working state between loop turns.
 pub(super) struct Member {
@@ -34,16 +36,16 @@ pub(super) struct Member {
     pub(super) info: Arc<MemberInfo>,
     pub(super) running: FuturesUnordered<BoxFuture<'static, Finished>>,
     pub(super) held: HashMap<String, Held>,
-    pub(super) queued: VecDeque<(RawEntry, u32)>,
+    pub(super) queued: VecDeque<(Delivery, u32)>,
     /// Decoded entries about to start (batched for batch handlers).
-    pub(super) ready: Vec<(Arc<Entry>, u32)>,
+    pub(super) ready: Vec<(Arc<Entry>, Receipt, u32)>,
     pub(super) done: Vec<EntryResult>,
     /// Ids taken over while the pending list is being re-read, so that the
     /// re-read does not start them a second time.
     pub(super) seen_in_history: HashSet<String>,
     /// Ids whose ownership a heartbeat found lost.
     pub(super) lost: HashSet<String>,
-    pub(super) unfinished: Vec<String>,
+    pub(super) unfinished: Vec<Receipt>,
     pub(super) source: ReadFrom,
     pub(super) panic: Option<String>,
 }
@@ -94,55 +96,61 @@ impl Member {
     /// Starts queued entries while there is room.
     pub(super) fn fill(&mut self) {
         while self.running.len() < self.capacity() {
-            let Some((raw, attempts)) = self.queued.pop_front() else {
+            let Some((delivery, attempts)) = self.queued.pop_front() else {
                 break;
             };
-            self.held.remove(&raw.id);
-            self.admit(raw, attempts);
+            self.held.remove(delivery.id());
+            self.admit(delivery, attempts);
         }
         self.launch();
     }
 
     /// Takes an entry delivered by the supervisor (reclaimed or due).
-    pub(super) fn deliver(&mut self, raw: RawEntry, attempts: u32) {
-        if self.held.contains_key(&raw.id) {
+    pub(super) fn deliver(&mut self, delivery: Delivery, attempts: u32) {
+        if self.held.contains_key(delivery.id()) {
             return;
         }
         if matches!(self.source, ReadFrom::PendingAfter(_)) {
-            self.seen_in_history.insert(raw.id.clone());
+            self.seen_in_history.insert(delivery.id().to_owned());
         }
         self.held.insert(
-            raw.id.clone(),
+            delivery.id().to_owned(),
             Held {
                 abort: None,
                 in_batch: false,
-                ownership: Ownership::confirmed_now(),
+                ownership: Ownership::confirmed_now(delivery.receipt.clone()),
             },
         );
-        self.queued.push_back((raw, attempts));
+        self.queued.push_back((delivery, attempts));
     }
 
     /// Decodes and starts an entry, or reports at once why it cannot run.
-    fn admit(&mut self, raw: RawEntry, prior_attempts: u32) {
-        if self.held.contains_key(&raw.id) {
+    fn admit(&mut self, delivery: Delivery, prior_attempts: u32) {
+        if self.held.contains_key(delivery.id()) {
             return;
         }
+        let Delivery {
+            entry: raw,
+            receipt,
+        } = delivery;
         if prior_attempts >= self.runtime.options.retry.max_attempts {
             self.done.push(EntryResult {
                 id: raw.id,
+                receipt,
                 payload: Payload::Raw(raw.fields),
                 prior_attempts,
                 verdict: Verdict::Exhausted,
             });
             return;
         }
-        if self.ready.iter().any(|(e, _)| e.id() == raw.id) {
+        if self.ready.iter().any(|(e, _, _)| e.id() == raw.id) {
             return;
         }
         match Entry::decode(raw) {
-            Ok(entry) => self.ready.push((Arc::new(entry), prior_attempts)),
+            Ok(entry) => self.ready.push((Arc::new(entry), receipt, prior_attempts)),
             Err((raw, error)) => self.done.push(EntryResult {
                 id: raw.id,
+                receipt,
                 payload: Payload::Raw(raw.fields),
                 prior_attempts,
                 verdict: Verdict::Undecodable(error),
@@ -150,8 +158,13 @@ impl Member {
         }
     }
 
-    fn meta_for(&mut self, entry: &Arc<Entry>, prior_attempts: u32) -> (Meta, Ownership) {
-        let ownership = Ownership::confirmed_now();
+    fn meta_for(
+        &mut self,
+        entry: &Arc<Entry>,
+        receipt: &Receipt,
+        prior_attempts: u32,
+    ) -> (Meta, Ownership) {
+        let ownership = Ownership::confirmed_now(receipt.clone());
         let meta = Meta::new(
             Arc::clone(entry),
             Arc::clone(&self.info),
@@ -170,8 +183,8 @@ impl Member {
         let ready = std::mem::take(&mut self.ready);
         match self.runtime.handler.clone() {
             ErasedHandler::Each(handler) => {
-                for (entry, prior) in ready {
-                    self.start_one(&handler, entry, prior);
+                for (entry, receipt, prior) in ready {
+                    self.start_one(&handler, entry, receipt, prior);
                 }
             }
             ErasedHandler::Batch { handler, max } => {
@@ -184,8 +197,14 @@ impl Member {
         }
     }
 
-    fn start_one(&mut self, handler: &Arc<dyn RunEach>, entry: Arc<Entry>, prior_attempts: u32) {
-        let (meta, ownership) = self.meta_for(&entry, prior_attempts);
+    fn start_one(
+        &mut self,
+        handler: &Arc<dyn RunEach>,
+        entry: Arc<Entry>,
+        receipt: Receipt,
+        prior_attempts: u32,
+    ) {
+        let (meta, ownership) = self.meta_for(&entry, &receipt, prior_attempts);
         let span = meta.span();
         let (abort, registration) = AbortHandle::new_pair();
         let handler = Arc::clone(handler);
@@ -212,25 +231,26 @@ impl Member {
             verdict
         }
         .instrument(span);
-        let id_out = id.clone();
+        let (id_out, receipt_out) = (id.clone(), receipt.clone());
         self.running.push(Box::pin(async move {
             let result = Abortable::new(work, registration)
                 .await
                 .map(|verdict| EntryResult {
                     id,
+                    receipt,
                     payload: Payload::Decoded(entry),
                     prior_attempts,
                     verdict,
                 });
-            vec![(id_out, result)]
+            vec![(id_out, receipt_out, result)]
         }));
     }
 
-    fn start_batch(&mut self, handler: &Arc<dyn RunBatch>, batch: Vec<(Arc<Entry>, u32)>) {
+    fn start_batch(&mut self, handler: &Arc<dyn RunBatch>, batch: Vec<(Arc<Entry>, Receipt, u32)>) {
         let (abort, registration) = AbortHandle::new_pair();
         let mut metas = Vec::with_capacity(batch.len());
-        for (entry, prior) in &batch {
-            let (meta, ownership) = self.meta_for(entry, *prior);
+        for (entry, receipt, prior) in &batch {
+            let (meta, ownership) = self.meta_for(entry, receipt, *prior);
             metas.push(meta);
             self.held.insert(
                 entry.id().to_owned(),
@@ -243,7 +263,7 @@ impl Member {
         }
         let run = handler.run_batch(metas);
         let metrics = self.runtime.metrics.clone();
-        for (_, prior) in &batch {
+        for (_, _, prior) in &batch {
             metrics.delivery_attempt.record(f64::from(prior + 1));
         }
         self.running.push(Box::pin(async move {
@@ -258,27 +278,28 @@ impl Member {
                 Ok(verdicts) => batch
                     .into_iter()
                     .zip(verdicts)
-                    .map(|((entry, prior_attempts), verdict)| {
+                    .map(|((entry, receipt, prior_attempts), verdict)| {
                         let id = entry.id().to_owned();
                         let result = EntryResult {
                             id: id.clone(),
+                            receipt: receipt.clone(),
                             payload: Payload::Decoded(entry),
                             prior_attempts,
                             verdict,
                         };
-                        (id, Ok(result))
+                        (id, receipt, Ok(result))
                     })
                     .collect(),
                 Err(Aborted) => batch
                     .into_iter()
-                    .map(|(entry, _)| (entry.id().to_owned(), Err(Aborted)))
+                    .map(|(entry, receipt, _)| (entry.id().to_owned(), receipt, Err(Aborted)))
                     .collect(),
             }
         }));
     }
 
     pub(super) fn finish(&mut self, finished: Finished) {
-        for (id, result) in finished {
+        for (id, receipt, result) in finished {
             self.held.remove(&id);
             match result {
                 Ok(result) if matches!(result.verdict, Verdict::Lost) => {
@@ -300,7 +321,7 @@ impl Member {
                 }
                 Err(Aborted) => {
                     if !self.lost.remove(&id) {
-                        self.unfinished.push(id);
+                        self.unfinished.push(receipt);
                     }
                 }
             }
@@ -308,11 +329,11 @@ impl Member {
     }
 
     /// Handles a read's entries.
-    pub(super) fn on_read(&mut self, from: ReadFrom, entries: Vec<(RawEntry, EntryState)>) {
+    pub(super) fn on_read(&mut self, from: ReadFrom, entries: Vec<(Delivery, EntryState)>) {
         match from {
             ReadFrom::New => {
-                for (raw, _) in entries {
-                    self.admit(raw, 0);
+                for (delivery, _) in entries {
+                    self.admit(delivery, 0);
                 }
                 self.launch();
             }
@@ -323,13 +344,13 @@ impl Member {
                     self.seen_in_history.clear();
                     return;
                 };
-                self.source = ReadFrom::PendingAfter(last.id.clone());
-                for (raw, state) in entries {
+                self.source = ReadFrom::PendingAfter(last.id().to_owned());
+                for (delivery, state) in entries {
                     // Entries waiting for a retry belong to the schedule.
-                    if state.retry_in.is_some() || self.seen_in_history.contains(&raw.id) {
+                    if state.retry_in.is_some() || self.seen_in_history.contains(delivery.id()) {
                         continue;
                     }
-                    self.admit(raw, state.attempts);
+                    self.admit(delivery, state.attempts);
                 }
                 self.launch();
             }
@@ -343,9 +364,9 @@ impl Member {
                 abort.abort();
             }
         }
-        for (raw, _) in self.queued.drain(..) {
-            self.held.remove(&raw.id);
-            self.unfinished.push(raw.id);
+        for (delivery, _) in self.queued.drain(..) {
+            self.held.remove(delivery.id());
+            self.unfinished.push(delivery.receipt);
         }
     }
 

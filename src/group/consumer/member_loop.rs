@@ -16,29 +16,31 @@ use tracing::Instrument;
 
 use super::member::{Finished, Member};
 use super::{Control, LoopParts};
-use crate::broker::{EntryState, GroupReader, Interrupt, ReadFrom};
+use crate::broker::{Delivery, EntryState, GroupReader, Interrupt, ReadFrom, Receipt};
 use crate::error::{Error, Result};
 use crate::group::{EntriesHandled, Exit, GroupRuntime};
 use crate::handler::{ConfirmFn, MemberInfo, OwnershipCheck};
-use crate::wire::RawEntry;
 
 /// How often a stopping member checks whether its handler's database
 /// refuses writes (then it releases its running entries at once).
 const STALL_CHECK: Duration = Duration::from_millis(200);
 
 /// The ids a heartbeat asked about, and those another member had taken.
-type HeartbeatReply = (Vec<String>, Result<Vec<String>>);
+type HeartbeatReply = (Vec<Receipt>, Result<Vec<Receipt>>);
 /// A read gives its reader back with what it read.
 type ReadOutput = (
     Box<dyn GroupReader>,
     ReadFrom,
-    Result<Vec<(RawEntry, EntryState)>>,
+    Result<Vec<(Delivery, EntryState)>>,
 );
 
 /// Runs one member until it stops. Returns why it ended.
 pub(super) async fn member_loop(parts: LoopParts) -> Exit {
     let name = Arc::clone(&parts.runtime.options.member_names[parts.member]);
-    let span = tracing::info_span!(
+    // At error level, so that it is enabled wherever the loop's warnings
+    // are: an info span is filtered out under `RUST_LOG=warn`, and its
+    // warnings would lose the stream, group and member they are about.
+    let span = tracing::error_span!(
         "redstream.member",
         stream = %parts.runtime.target.stream(),
         group = %parts.runtime.target.name(),
@@ -60,7 +62,7 @@ struct MemberLoop {
     index: usize,
     report_to: WeakRecipient<EntriesHandled>,
     control: mpsc::UnboundedReceiver<Control>,
-    deliveries: mpsc::Receiver<Vec<(RawEntry, u32)>>,
+    deliveries: mpsc::Receiver<Vec<(Delivery, u32)>>,
     member: Member,
     /// One owner-checked heartbeat call serves the periodic heartbeat and
     /// the check before a commit.
@@ -76,7 +78,7 @@ struct MemberLoop {
     stop_flag: Arc<AtomicBool>,
     /// Set when stopping: running handlers get until then.
     deadline: Option<Instant>,
-    stop_reply: Option<oneshot::Sender<Vec<String>>>,
+    stop_reply: Option<oneshot::Sender<Vec<Receipt>>>,
     failure: Option<Exit>,
     /// Room reserved in the group's read budget (`max_pending`) for the
     /// new-entries read in progress.
@@ -97,10 +99,10 @@ impl MemberLoop {
         let me = runtime.member(index);
         let confirm: ConfirmFn = {
             let rt = Arc::clone(&runtime);
-            Arc::new(move |ids: Vec<String>| {
+            Arc::new(move |receipts: Vec<Receipt>| {
                 let rt = Arc::clone(&rt);
                 let me = me.clone();
-                Box::pin(async move { rt.redelivery.heartbeat(&me, &ids).await })
+                Box::pin(async move { rt.redelivery.heartbeat(&me, &receipts).await })
             })
         };
         let info = Arc::new(MemberInfo {
@@ -162,8 +164,8 @@ impl MemberLoop {
             tokio::select! {
                 Some(order) = self.control.recv() => self.on_control(order).await,
                 Some(batch) = self.deliveries.recv(), if !stopping && self.member.queued.is_empty() => {
-                    for (raw, attempts) in batch {
-                        self.member.deliver(raw, attempts);
+                    for (delivery, attempts) in batch {
+                        self.member.deliver(delivery, attempts);
                     }
                 }
                 Some(finished) = self.member.running.next(), if !self.member.running.is_empty() => {
@@ -261,7 +263,7 @@ impl MemberLoop {
         &mut self,
         reader: Box<dyn GroupReader>,
         from: ReadFrom,
-        result: Result<Vec<(RawEntry, EntryState)>>,
+        result: Result<Vec<(Delivery, EntryState)>>,
     ) {
         self.read_in_progress = None;
         self.reader = Some(reader);
@@ -273,8 +275,8 @@ impl MemberLoop {
         match result {
             Ok(entries) if self.stopping() => {
                 // Read just before the stop took effect: give back.
-                let ids = entries.into_iter().map(|(e, _)| e.id);
-                self.member.unfinished.extend(ids);
+                let receipts = entries.into_iter().map(|(d, _)| d.receipt);
+                self.member.unfinished.extend(receipts);
             }
             Ok(entries) => self.member.on_read(from, entries),
             Err(e) => {
@@ -299,7 +301,7 @@ impl MemberLoop {
         }
     }
 
-    fn on_heartbeat_reply(&mut self, asked: &[String], lost: Result<Vec<String>>) {
+    fn on_heartbeat_reply(&mut self, asked: &[Receipt], lost: Result<Vec<Receipt>>) {
         self.heartbeat_in_progress = None;
         match lost {
             Ok(ids) => {
@@ -418,10 +420,10 @@ async fn read_once(
                 .map(|e| (e, EntryState::default()))
                 .collect());
         }
-        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        let receipts: Vec<Receipt> = entries.iter().map(|d| d.receipt.clone()).collect();
         let states = runtime
             .redelivery
-            .entry_states(&runtime.target, &ids)
+            .entry_states(&runtime.target, &receipts)
             .await?;
         Ok(entries.into_iter().zip(states).collect())
     }

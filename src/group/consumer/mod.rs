@@ -40,14 +40,14 @@ use self::member_loop::member_loop;
 use super::{
     ConsumerStopped, Deliver, EntriesHandled, Exit, GroupRuntime, SetPaused, StopConsumer,
 };
-use crate::wire::RawEntry;
+use crate::broker::{Delivery, Receipt};
 
 /// Orders from the actor to its loop.
 enum Control {
     Pause(bool),
     Stop {
         deadline: Instant,
-        done: oneshot::Sender<Vec<String>>,
+        done: oneshot::Sender<Vec<Receipt>>,
     },
 }
 
@@ -84,14 +84,14 @@ struct LoopParts {
     member: usize,
     report_to: WeakRecipient<EntriesHandled>,
     control: mpsc::UnboundedReceiver<Control>,
-    deliveries: mpsc::Receiver<Vec<(RawEntry, u32)>>,
+    deliveries: mpsc::Receiver<Vec<(Delivery, u32)>>,
 }
 
 /// The actor of one group member.
 pub(crate) struct ConsumerActor {
     parts: Option<LoopParts>,
     control: mpsc::UnboundedSender<Control>,
-    deliveries: mpsc::Sender<Vec<(RawEntry, u32)>>,
+    deliveries: mpsc::Sender<Vec<(Delivery, u32)>>,
     notice: DeathNotice,
 }
 
@@ -154,7 +154,7 @@ impl Handler<Deliver> for ConsumerActor {
 }
 
 impl Handler<StopConsumer> for ConsumerActor {
-    type Result = ResponseFuture<Vec<String>>;
+    type Result = ResponseFuture<Vec<Receipt>>;
 
     fn handle(&mut self, msg: StopConsumer, _ctx: &mut Self::Context) -> Self::Result {
         let (done, rx) = oneshot::channel();

@@ -40,7 +40,7 @@ use super::{
     ConsumerStopped, Deliver, EntriesClaimed, EntriesHandled, EntryResult, Exit, GroupRuntime,
     StopConsumer, StopReclaimer,
 };
-use crate::broker::{PendingSummary, RetrySchedule};
+use crate::broker::{PendingSummary, Receipt, RetrySchedule};
 use crate::clock::{Backoff, now_ms};
 use crate::handler::{Outcome, Verdict};
 use crate::status::{GroupStatus, MemberStatus};
@@ -88,8 +88,8 @@ struct MemberSlot {
 
 #[derive(Default)]
 struct AckQueue {
-    ids: Vec<String>,
-    forget: Vec<String>,
+    receipts: Vec<Receipt>,
+    forget: Vec<Receipt>,
     flushing: bool,
 }
 
@@ -210,8 +210,8 @@ impl GroupSupervisor {
         let mut letters = Vec::new();
         for r in results {
             let ran = r.prior_attempts + 1;
-            let letter =
-                |reason: DeadLetterReason, attempts: u32, error: Option<String>| DeadLetter {
+            let letter = |reason: DeadLetterReason, attempts: u32, error: Option<String>| {
+                let letter = DeadLetter {
                     origin_id: r.id.clone(),
                     fields: r.payload.fields(),
                     reason,
@@ -219,6 +219,8 @@ impl GroupSupervisor {
                     error,
                     failed_at_ms: now,
                 };
+                (r.receipt.clone(), letter)
+            };
             match r.verdict {
                 Verdict::Decided(Outcome::Ack) => {
                     let m = &self.runtime.metrics;
@@ -228,9 +230,9 @@ impl GroupSupervisor {
                             .record(now.saturating_sub(ts) as f64 / 1000.0);
                     }
                     if r.prior_attempts > 0 {
-                        self.acks.forget.push(r.id.clone());
+                        self.acks.forget.push(r.receipt.clone());
                     }
-                    self.acks.ids.push(r.id);
+                    self.acks.receipts.push(r.receipt);
                 }
                 Verdict::Decided(Outcome::DeadLetter(reason)) => {
                     letters.push(letter(DeadLetterReason::Rejected(reason), ran, None));
@@ -265,7 +267,7 @@ impl GroupSupervisor {
                         self.runtime.metrics.retried.increment(1);
                         let delay = asked.unwrap_or_else(|| policy.delay_for(ran));
                         retries.push(RetrySchedule {
-                            id: r.id,
+                            receipt: r.receipt,
                             attempts: ran,
                             delay,
                         });
@@ -420,16 +422,19 @@ impl Handler<EntriesClaimed> for GroupSupervisor {
             .metrics
             .reclaimed
             .increment((msg.entries.len() + msg.trimmed.len()) as u64);
-        let letters: Vec<DeadLetter> = msg
+        let letters: Vec<(Receipt, DeadLetter)> = msg
             .trimmed
             .into_iter()
-            .map(|id| DeadLetter {
-                origin_id: id,
-                fields: Vec::new(),
-                reason: DeadLetterReason::Undecodable(DecodeError::Trimmed),
-                attempts: 0,
-                error: None,
-                failed_at_ms: now,
+            .map(|gone| {
+                let letter = DeadLetter {
+                    origin_id: gone.entry.id,
+                    fields: Vec::new(),
+                    reason: DeadLetterReason::Undecodable(DecodeError::Trimmed),
+                    attempts: 0,
+                    error: None,
+                    failed_at_ms: now,
+                };
+                (gone.receipt, letter)
             })
             .collect();
         self.write_dead_letters(letters, ctx);
@@ -497,16 +502,16 @@ impl Handler<StopGroup> for GroupSupervisor {
                     + Duration::from_secs(2);
                 let settled = tokio::time::timeout(grace, settled).await.is_ok();
                 let mut released = 0;
-                for (index, ids) in unfinished {
-                    if ids.is_empty() {
+                for (index, receipts) in unfinished {
+                    if receipts.is_empty() {
                         continue;
                     }
-                    released += ids.len();
+                    released += receipts.len();
                     let name = &names[index];
                     // Pending, but idle enough for any member to reclaim now.
                     if let Err(e) = rt
                         .streams
-                        .release(&rt.member(index), &ids, rt.options.min_idle)
+                        .release(&rt.member(index), &receipts, rt.options.min_idle)
                         .await
                     {
                         tracing::warn!(

@@ -9,7 +9,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::GroupSupervisor;
-use crate::broker::{Acks, RetrySchedule};
+use crate::broker::{Acks, Receipt, RetrySchedule};
 use crate::clock::{Backoff, with_tries};
 use crate::group::RetryDueAt;
 use crate::wire::DeadLetter;
@@ -20,7 +20,7 @@ const WRITE_TRIES: u32 = 3;
 
 impl GroupSupervisor {
     pub(super) fn settled(&self) -> bool {
-        self.writes_in_flight == 0 && self.acks.ids.is_empty() && !self.acks.flushing
+        self.writes_in_flight == 0 && self.acks.receipts.is_empty() && !self.acks.flushing
     }
 
     pub(super) fn notify_if_settled(&mut self) {
@@ -39,16 +39,16 @@ impl GroupSupervisor {
     }
 
     pub(super) fn flush_acks(&mut self, ctx: &mut Context<Self>) {
-        if self.acks.flushing || self.acks.ids.is_empty() {
+        if self.acks.flushing || self.acks.receipts.is_empty() {
             return;
         }
-        let ids = std::mem::take(&mut self.acks.ids);
+        let receipts = std::mem::take(&mut self.acks.receipts);
         let forget = std::mem::take(&mut self.acks.forget);
         self.acks.flushing = true;
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
             let acks = Acks {
-                ids: &ids,
+                receipts: &receipts,
                 forget: &forget,
             };
             let result = if rt.options.delete_acked {
@@ -59,38 +59,41 @@ impl GroupSupervisor {
             if result.is_ok() {
                 crate::failpoints::crash_point!("ack.after_xack");
             }
-            (ids, forget, result)
+            (receipts, forget, result)
         };
-        ctx.spawn(fut.into_actor(self).map(|(ids, forget, result), act, ctx| {
-            act.acks.flushing = false;
-            match result {
-                Ok(_) => {
-                    act.counters.acked += ids.len() as u64;
-                    act.runtime.budget.release(ids.len());
-                    act.ack_backoff.reset();
-                    act.flush_acks(ctx);
-                }
-                Err(e) => {
-                    let delay = act.ack_backoff.next_delay();
-                    let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (rt.target.stream(), rt.target.name());
-                    tracing::warn!(
-                        stream,
-                        group,
-                        count = ids.len(),
-                        "XACK failed: {e}; trying again in {delay:?}",
-                    );
-                    let mut ids = ids;
-                    ids.append(&mut act.acks.ids);
-                    act.acks.ids = ids;
-                    let mut forget = forget;
-                    forget.append(&mut act.acks.forget);
-                    act.acks.forget = forget;
-                    ctx.run_later(delay, |act, ctx| act.flush_acks(ctx));
-                }
-            }
-            act.notify_if_settled();
-        }));
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|(receipts, forget, result), act, ctx| {
+                    act.acks.flushing = false;
+                    match result {
+                        Ok(_) => {
+                            act.counters.acked += receipts.len() as u64;
+                            act.runtime.budget.release(receipts.len());
+                            act.ack_backoff.reset();
+                            act.flush_acks(ctx);
+                        }
+                        Err(e) => {
+                            let delay = act.ack_backoff.next_delay();
+                            let rt = Arc::clone(&act.runtime);
+                            let (stream, group) = (rt.target.stream(), rt.target.name());
+                            tracing::warn!(
+                                stream,
+                                group,
+                                count = receipts.len(),
+                                "XACK failed: {e}; trying again in {delay:?}",
+                            );
+                            let mut receipts = receipts;
+                            receipts.append(&mut act.acks.receipts);
+                            act.acks.receipts = receipts;
+                            let mut forget = forget;
+                            forget.append(&mut act.acks.forget);
+                            act.acks.forget = forget;
+                            ctx.run_later(delay, |act, ctx| act.flush_acks(ctx));
+                        }
+                    }
+                    act.notify_if_settled();
+                }),
+        );
     }
 
     pub(super) fn write_retries(&mut self, retries: Vec<RetrySchedule>, ctx: &mut Context<Self>) {
@@ -135,7 +138,11 @@ impl GroupSupervisor {
         }));
     }
 
-    pub(super) fn write_dead_letters(&mut self, letters: Vec<DeadLetter>, ctx: &mut Context<Self>) {
+    pub(super) fn write_dead_letters(
+        &mut self,
+        letters: Vec<(Receipt, DeadLetter)>,
+        ctx: &mut Context<Self>,
+    ) {
         if letters.is_empty() {
             return;
         }
@@ -150,9 +157,9 @@ impl GroupSupervisor {
                 match rt.streams.dead_letter(&rt.target, &pending).await {
                     Ok(failed) => {
                         crate::failpoints::crash_point!("dlq.after_write");
-                        let (bad, good): (Vec<DeadLetter>, Vec<DeadLetter>) = pending
+                        let (bad, good): (Vec<_>, Vec<_>) = pending
                             .into_iter()
-                            .partition(|l| failed.iter().any(|(id, _)| *id == l.origin_id));
+                            .partition(|(receipt, _)| failed.iter().any(|(r, _)| r == receipt));
                         written.extend(good);
                         pending = bad;
                         if let Some((_, e)) = failed.first() {
@@ -180,13 +187,13 @@ impl GroupSupervisor {
             act.runtime.metrics.dead_lettered.increment(written.len() as u64);
             let rt = Arc::clone(&act.runtime);
             let (stream, group) = (rt.target.stream(), rt.target.name());
-            for l in &written {
+            for (_, l) in &written {
                 tracing::warn!(
                     stream, group, entry_id = %l.origin_id, attempts = l.attempts,
                     "dead-lettered: {}", l.reason,
                 );
             }
-            for l in &failed {
+            for (_, l) in &failed {
                 tracing::error!(
                     stream, group, entry_id = %l.origin_id,
                     "dead-letter write failed: {error}; the entry stays pending (not acked) and comes back through reclaim",
