@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redstream::broker::{
-    Acks, Capabilities, ClaimIdle, ClaimReply, DeadLetter, Diagnostics, DueReply, EntryState,
-    GroupReader, GroupRef, Leases, MemberRef, PendingSummary, PublishItem, Receipt, Redelivery,
-    RetrySchedule, ServerReport, Streams,
+    Acks, Broker, Capabilities, ClaimIdle, ClaimReply, DeadLetter, Diagnostics, DueReply,
+    EntryState, GroupReader, GroupRef, Leases, MemberRef, PendingSummary, PublishItem, Receipt,
+    Redelivery, RetrySchedule, ServerReport, Streams,
 };
 use redstream::prelude::*;
 use redstream::{RedisBroker, StartFrom};
@@ -292,6 +292,12 @@ impl Streams for Timed {
         idle: Duration,
     ) -> redstream::Result<()> {
         self.inner.release(member, receipts, idle).await
+    }
+}
+
+impl Broker for Timed {
+    fn redelivery(self: Arc<Self>) -> Option<Arc<dyn Redelivery>> {
+        Some(self)
     }
 }
 

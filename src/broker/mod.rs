@@ -171,10 +171,32 @@ impl Capabilities {
     };
 }
 
-/// A broker with every capability the runtime uses today: [`Streams`] (with
-/// [`Redelivery`] for the entries it does not redeliver by itself),
-/// [`Leases`] and [`Diagnostics`]. Implemented for every type that has the
-/// four; [`RedisBroker`] is one.
-pub trait Broker: Streams + Redelivery + Leases + Diagnostics {}
+/// What a processor runs on: [`Streams`], [`Leases`] and [`Diagnostics`],
+/// and [`Redelivery`] where the broker has a pending list the runtime works
+/// on. [`RedisBroker`] is one.
+///
+/// A broker that redelivers by itself, does not check ownership and keeps
+/// no pending list per member (see [`Capabilities`]) answers `None` from
+/// [`Broker::redelivery`] and implements nothing more; otherwise start-up
+/// fails with an error naming the capability.
+pub trait Broker: Streams + Leases + Diagnostics {
+    /// The pending-list operations, if the broker has them.
+    fn redelivery(self: Arc<Self>) -> Option<Arc<dyn Redelivery>>;
+}
 
-impl<T: Streams + Redelivery + Leases + Diagnostics> Broker for T {}
+impl Capabilities {
+    /// The capability that needs [`Redelivery`], if any: the reclaimer and
+    /// the retry poll (the broker does not redeliver by itself), ownership
+    /// checks and re-reading a member's own pending list all run on it.
+    pub fn needing_redelivery(&self) -> Option<&'static str> {
+        if !self.redelivers_itself {
+            Some("redelivers_itself = false")
+        } else if self.checks_ownership {
+            Some("checks_ownership")
+        } else if self.per_member_pending {
+            Some("per_member_pending")
+        } else {
+            None
+        }
+    }
+}

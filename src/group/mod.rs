@@ -43,7 +43,9 @@ pub(crate) struct GroupRuntime {
     pub(crate) metrics: GroupMetrics,
     /// The broker, by capability.
     pub(crate) streams: Arc<dyn Streams>,
-    pub(crate) redelivery: Arc<dyn Redelivery>,
+    /// Where the broker does not redeliver, check ownership or keep a
+    /// pending list per member by itself (checked at start-up).
+    pub(crate) redelivery: Option<Arc<dyn Redelivery>>,
     pub(crate) leases: Arc<dyn Leases>,
     pub(crate) diagnostics: Arc<dyn Diagnostics>,
     /// What the broker does by itself.

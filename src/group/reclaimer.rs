@@ -31,7 +31,7 @@ use actix::WeakRecipient;
 use actix::prelude::*;
 
 use super::{EntriesClaimed, GroupRuntime, RetryDueAt, StopReclaimer};
-use crate::broker::{CURSOR_START, ClaimIdle, EntryState, Receipt};
+use crate::broker::{CURSOR_START, ClaimIdle, EntryState, Receipt, Redelivery};
 
 /// How often idle consumers are looked for, at most.
 const CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -39,6 +39,8 @@ const CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// The reclaimer of one group.
 pub(crate) struct ReclaimerActor {
     runtime: Arc<GroupRuntime>,
+    /// The broker's pending list, which this actor works on.
+    redelivery: Arc<dyn Redelivery>,
     supervisor: WeakRecipient<EntriesClaimed>,
     cursor: String,
     next_member: usize,
@@ -51,10 +53,12 @@ pub(crate) struct ReclaimerActor {
 impl ReclaimerActor {
     pub(crate) fn new(
         runtime: Arc<GroupRuntime>,
+        redelivery: Arc<dyn Redelivery>,
         supervisor: WeakRecipient<EntriesClaimed>,
     ) -> Self {
         ReclaimerActor {
             runtime,
+            redelivery,
             supervisor,
             cursor: CURSOR_START.to_owned(),
             next_member: 0,
@@ -72,6 +76,7 @@ impl ReclaimerActor {
         self.scanning = true;
         let fut = idle_scan(
             Arc::clone(&self.runtime),
+            Arc::clone(&self.redelivery),
             self.supervisor.clone(),
             self.cursor.clone(),
             self.next_member,
@@ -119,6 +124,7 @@ impl ReclaimerActor {
         self.polling = true;
         let fut = due_pass(
             Arc::clone(&self.runtime),
+            Arc::clone(&self.redelivery),
             self.supervisor.clone(),
             self.next_member,
         );
@@ -171,6 +177,7 @@ async fn report(supervisor: &WeakRecipient<EntriesClaimed>, msg: EntriesClaimed)
 /// start next time and the next member in turn.
 async fn idle_scan(
     rt: Arc<GroupRuntime>,
+    redelivery: Arc<dyn Redelivery>,
     supervisor: WeakRecipient<EntriesClaimed>,
     mut cursor: String,
     mut member: usize,
@@ -185,12 +192,12 @@ async fn idle_scan(
                 cursor: &cursor,
                 count: opts.reclaim_count,
             };
-            let reply = rt.redelivery.claim_idle(&rt.member(index), step).await?;
+            let reply = redelivery.claim_idle(&rt.member(index), step).await?;
             let receipts: Vec<Receipt> = reply.claimed.iter().map(|d| d.receipt.clone()).collect();
             if !receipts.is_empty() {
                 crate::failpoints::crash_point!("reclaimer.after_claim");
             }
-            let states = rt.redelivery.entry_states(&rt.target, &receipts).await?;
+            let states = redelivery.entry_states(&rt.target, &receipts).await?;
             Ok::<_, crate::error::Error>((reply, states))
         };
         let (reply, states) = match step.await {
@@ -226,6 +233,7 @@ async fn idle_scan(
 /// Claims due retries until none is left. Returns the next member in turn.
 async fn due_pass(
     rt: Arc<GroupRuntime>,
+    redelivery: Arc<dyn Redelivery>,
     supervisor: WeakRecipient<EntriesClaimed>,
     mut member: usize,
 ) -> usize {
@@ -233,8 +241,7 @@ async fn due_pass(
     let members = opts.member_names.len();
     loop {
         let index = member % members;
-        let reply = match rt
-            .redelivery
+        let reply = match redelivery
             .claim_due(&rt.member(index), opts.reclaim_count)
             .await
         {

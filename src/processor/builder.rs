@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::{Group, Processor, ScheduleHandle};
-use crate::broker::{
-    Broker, Diagnostics, GroupRef, Leases, Redelivery, RedisBroker, ServerReport, Streams,
-};
+use crate::broker::{Broker, Diagnostics, GroupRef, Leases, RedisBroker, ServerReport, Streams};
 use crate::error::{Error, Result};
 use crate::group::GroupRuntime;
 use crate::group::budget::ReadBudget;
@@ -187,6 +185,16 @@ async fn prepare_groups(
     let mut seen = HashSet::new();
     let mut seen_many = HashSet::new();
     let mut runtimes = Vec::with_capacity(groups.len());
+    if let Some(needs) = broker.capabilities().needing_redelivery()
+        && Arc::clone(broker).redelivery().is_none()
+    {
+        return Err(Error::settings(
+            "broker",
+            format!(
+                "its capabilities ({needs}) need the Redelivery trait, which it does not implement"
+            ),
+        ));
+    }
     for group in groups {
         if !seen.insert((group.stream.clone(), group.group.clone())) {
             return Err(Error::settings(
@@ -228,7 +236,7 @@ async fn prepare_groups(
         runtimes.push(Arc::new(GroupRuntime {
             metrics: GroupMetrics::new(&group.stream, &group.group),
             streams: Arc::clone(broker) as Arc<dyn Streams>,
-            redelivery: Arc::clone(broker) as Arc<dyn Redelivery>,
+            redelivery: Arc::clone(broker).redelivery(),
             leases: Arc::clone(broker) as Arc<dyn Leases>,
             diagnostics: Arc::clone(broker) as Arc<dyn Diagnostics>,
             capabilities: broker.capabilities(),

@@ -17,6 +17,7 @@ use crate::wire::RawEntry;
 
 #[async_trait]
 impl Redelivery for RedisBroker {
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = member.group().stream(), group = member.group().name(), member = member.member()))]
     async fn claim_idle(&self, member: &MemberRef, step: ClaimIdle<'_>) -> Result<ClaimReply> {
         let stream_arc = member.group().stream_arc();
         let (stream, group, member) = (
@@ -63,6 +64,7 @@ impl Redelivery for RedisBroker {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = member.group().stream(), group = member.group().name(), member = member.member()))]
     async fn claim_due(&self, member: &MemberRef, count: usize) -> Result<DueReply> {
         let member_ref = member;
         let (stream, group, member) = (
@@ -109,6 +111,7 @@ impl Redelivery for RedisBroker {
         Ok(DueReply { claimed })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = member.group().stream(), group = member.group().name(), member = member.member()))]
     async fn heartbeat(&self, member: &MemberRef, receipts: &[Receipt]) -> Result<Vec<Receipt>> {
         let stream_arc = Arc::clone(member.group().stream_arc());
         let ids = entry_ids(receipts);
@@ -136,6 +139,7 @@ impl Redelivery for RedisBroker {
             .collect())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = group.stream(), group = group.name()))]
     async fn entry_states(
         &self,
         group: &GroupRef,

@@ -58,7 +58,7 @@ mod settle;
 
 use self::reply::unexpected;
 use self::scripts::Scripts;
-use crate::broker::{Delivery, Receipt};
+use crate::broker::{Broker, Delivery, Receipt, Redelivery};
 use crate::wire::RawEntry;
 
 use super::ServerFeatures;
@@ -251,5 +251,11 @@ async fn detect_features(conn: &mut ConnectionManager) -> ServerFeatures {
             );
             ServerFeatures::default()
         }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn redelivery(self: Arc<Self>) -> Option<Arc<dyn Redelivery>> {
+        Some(self)
     }
 }

@@ -85,6 +85,7 @@ impl Streams for RedisBroker {
         Capabilities::REDIS
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = group.stream(), group = group.name()))]
     async fn ensure_group(&self, group: &GroupRef, start: StartFrom) -> Result<bool> {
         let (stream, group) = (group.stream(), group.name());
         let id = match start {
@@ -135,6 +136,7 @@ impl Streams for RedisBroker {
             .collect())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = member.group().stream(), group = member.group().name(), member = member.member()))]
     async fn open_reader(
         &self,
         member: &MemberRef,
@@ -174,6 +176,7 @@ impl Streams for RedisBroker {
         }))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = group.stream(), group = group.name()))]
     async fn ack(&self, group: &GroupRef, acks: Acks<'_>) -> Result<u64> {
         let (stream, group) = (group.stream(), group.name());
         let (ids, forget) = (entry_ids(acks.receipts), entry_ids(acks.forget));
@@ -192,6 +195,7 @@ impl Streams for RedisBroker {
         Ok(acked)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = group.stream(), group = group.name()))]
     async fn ack_and_delete(&self, group: &GroupRef, acks: Acks<'_>) -> Result<u64> {
         let (stream, group) = (group.stream(), group.name());
         let (ids, forget) = (entry_ids(acks.receipts), entry_ids(acks.forget));
@@ -231,6 +235,7 @@ impl Streams for RedisBroker {
         Ok(codes.iter().filter(|&&c| c > 0).count() as u64)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = group.stream(), group = group.name()))]
     async fn schedule_retries(&self, group: &GroupRef, retries: &[RetrySchedule]) -> Result<()> {
         let (stream, group) = (group.stream(), group.name());
         if retries.is_empty() {
@@ -251,6 +256,7 @@ impl Streams for RedisBroker {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = group.stream(), group = group.name()))]
     async fn dead_letter(
         &self,
         group: &GroupRef,
@@ -283,6 +289,7 @@ impl Streams for RedisBroker {
             .collect())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(stream = member.group().stream(), group = member.group().name(), member = member.member()))]
     async fn release(
         &self,
         member: &MemberRef,

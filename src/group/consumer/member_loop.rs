@@ -65,8 +65,8 @@ struct MemberLoop {
     deliveries: mpsc::Receiver<Vec<(Delivery, u32)>>,
     member: Member,
     /// One owner-checked heartbeat call serves the periodic heartbeat and
-    /// the check before a commit.
-    confirm: ConfirmFn,
+    /// the check before a commit (where the broker checks ownership).
+    confirm: Option<ConfirmFn>,
     interrupter: Option<Arc<dyn Interrupt>>,
     /// The reader, while no read is in progress.
     reader: Option<Box<dyn GroupReader>>,
@@ -97,25 +97,25 @@ impl MemberLoop {
         } = parts;
         let opts = &runtime.options;
         let me = runtime.member(index);
-        let confirm: ConfirmFn = {
-            let rt = Arc::clone(&runtime);
-            Arc::new(move |receipts: Vec<Receipt>| {
-                let rt = Arc::clone(&rt);
-                let me = me.clone();
-                Box::pin(async move { rt.redelivery.heartbeat(&me, &receipts).await })
-            })
+        let confirm: Option<ConfirmFn> = match &runtime.redelivery {
+            Some(redelivery) if runtime.capabilities.checks_ownership => {
+                let redelivery = Arc::clone(redelivery);
+                Some(Arc::new(move |receipts: Vec<Receipt>| {
+                    let redelivery = Arc::clone(&redelivery);
+                    let me = me.clone();
+                    Box::pin(async move { redelivery.heartbeat(&me, &receipts).await })
+                }))
+            }
+            _ => None,
         };
         let info = Arc::new(MemberInfo {
             stream: Arc::clone(runtime.target.stream_arc()),
             group: Arc::clone(runtime.target.name_arc()),
             member: Arc::clone(&opts.member_names[index]),
-            check: runtime
-                .capabilities
-                .checks_ownership
-                .then(|| OwnershipCheck {
-                    stale_after: opts.heartbeat * 3 / 2,
-                    confirm: Arc::clone(&confirm),
-                }),
+            check: confirm.as_ref().map(|confirm| OwnershipCheck {
+                stale_after: opts.heartbeat * 3 / 2,
+                confirm: Arc::clone(confirm),
+            }),
         });
         let reader = runtime
             .streams
@@ -291,12 +291,15 @@ impl MemberLoop {
     }
 
     fn on_heartbeat_tick(&mut self) {
+        let Some(confirm) = &self.confirm else {
+            return;
+        };
         if self.heartbeat_in_progress.is_some() {
             return;
         }
         let ids = self.member.due_for_heartbeat();
         if !ids.is_empty() {
-            let asked = (self.confirm)(ids.clone());
+            let asked = confirm(ids.clone());
             self.heartbeat_in_progress = Some(Box::pin(async move { (ids, asked.await) }));
         }
     }
@@ -420,11 +423,14 @@ async fn read_once(
                 .map(|e| (e, EntryState::default()))
                 .collect());
         }
+        let Some(redelivery) = &runtime.redelivery else {
+            return Ok(entries
+                .into_iter()
+                .map(|e| (e, EntryState::default()))
+                .collect());
+        };
         let receipts: Vec<Receipt> = entries.iter().map(|d| d.receipt.clone()).collect();
-        let states = runtime
-            .redelivery
-            .entry_states(&runtime.target, &receipts)
-            .await?;
+        let states = redelivery.entry_states(&runtime.target, &receipts).await?;
         Ok(entries.into_iter().zip(states).collect())
     }
     .await;

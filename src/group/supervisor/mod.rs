@@ -343,10 +343,13 @@ impl Actor for GroupSupervisor {
         }));
         // Reclaiming idle entries and polling for due retries is the
         // runtime's job only where the broker does not redeliver by itself.
-        if !self.runtime.capabilities.redelivers_itself {
+        if !self.runtime.capabilities.redelivers_itself
+            && let Some(redelivery) = &self.runtime.redelivery
+        {
             let me = ctx.address();
             let reclaimer = ReclaimerActor::new(
                 Arc::clone(&self.runtime),
+                Arc::clone(redelivery),
                 me.recipient::<EntriesClaimed>().downgrade(),
             );
             self.reclaimer = Some(reclaimer.start());
