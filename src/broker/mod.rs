@@ -169,6 +169,55 @@ impl Capabilities {
         per_member_pending: true,
         atomic_dead_letter: true,
     };
+
+    /// A broker that redelivers by itself and does nothing else the runtime
+    /// relies on (every other flag false): the runtime then needs no
+    /// [`Redelivery`]. A starting point for a backend's own value:
+    ///
+    /// ```
+    /// use redstream::broker::Capabilities;
+    ///
+    /// let jetstream = Capabilities::SELF_REDELIVERING.with_durable_attempts(true);
+    /// assert_eq!(jetstream.needing_redelivery(), None);
+    /// assert!(Capabilities::REDIS.needing_redelivery().is_some());
+    /// ```
+    pub const SELF_REDELIVERING: Capabilities = Capabilities {
+        redelivers_itself: true,
+        checks_ownership: false,
+        durable_attempts: false,
+        per_member_pending: false,
+        atomic_dead_letter: false,
+    };
+
+    /// With [`Capabilities::redelivers_itself`] set to `yes`.
+    pub const fn with_redelivers_itself(mut self, yes: bool) -> Self {
+        self.redelivers_itself = yes;
+        self
+    }
+
+    /// With [`Capabilities::checks_ownership`] set to `yes`.
+    pub const fn with_checks_ownership(mut self, yes: bool) -> Self {
+        self.checks_ownership = yes;
+        self
+    }
+
+    /// With [`Capabilities::durable_attempts`] set to `yes`.
+    pub const fn with_durable_attempts(mut self, yes: bool) -> Self {
+        self.durable_attempts = yes;
+        self
+    }
+
+    /// With [`Capabilities::per_member_pending`] set to `yes`.
+    pub const fn with_per_member_pending(mut self, yes: bool) -> Self {
+        self.per_member_pending = yes;
+        self
+    }
+
+    /// With [`Capabilities::atomic_dead_letter`] set to `yes`.
+    pub const fn with_atomic_dead_letter(mut self, yes: bool) -> Self {
+        self.atomic_dead_letter = yes;
+        self
+    }
 }
 
 /// What a processor runs on: [`Streams`], [`Leases`] and [`Diagnostics`],

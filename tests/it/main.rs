@@ -12,6 +12,7 @@
 )]
 
 mod bad_entries;
+mod boundary;
 mod cli;
 mod core;
 mod identity;
