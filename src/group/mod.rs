@@ -53,6 +53,9 @@ pub(crate) struct GroupRuntime {
     pub(crate) handler: ErasedHandler,
     /// The stream and group this runtime serves.
     pub(crate) target: GroupRef,
+    /// The group's span (stream, group): its actors log inside it. At error
+    /// level, so that it is enabled wherever their warnings are.
+    pub(crate) span: tracing::Span,
     pub(crate) options: GroupOptions,
     /// Turns at a blocking read (`consumer.blocked_readers`), shared by the
     /// group's members.
@@ -229,3 +232,41 @@ pub(crate) struct RetryDueAt(pub(crate) Instant);
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub(crate) struct StopReclaimer;
+
+pin_project_lite::pin_project! {
+    /// An actor future run inside a span: its polls, and so the closures of
+    /// its `map`s and `then`s, log with the span's fields.
+    pub(crate) struct InSpan<F> {
+        #[pin]
+        inner: F,
+        span: tracing::Span,
+    }
+}
+
+impl<A: actix::Actor, F: actix::ActorFuture<A>> actix::ActorFuture<A> for InSpan<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        act: &mut A,
+        ctx: &mut A::Context,
+        task: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        this.inner.poll(act, ctx, task)
+    }
+}
+
+/// Runs actor futures inside a span ([`InSpan`]).
+pub(crate) trait InSpanExt<A: actix::Actor>: actix::ActorFuture<A> + Sized {
+    /// This future, inside `span`.
+    fn in_span(self, span: &tracing::Span) -> InSpan<Self> {
+        InSpan {
+            inner: self,
+            span: span.clone(),
+        }
+    }
+}
+
+impl<A: actix::Actor, F: actix::ActorFuture<A>> InSpanExt<A> for F {}

@@ -32,6 +32,7 @@ use actix::prelude::*;
 
 use super::{EntriesClaimed, GroupRuntime, RetryDueAt, StopReclaimer};
 use crate::broker::{CURSOR_START, ClaimIdle, EntryState, Receipt, Redelivery};
+use crate::group::InSpanExt;
 
 /// How often idle consumers are looked for, at most.
 const CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -81,15 +82,19 @@ impl ReclaimerActor {
             self.cursor.clone(),
             self.next_member,
         );
-        ctx.spawn(fut.into_actor(self).map(|(cursor, next_member), act, ctx| {
-            act.scanning = false;
-            let wrapped = cursor == CURSOR_START;
-            act.cursor = cursor;
-            act.next_member = next_member;
-            if wrapped {
-                act.remove_idle_consumers(ctx);
-            }
-        }));
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|(cursor, next_member), act, ctx| {
+                    act.scanning = false;
+                    let wrapped = cursor == CURSOR_START;
+                    act.cursor = cursor;
+                    act.next_member = next_member;
+                    if wrapped {
+                        act.remove_idle_consumers(ctx);
+                    }
+                })
+                .in_span(&self.runtime.span),
+        );
     }
 
     /// After a full scan, at most once a minute: removes consumers of gone
@@ -105,16 +110,14 @@ impl ReclaimerActor {
         let fut = async move {
             match rt.diagnostics.remove_idle_consumers(&rt.target, idle).await {
                 Ok(removed) if !removed.is_empty() => tracing::info!(
-                    stream = %rt.target.stream(), group = %rt.target.name(), removed = ?removed,
+                    removed = ?removed,
                     "removed consumers with nothing pending, idle longer than {idle:?} and no live lease",
                 ),
                 Ok(_) => {}
-                Err(e) => tracing::debug!(
-                    stream = %rt.target.stream(), group = %rt.target.name(), "consumer cleanup failed: {e}"
-                ),
+                Err(e) => tracing::debug!("consumer cleanup failed: {e}"),
             }
         };
-        ctx.spawn(fut.into_actor(self));
+        ctx.spawn(fut.into_actor(self).in_span(&self.runtime.span));
     }
 
     fn poll_due(&mut self, ctx: &mut Context<Self>) {
@@ -128,10 +131,14 @@ impl ReclaimerActor {
             self.supervisor.clone(),
             self.next_member,
         );
-        ctx.spawn(fut.into_actor(self).map(|next_member, act, _ctx| {
-            act.polling = false;
-            act.next_member = next_member;
-        }));
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|next_member, act, _ctx| {
+                    act.polling = false;
+                    act.next_member = next_member;
+                })
+                .in_span(&self.runtime.span),
+        );
     }
 }
 
@@ -203,13 +210,13 @@ async fn idle_scan(
         let (reply, states) = match step.await {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(stream = %rt.target.stream(), group = %rt.target.name(), "reclaim step failed: {e}");
+                tracing::debug!("reclaim step failed: {e}");
                 return (cursor, member);
             }
         };
         if !reply.claimed.is_empty() || !reply.deleted.is_empty() {
             tracing::info!(
-                stream = %rt.target.stream(), group = %rt.target.name(), member = %opts.member_names[index],
+                member = %opts.member_names[index],
                 claimed = reply.claimed.len(), trimmed = reply.deleted.len(),
                 "reclaimed idle entries",
             );
@@ -247,7 +254,7 @@ async fn due_pass(
         {
             Ok(reply) => reply,
             Err(e) => {
-                tracing::debug!(stream = %rt.target.stream(), group = %rt.target.name(), "retry poll failed: {e}");
+                tracing::debug!("retry poll failed: {e}");
                 return member;
             }
         };

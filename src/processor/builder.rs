@@ -241,6 +241,11 @@ async fn prepare_groups(
             diagnostics: Arc::clone(broker) as Arc<dyn Diagnostics>,
             capabilities: broker.capabilities(),
             handler: group.handler.clone(),
+            span: tracing::error_span!(
+                "redstream.group",
+                stream = %target.stream(),
+                group = %target.name(),
+            ),
             target,
             options,
             read_turns: Arc::new(tokio::sync::Semaphore::new(

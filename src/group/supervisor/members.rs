@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::{GroupSupervisor, Lifecycle};
+use crate::group::InSpanExt;
 use crate::group::consumer::ConsumerActor;
 use crate::group::{ConsumerStopped, EntriesHandled, SetPaused, StopConsumer};
 
@@ -37,7 +38,8 @@ impl GroupSupervisor {
             ctx.spawn(
                 addr.send(SetPaused(true))
                     .into_actor(self)
-                    .map(|_, _, _| ()),
+                    .map(|_, _, _| ())
+                    .in_span(&self.runtime.span),
             );
         }
     }
@@ -74,20 +76,16 @@ impl GroupSupervisor {
             let held = match result {
                 Ok(held) => held,
                 Err(e) => {
-                    let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (rt.target.stream(), rt.target.name());
-                    tracing::warn!(stream, group, "lease renewal failed: {e}");
+                    tracing::warn!("lease renewal failed: {e}");
                     return;
                 }
             };
             for (index, held) in held.into_iter().enumerate() {
                 let name = act.member_name(index).to_owned();
-                let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (rt.target.stream(), rt.target.name());
                 let slot = &mut act.members[index];
                 if !held && !slot.lease_lost {
                     tracing::error!(
-                        stream, group, member = %name,
+                        member = %name,
                         "another process took the lease of member `{name}`; stopping it here",
                     );
                     slot.lease_lost = true;
@@ -97,11 +95,11 @@ impl GroupSupervisor {
                         });
                     }
                 } else if held && slot.lease_lost {
-                    tracing::info!(stream, group, member = %name, "lease of member `{name}` regained");
+                    tracing::info!(member = %name, "lease of member `{name}` regained");
                     slot.lease_lost = false;
                     act.restart_when_settled(index, ctx);
                 }
             }
-        }));
+        }).in_span(&self.runtime.span));
     }
 }

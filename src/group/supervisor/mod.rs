@@ -42,6 +42,7 @@ use super::{
 };
 use crate::broker::{PendingSummary, Receipt, RetrySchedule};
 use crate::clock::{Backoff, now_ms};
+use crate::group::InSpanExt;
 use crate::handler::{Outcome, Verdict};
 use crate::status::{GroupStatus, MemberStatus};
 use crate::wire::{DeadLetter, DeadLetterReason, DecodeError};
@@ -331,16 +332,21 @@ impl Actor for GroupSupervisor {
         let rt = Arc::clone(&self.runtime);
         let mark = rt.budget.mark();
         let first_check = async move { rt.diagnostics.pending_summary(&rt.target).await };
-        ctx.wait(first_check.into_actor(self).map(move |result, act, ctx| {
-            if let Ok(summary) = result {
-                act.runtime.budget.rebase(mark, summary.active());
-                act.apply_backpressure(&summary, ctx);
-                act.last_pending = Some(summary);
-            }
-            for index in 0..act.members.len() {
-                act.start_member(index, ctx);
-            }
-        }));
+        ctx.wait(
+            first_check
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    if let Ok(summary) = result {
+                        act.runtime.budget.rebase(mark, summary.active());
+                        act.apply_backpressure(&summary, ctx);
+                        act.last_pending = Some(summary);
+                    }
+                    for index in 0..act.members.len() {
+                        act.start_member(index, ctx);
+                    }
+                })
+                .in_span(&self.runtime.span),
+        );
         // Reclaiming idle entries and polling for due retries is the
         // runtime's job only where the broker does not redeliver by itself.
         if !self.runtime.capabilities.redelivers_itself
@@ -357,9 +363,8 @@ impl Actor for GroupSupervisor {
         let opts = &self.runtime.options;
         ctx.run_interval(opts.pending_check, |act, ctx| act.check_pending(ctx));
         ctx.run_interval(opts.lease_ttl / 3, |act, ctx| act.renew_leases(ctx));
-        let rt = Arc::clone(&self.runtime);
-        let (stream, group) = (rt.target.stream(), rt.target.name());
-        tracing::info!(stream, group, members = self.members.len(), "group started");
+        let _in_group = self.runtime.span.enter();
+        tracing::info!(members = self.members.len(), "group started");
     }
 }
 
@@ -396,10 +401,10 @@ impl Handler<ConsumerStopped> for GroupSupervisor {
         let delay = slot.backoff.next_delay();
         let restarts = slot.restarts;
         let name = self.member_name(msg.member).to_owned();
-        let rt = Arc::clone(&self.runtime);
-        let (stream, group) = (rt.target.stream(), rt.target.name());
+        let span = self.runtime.span.clone();
+        let _in_group = span.enter();
         tracing::warn!(
-            stream, group, member = %name, restarts,
+            member = %name, restarts,
             "consumer stopped ({description}); restarting in {delay:?}",
         );
         if let Exit::Failed {
@@ -518,27 +523,25 @@ impl Handler<StopGroup> for GroupSupervisor {
                         .await
                     {
                         tracing::warn!(
-                            stream = %rt.target.stream(), group = %rt.target.name(), member = %name,
+                            member = %name,
                             "releasing unfinished entries failed: {e}; they are reclaimed after min_idle",
                         );
                     }
                 }
                 if let Err(e) = rt.leases.release_leases(&lease.keys, &lease.token).await {
-                    tracing::warn!(stream = %rt.target.stream(), group = %rt.target.name(), "releasing leases failed: {e}");
+                    tracing::warn!("releasing leases failed: {e}");
                 }
                 GroupStopReport { released, settled }
             }
             .into_actor(act)
         })
-        .map(|report, act, ctx| {
-            let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (rt.target.stream(), rt.target.name());
+        .map(|report, _act, ctx| {
             tracing::info!(
-                stream, group, released = report.released, settled = report.settled,
+                released = report.released, settled = report.settled,
                 "group stopped",
             );
             ctx.stop();
             report
-        }))
+        }).in_span(&self.runtime.span))
     }
 }

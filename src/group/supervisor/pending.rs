@@ -10,6 +10,7 @@ use actix::prelude::*;
 use super::{GroupSupervisor, Lifecycle};
 use crate::broker::PendingSummary;
 use crate::error::Result;
+use crate::group::InSpanExt;
 use crate::group::{SetPaused, StopConsumer};
 use crate::settings::{MissingGroupPolicy, StartFrom};
 
@@ -35,12 +36,11 @@ impl GroupSupervisor {
                         }
                         Err(e) if e.is_missing_group() => act.recover_group(ctx),
                         Err(e) => {
-                            let rt = Arc::clone(&act.runtime);
-                            let (stream, group) = (rt.target.stream(), rt.target.name());
-                            tracing::debug!(stream, group, "pending check failed: {e}");
+                            tracing::debug!("pending check failed: {e}");
                         }
                     }
-                }),
+                })
+                .in_span(&self.runtime.span),
         );
     }
 
@@ -77,25 +77,22 @@ impl GroupSupervisor {
             // Members are stopping or stopped: nothing to pause.
             Lifecycle::Stopping | Lifecycle::Failed => return,
         };
-        let rt = Arc::clone(&self.runtime);
-        let (stream, group) = (rt.target.stream(), rt.target.name());
         if pause {
             tracing::warn!(
-                stream,
-                group,
                 pending = active,
                 max_pending = max,
                 "pausing reads: too many entries pending",
             );
         } else {
-            tracing::info!(stream, group, pending = active, "resuming reads");
+            tracing::info!(pending = active, "resuming reads");
         }
         for slot in &self.members {
             if let Some(addr) = &slot.addr {
                 ctx.spawn(
                     addr.send(SetPaused(pause))
                         .into_actor(self)
-                        .map(|_, _, _| ()),
+                        .map(|_, _, _| ())
+                        .in_span(&self.runtime.span),
                 );
             }
         }
@@ -104,16 +101,14 @@ impl GroupSupervisor {
     /// The group or its stream is gone (RELIABILITY.md P16).
     pub(super) fn recover_group(&mut self, ctx: &mut Context<Self>) {
         let rt = Arc::clone(&self.runtime);
-        let (stream, group) = (rt.target.stream(), rt.target.name());
         match self.runtime.options.on_missing_group {
             MissingGroupPolicy::Fail => {
                 if matches!(
                     self.lifecycle,
                     Lifecycle::Running | Lifecycle::Paused | Lifecycle::Recovering { .. }
                 ) {
+                    let (stream, group) = (rt.target.stream(), rt.target.name());
                     tracing::error!(
-                        stream,
-                        group,
                         "consumer group `{group}` on stream `{stream}` disappeared; policy `fail`: the group stops",
                     );
                     self.lifecycle = Lifecycle::Failed;
@@ -157,7 +152,6 @@ impl GroupSupervisor {
                             act.group_backoff.reset();
                             if created {
                                 tracing::warn!(
-                                    stream, group,
                                     "consumer group `{group}` on stream `{stream}` was missing (Redis restarted without persistence, DEL or XGROUP DESTROY); recreated at 0: entries still in the stream are read again",
                                 );
                             }
@@ -165,13 +159,12 @@ impl GroupSupervisor {
                         Err(e) => {
                             let delay = act.group_backoff.next_delay();
                             tracing::warn!(
-                                stream, group,
                                 "recreating consumer group `{group}` on stream `{stream}` failed: {e}; trying again in {delay:?}",
                             );
                             ctx.run_later(delay, |act, ctx| act.recover_group(ctx));
                         }
                     }
-                }));
+                }).in_span(&self.runtime.span));
             }
         }
     }

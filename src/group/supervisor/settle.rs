@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use super::GroupSupervisor;
 use crate::broker::{Acks, Receipt, RetrySchedule};
 use crate::clock::{Backoff, with_tries};
+use crate::group::InSpanExt;
 use crate::group::RetryDueAt;
 use crate::wire::DeadLetter;
 
@@ -74,11 +75,7 @@ impl GroupSupervisor {
                         }
                         Err(e) => {
                             let delay = act.ack_backoff.next_delay();
-                            let rt = Arc::clone(&act.runtime);
-                            let (stream, group) = (rt.target.stream(), rt.target.name());
                             tracing::warn!(
-                                stream,
-                                group,
                                 count = receipts.len(),
                                 "XACK failed: {e}; trying again in {delay:?}",
                             );
@@ -92,7 +89,8 @@ impl GroupSupervisor {
                         }
                     }
                     act.notify_if_settled();
-                }),
+                })
+                .in_span(&self.runtime.span),
         );
     }
 
@@ -126,16 +124,14 @@ impl GroupSupervisor {
                     }
                 }
                 Err(e) => {
-                    let rt = Arc::clone(&act.runtime);
-                    let (stream, group) = (rt.target.stream(), rt.target.name());
                     tracing::error!(
-                        stream, group, count = n,
+                        count = n,
                         "could not schedule retries: {e}; the entries stay pending and come back through reclaim",
                     );
                 }
             }
             act.notify_if_settled();
-        }));
+        }).in_span(&self.runtime.span));
     }
 
     pub(super) fn write_dead_letters(
@@ -185,21 +181,19 @@ impl GroupSupervisor {
             act.counters.dead_lettered += written.len() as u64;
             act.runtime.budget.release(written.len());
             act.runtime.metrics.dead_lettered.increment(written.len() as u64);
-            let rt = Arc::clone(&act.runtime);
-            let (stream, group) = (rt.target.stream(), rt.target.name());
             for (_, l) in &written {
                 tracing::warn!(
-                    stream, group, entry_id = %l.origin_id, attempts = l.attempts,
+                    entry_id = %l.origin_id, attempts = l.attempts,
                     "dead-lettered: {}", l.reason,
                 );
             }
             for (_, l) in &failed {
                 tracing::error!(
-                    stream, group, entry_id = %l.origin_id,
+                    entry_id = %l.origin_id,
                     "dead-letter write failed: {error}; the entry stays pending (not acked) and comes back through reclaim",
                 );
             }
             act.notify_if_settled();
-        }));
+        }).in_span(&self.runtime.span));
     }
 }
