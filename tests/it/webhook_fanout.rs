@@ -21,8 +21,9 @@ use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder}
 use crate::support::db::TestDb;
 use crate::support::{TestContext, eventually};
 
-#[path = "../../examples/webhook_fanout/webhooks.rs"]
-#[allow(dead_code)]
+#[path = "../../examples/webhook_fanout/webhooks/mod.rs"]
+// The tests use part of the example's module, not every re-export.
+#[allow(dead_code, unused_imports)]
 mod webhooks;
 
 #[path = "../../examples/webhook_fanout/receivers.rs"]
@@ -180,13 +181,13 @@ fn field(fields: &[(String, String)], name: &str) -> String {
 #[test]
 fn retry_after_reads_seconds_and_http_dates() {
     assert_eq!(
-        webhooks::parse_retry_after(" 7 "),
+        webhooks::delivery::parse_retry_after(" 7 "),
         Some(Duration::from_secs(7))
     );
     let later = SystemTime::now() + Duration::from_secs(120);
-    let parsed = webhooks::parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+    let parsed = webhooks::delivery::parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
     assert!(parsed > Duration::from_secs(110) && parsed <= Duration::from_secs(120));
-    assert_eq!(webhooks::parse_retry_after("soon"), None);
+    assert_eq!(webhooks::delivery::parse_retry_after("soon"), None);
 }
 
 /// The three groups on `orders` each get every event: every event reaches
@@ -1245,7 +1246,9 @@ async fn invalid_endpoint_rows_are_reported_and_skipped() {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("event type"), "{err}");
-        let (rows, _) = webhooks::load_endpoints(store.connection()).await.unwrap();
+        let (rows, _) = webhooks::registry::load_endpoints(store.connection())
+            .await
+            .unwrap();
         assert!(rows.iter().all(|e| e.name != "typo" && e.name != "none"));
         watcher.stop().await;
         processor.shutdown().await.unwrap();
