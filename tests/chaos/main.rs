@@ -21,6 +21,21 @@
     dead_code
 )]
 
+/// One `#[actix_rt::test]` per line, `name => scenario(args);`, that awaits
+/// the scenario: most scenarios run once per database or variant, the test
+/// only naming which. Attributes (`#[ignore = "…"]`) go before the name.
+macro_rules! scenario_tests {
+    ($($(#[$attr:meta])* $name:ident => $scenario:expr;)+) => {
+        $(
+            #[actix_rt::test]
+            $(#[$attr])*
+            async fn $name() {
+                $scenario.await;
+            }
+        )+
+    };
+}
+
 #[path = "../it/support/db.rs"]
 mod db;
 #[path = "../it/support/redis_server.rs"]
