@@ -70,14 +70,9 @@ async fn run(backend: Backend, tier: Tier) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f01_kill9_workers_sqlite() {
-    run(Backend::Sqlite, Tier::from_env()).await;
-}
-
-#[actix_rt::test]
-async fn f01_kill9_workers_pg() {
-    run(Backend::Postgres, Tier::from_env()).await;
+scenario_tests! {
+    f01_kill9_workers_sqlite => run(Backend::Sqlite, Tier::from_env());
+    f01_kill9_workers_pg => run(Backend::Postgres, Tier::from_env());
 }
 
 #[actix_rt::test]

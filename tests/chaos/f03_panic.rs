@@ -57,12 +57,7 @@ async fn run(backend: Backend) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f03_handler_panic_sqlite() {
-    run(Backend::Sqlite).await;
-}
-
-#[actix_rt::test]
-async fn f03_handler_panic_pg() {
-    run(Backend::Postgres).await;
+scenario_tests! {
+    f03_handler_panic_sqlite => run(Backend::Sqlite);
+    f03_handler_panic_pg => run(Backend::Postgres);
 }

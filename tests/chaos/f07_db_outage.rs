@@ -156,17 +156,8 @@ async fn run(outage: Outage) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f07_postgres_outage_through_proxy() {
-    run(Outage::BlackholeThenResets).await;
-}
-
-#[actix_rt::test]
-async fn f07_postgres_blackhole_without_reset() {
-    run(Outage::BlackholeOnly).await;
-}
-
-#[actix_rt::test]
-async fn f07_sqlite_exclusive_lock() {
-    run(Outage::ExclusiveLock).await;
+scenario_tests! {
+    f07_postgres_outage_through_proxy => run(Outage::BlackholeThenResets);
+    f07_postgres_blackhole_without_reset => run(Outage::BlackholeOnly);
+    f07_sqlite_exclusive_lock => run(Outage::ExclusiveLock);
 }

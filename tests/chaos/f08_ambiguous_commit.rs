@@ -115,12 +115,7 @@ async fn run(cut: Cut) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f08a_terminate_backend_mid_transaction_pg() {
-    run(Cut::TerminateBackend).await;
-}
-
-#[actix_rt::test]
-async fn f08c_commit_severed_pg() {
-    run(Cut::SeverAfterCommit).await;
+scenario_tests! {
+    f08a_terminate_backend_mid_transaction_pg => run(Cut::TerminateBackend);
+    f08c_commit_severed_pg => run(Cut::SeverAfterCommit);
 }

@@ -489,22 +489,9 @@ fn epoch_us() -> u128 {
         .unwrap_or(0)
 }
 
-#[actix_rt::test]
-async fn f12a_zombie_sigstop_sqlite() {
-    zombie(Backend::Sqlite).await;
-}
-
-#[actix_rt::test]
-async fn f12a_zombie_sigstop_pg() {
-    zombie(Backend::Postgres).await;
-}
-
-#[actix_rt::test]
-async fn f12b_long_handler_sqlite() {
-    long_handler(Backend::Sqlite).await;
-}
-
-#[actix_rt::test]
-async fn f12b_long_handler_pg() {
-    long_handler(Backend::Postgres).await;
+scenario_tests! {
+    f12a_zombie_sigstop_sqlite => zombie(Backend::Sqlite);
+    f12a_zombie_sigstop_pg => zombie(Backend::Postgres);
+    f12b_long_handler_sqlite => long_handler(Backend::Sqlite);
+    f12b_long_handler_pg => long_handler(Backend::Postgres);
 }

@@ -314,12 +314,7 @@ async fn run(backend: Backend) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f13_large_pel_sqlite() {
-    run(Backend::Sqlite).await;
-}
-
-#[actix_rt::test]
-async fn f13_large_pel_pg() {
-    run(Backend::Postgres).await;
+scenario_tests! {
+    f13_large_pel_sqlite => run(Backend::Sqlite);
+    f13_large_pel_pg => run(Backend::Postgres);
 }

@@ -148,12 +148,7 @@ async fn f16(backend: Backend, tier: Tier) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f16_group_create_race_sqlite() {
-    f16(Backend::Sqlite, Tier::from_env()).await;
-}
-
-#[actix_rt::test]
-async fn f16_group_create_race_pg() {
-    f16(Backend::Postgres, Tier::from_env()).await;
+scenario_tests! {
+    f16_group_create_race_sqlite => f16(Backend::Sqlite, Tier::from_env());
+    f16_group_create_race_pg => f16(Backend::Postgres, Tier::from_env());
 }

@@ -124,12 +124,7 @@ async fn run(backend: Backend) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f17_bad_input_sqlite() {
-    run(Backend::Sqlite).await;
-}
-
-#[actix_rt::test]
-async fn f17_bad_input_pg() {
-    run(Backend::Postgres).await;
+scenario_tests! {
+    f17_bad_input_sqlite => run(Backend::Sqlite);
+    f17_bad_input_pg => run(Backend::Postgres);
 }

@@ -111,12 +111,7 @@ async fn run(backend: Backend) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f18_duplicates_and_replay_sqlite() {
-    run(Backend::Sqlite).await;
-}
-
-#[actix_rt::test]
-async fn f18_duplicates_and_replay_pg() {
-    run(Backend::Postgres).await;
+scenario_tests! {
+    f18_duplicates_and_replay_sqlite => run(Backend::Sqlite);
+    f18_duplicates_and_replay_pg => run(Backend::Postgres);
 }

@@ -191,12 +191,7 @@ async fn f19(backend: Backend, tier: Tier) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f19_slow_consumer_flood_sqlite() {
-    f19(Backend::Sqlite, Tier::from_env()).await;
-}
-
-#[actix_rt::test]
-async fn f19_slow_consumer_flood_pg() {
-    f19(Backend::Postgres, Tier::from_env()).await;
+scenario_tests! {
+    f19_slow_consumer_flood_sqlite => f19(Backend::Sqlite, Tier::from_env());
+    f19_slow_consumer_flood_pg => f19(Backend::Postgres, Tier::from_env());
 }

@@ -161,12 +161,7 @@ async fn run(backend: Backend, tier: Tier) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f21_unique_names_restarts_sqlite() {
-    run(Backend::Sqlite, Tier::from_env()).await;
-}
-
-#[actix_rt::test]
-async fn f21_unique_names_restarts_pg() {
-    run(Backend::Postgres, Tier::from_env()).await;
+scenario_tests! {
+    f21_unique_names_restarts_sqlite => run(Backend::Sqlite, Tier::from_env());
+    f21_unique_names_restarts_pg => run(Backend::Postgres, Tier::from_env());
 }

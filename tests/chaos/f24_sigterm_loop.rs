@@ -84,12 +84,7 @@ async fn run(backend: Backend, tier: Tier) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f24_sigterm_loop_sqlite() {
-    run(Backend::Sqlite, Tier::from_env()).await;
-}
-
-#[actix_rt::test]
-async fn f24_sigterm_loop_pg() {
-    run(Backend::Postgres, Tier::from_env()).await;
+scenario_tests! {
+    f24_sigterm_loop_sqlite => run(Backend::Sqlite, Tier::from_env());
+    f24_sigterm_loop_pg => run(Backend::Postgres, Tier::from_env());
 }

@@ -805,12 +805,7 @@ async fn run(backend: Backend) {
     drop(fs);
 }
 
-#[actix_rt::test]
-async fn f25_sqlite_disk_full() {
-    run(Backend::Sqlite).await;
-}
-
-#[actix_rt::test]
-async fn f25_postgres_tablespace_full() {
-    run(Backend::Postgres).await;
+scenario_tests! {
+    f25_sqlite_disk_full => run(Backend::Sqlite);
+    f25_postgres_tablespace_full => run(Backend::Postgres);
 }

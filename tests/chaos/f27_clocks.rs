@@ -466,42 +466,13 @@ async fn run(backend: Backend, case: Case) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f27_clock_step_sqlite() {
-    run(Backend::Sqlite, Case::Step).await;
-}
-
-#[actix_rt::test]
-async fn f27_clock_step_pg() {
-    run(Backend::Postgres, Case::Step).await;
-}
-
-#[actix_rt::test]
-async fn f27_clock_step_kill_sqlite() {
-    run(Backend::Sqlite, Case::StepCrash).await;
-}
-
-#[actix_rt::test]
-async fn f27_clock_step_kill_pg() {
-    run(Backend::Postgres, Case::StepCrash).await;
-}
-
-#[actix_rt::test]
-async fn f27_clocks_skewed_sqlite() {
-    run(Backend::Sqlite, Case::Skew).await;
-}
-
-#[actix_rt::test]
-async fn f27_clocks_skewed_pg() {
-    run(Backend::Postgres, Case::Skew).await;
-}
-
-#[actix_rt::test]
-async fn f27_outbox_clocks_skewed_sqlite() {
-    run(Backend::Sqlite, Case::SkewOutbox).await;
-}
-
-#[actix_rt::test]
-async fn f27_outbox_clocks_skewed_pg() {
-    run(Backend::Postgres, Case::SkewOutbox).await;
+scenario_tests! {
+    f27_clock_step_sqlite => run(Backend::Sqlite, Case::Step);
+    f27_clock_step_pg => run(Backend::Postgres, Case::Step);
+    f27_clock_step_kill_sqlite => run(Backend::Sqlite, Case::StepCrash);
+    f27_clock_step_kill_pg => run(Backend::Postgres, Case::StepCrash);
+    f27_clocks_skewed_sqlite => run(Backend::Sqlite, Case::Skew);
+    f27_clocks_skewed_pg => run(Backend::Postgres, Case::Skew);
+    f27_outbox_clocks_skewed_sqlite => run(Backend::Sqlite, Case::SkewOutbox);
+    f27_outbox_clocks_skewed_pg => run(Backend::Postgres, Case::SkewOutbox);
 }

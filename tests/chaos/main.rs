@@ -21,10 +21,28 @@
     dead_code
 )]
 
-#[path = "../it/support/db.rs"]
-mod db;
-#[path = "../it/support/redis_server.rs"]
-mod redis_server;
+/// One `#[actix_rt::test]` per line, `name => scenario(args);`, that awaits
+/// the scenario: most scenarios run once per database or variant, the test
+/// only naming which. Attributes (`#[ignore = "…"]`) go before the name.
+macro_rules! scenario_tests {
+    ($($(#[$attr:meta])* $name:ident => $scenario:expr;)+) => {
+        $(
+            #[actix_rt::test]
+            $(#[$attr])*
+            async fn $name() {
+                $scenario.await;
+            }
+        )+
+    };
+}
+
+// The `it` suite's support: its databases, test-owned servers and helpers
+// (not every re-export is used here).
+#[path = "../it/support/mod.rs"]
+#[allow(unused_imports, unused_macros)]
+mod support;
+
+pub use support::{db, in_ci, redis_server};
 
 mod checker;
 mod harness;
@@ -55,18 +73,8 @@ mod redis_stall;
 mod retry_wait_kill;
 mod soak;
 
-/// Whether the tests run in CI, where a missing service is a failure.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Installs a test log subscriber once (RUST_LOG to see it).
+/// Installs a test log subscriber once (RUST_LOG to see it; errors only
+/// when it is not set).
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_test_writer()
-        .try_init();
+    support::init_tracing_at("error");
 }

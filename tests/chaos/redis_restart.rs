@@ -229,34 +229,13 @@ fn f06c() -> Plan {
     }
 }
 
-#[actix_rt::test]
-async fn f05_redis_kill9_sqlite() {
-    run(Backend::Sqlite, Tier::from_env(), f05()).await;
-}
-
-#[actix_rt::test]
-async fn f05_redis_kill9_pg() {
-    run(Backend::Postgres, Tier::from_env(), f05()).await;
-}
-
-#[actix_rt::test]
-async fn f04_retry_budget_across_redis_restarts_sqlite() {
-    run(Backend::Sqlite, Tier::from_env(), f04()).await;
-}
-
-#[actix_rt::test]
-async fn f06a_everysec_kill9_sqlite() {
-    run(Backend::Sqlite, Tier::from_env(), f06a()).await;
-}
-
-#[actix_rt::test]
-async fn f06b_everysec_os_crash_sqlite() {
-    run(Backend::Sqlite, Tier::from_env(), f06b()).await;
-}
-
-#[actix_rt::test]
-async fn f06c_appendonly_no_kill9_sqlite() {
-    run(Backend::Sqlite, Tier::from_env(), f06c()).await;
+scenario_tests! {
+    f05_redis_kill9_sqlite => run(Backend::Sqlite, Tier::from_env(), f05());
+    f05_redis_kill9_pg => run(Backend::Postgres, Tier::from_env(), f05());
+    f04_retry_budget_across_redis_restarts_sqlite => run(Backend::Sqlite, Tier::from_env(), f04());
+    f06a_everysec_kill9_sqlite => run(Backend::Sqlite, Tier::from_env(), f06a());
+    f06b_everysec_os_crash_sqlite => run(Backend::Sqlite, Tier::from_env(), f06b());
+    f06c_appendonly_no_kill9_sqlite => run(Backend::Sqlite, Tier::from_env(), f06c());
 }
 
 #[actix_rt::test]

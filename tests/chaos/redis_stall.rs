@@ -189,37 +189,12 @@ async fn f10(backend: Backend, stall: Stall) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn f09_client_kill_sqlite() {
-    f09(Backend::Sqlite, Tier::from_env()).await;
-}
-
-#[actix_rt::test]
-async fn f09_client_kill_pg() {
-    f09(Backend::Postgres, Tier::from_env()).await;
-}
-
-#[actix_rt::test]
-async fn f10_redis_sigstop_sqlite() {
-    f10(Backend::Sqlite, Stall::SigStop).await;
-}
-
-#[actix_rt::test]
-async fn f10_redis_sigstop_pg() {
-    f10(Backend::Postgres, Stall::SigStop).await;
-}
-
-#[actix_rt::test]
-async fn f10_redis_debug_sleep_sqlite() {
-    f10(Backend::Sqlite, Stall::DebugSleep).await;
-}
-
-#[actix_rt::test]
-async fn f10_redis_debug_sleep_pg() {
-    f10(Backend::Postgres, Stall::DebugSleep).await;
-}
-
-#[actix_rt::test]
-async fn f10_client_pause_all_sqlite() {
-    f10(Backend::Sqlite, Stall::ClientPause).await;
+scenario_tests! {
+    f09_client_kill_sqlite => f09(Backend::Sqlite, Tier::from_env());
+    f09_client_kill_pg => f09(Backend::Postgres, Tier::from_env());
+    f10_redis_sigstop_sqlite => f10(Backend::Sqlite, Stall::SigStop);
+    f10_redis_sigstop_pg => f10(Backend::Postgres, Stall::SigStop);
+    f10_redis_debug_sleep_sqlite => f10(Backend::Sqlite, Stall::DebugSleep);
+    f10_redis_debug_sleep_pg => f10(Backend::Postgres, Stall::DebugSleep);
+    f10_client_pause_all_sqlite => f10(Backend::Sqlite, Stall::ClientPause);
 }

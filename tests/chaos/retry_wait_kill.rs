@@ -68,12 +68,7 @@ async fn run(backend: Backend) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-async fn kill_while_waiting_for_retry_sqlite() {
-    run(Backend::Sqlite).await;
-}
-
-#[actix_rt::test]
-async fn kill_while_waiting_for_retry_pg() {
-    run(Backend::Postgres).await;
+scenario_tests! {
+    kill_while_waiting_for_retry_sqlite => run(Backend::Sqlite);
+    kill_while_waiting_for_retry_pg => run(Backend::Postgres);
 }

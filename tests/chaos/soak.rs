@@ -150,14 +150,7 @@ async fn run(backend: Backend) {
     c.shutdown().await;
 }
 
-#[actix_rt::test]
-#[ignore = "soak tier: an hour of kill loops"]
-async fn soak_hour_sqlite() {
-    run(Backend::Sqlite).await;
-}
-
-#[actix_rt::test]
-#[ignore = "soak tier: an hour of kill loops"]
-async fn soak_hour_pg() {
-    run(Backend::Postgres).await;
+scenario_tests! {
+    #[ignore = "soak tier: an hour of kill loops"] soak_hour_sqlite => run(Backend::Sqlite);
+    #[ignore = "soak tier: an hour of kill loops"] soak_hour_pg => run(Backend::Postgres);
 }

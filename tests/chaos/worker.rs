@@ -14,52 +14,13 @@ pub fn worker_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let mut build = Command::new(env!("CARGO"));
-            // Cargo gives the test process its package's variables
-            // (`CARGO_MANIFEST_DIR`, `CARGO_PKG_…`); some build scripts (ring)
-            // track them, so passing them on would rebuild the dependencies
-            // here, and again at the next `cargo test`.
-            for (key, _) in std::env::vars_os() {
-                let key = key.to_string_lossy();
-                if [
-                    "CARGO_MANIFEST_",
-                    "CARGO_PKG_",
-                    "CARGO_CRATE_",
-                    "CARGO_BIN_",
-                    "CARGO_PRIMARY_",
-                    "CARGO_TARGET_TMPDIR",
-                ]
-                .iter()
-                .any(|prefix| key.starts_with(prefix))
-                {
-                    build.env_remove(&*key);
-                }
-            }
-            build.args([
-                "build",
-                "--quiet",
-                "--example",
-                "chaos_worker",
-                "--features",
-                "failpoints",
-            ]);
-            // The same profile as this test binary: the path below is its
+            let mut extra = vec!["--features", "failpoints"];
+            // The same profile as this test binary: the path is its
             // sibling directory.
             if !cfg!(debug_assertions) {
-                build.arg("--release");
+                extra.push("--release");
             }
-            let status = build
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo build --example chaos_worker");
-            assert!(status.success(), "building the chaos worker");
-            let exe = std::env::current_exe().expect("current exe");
-            // target/<profile>/deps/chaos-… → target/<profile>/examples/chaos_worker
-            exe.parent()
-                .and_then(|deps| deps.parent())
-                .expect("target dir")
-                .join("examples")
-                .join("chaos_worker")
+            crate::support::examples::build_example("chaos_worker", &extra)
         })
         .clone()
 }

@@ -40,25 +40,7 @@ use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
 
 use support::db::{Backend, TestDb};
-use support::{TestContext, eventually};
-
-/// One test per database for a scenario (PostgreSQL skipped with a message
-/// when it does not answer outside CI).
-macro_rules! on_both_databases {
-    ($sqlite:ident, $postgres:ident, $scenario:ident) => {
-        #[actix_rt::test]
-        async fn $sqlite() {
-            $scenario(TestDb::sqlite()).await;
-        }
-
-        #[actix_rt::test]
-        async fn $postgres() {
-            if let Some(db) = TestDb::postgres().await {
-                $scenario(db).await;
-            }
-        }
-    };
-}
+use support::{TestContext, eventually, numbered, on_both_databases, publish_all, start_group};
 
 /// Cells run one at a time: fault points are global to the process.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -69,10 +51,6 @@ const EVENTS: i64 = 12;
 /// The event that fails its first attempt on purpose, so that each batch
 /// also takes the careful path (a savepoint per entry).
 const FAILS_ONCE: i64 = 5;
-
-fn numbered(n: i64) -> Event {
-    Event::new("n", &serde_json::json!({ "n": n })).unwrap()
-}
 
 /// The exactly-once points, in the order a batch passes them.
 const TX_POINTS: [&str; 6] = [
@@ -203,24 +181,9 @@ impl World {
     /// Creates `group` at the start of `stream` and publishes the cell's
     /// events before any consumer runs, so they arrive in one read.
     async fn publish_before_start(&self, stream: &str, group: &str) {
-        let mut c = self.ctx.conn().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(stream)
-            .arg(group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        self.ctx.create_group(stream, group).await;
         let events = (0..EVENTS).map(numbered).collect();
-        let published = self
-            .producer
-            .producer()
-            .publish_batch(stream, events)
-            .await
-            .unwrap();
-        assert!(published.iter().all(Result::is_ok));
+        publish_all(&self.producer.producer(), stream, events).await;
     }
 
     /// Writes the cell's events to the outbox for `stream`, in one
@@ -274,16 +237,11 @@ impl World {
         let store = self.cell_store().await;
         inject_db_fault(cell.point, cell.fault, cell.rolls_back, 0, 2).unwrap();
         let started = Instant::now();
-        let processor = Processor::builder(self.settings())
-            .group(Group::transactional(
-                &stream,
-                &group,
-                &store,
-                Effects { cell: name.clone() },
-            ))
-            .start()
-            .await
-            .unwrap();
+        let processor = start_group(
+            self.settings(),
+            Group::transactional(&stream, &group, &store, Effects { cell: name.clone() }),
+        )
+        .await;
         let what = format!("{name}: every event effected and acked");
         eventually(Duration::from_secs(30), &what, || async {
             self.effects(&name).await.len() == EVENTS as usize
@@ -450,16 +408,11 @@ async fn stop_during_outage(db: TestDb) {
     let mut settings = world.settings();
     settings.shutdown.deadline_ms = 20_000;
     inject_db_fault("db.commit", DbFault::Full, true, 0, u32::MAX).unwrap();
-    let processor = Processor::builder(settings.clone())
-        .group(Group::transactional(
-            &stream,
-            group,
-            &store,
-            Effects { cell: name.clone() },
-        ))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings.clone(),
+        Group::transactional(&stream, group, &store, Effects { cell: name.clone() }),
+    )
+    .await;
     eventually(Duration::from_secs(10), "the outage is seen", || async {
         store.outage().is_some()
     })
@@ -486,16 +439,11 @@ async fn stop_during_outage(db: TestDb) {
     );
     assert!(world.effects(&name).await.is_empty(), "nothing committed");
 
-    let processor = Processor::builder(settings)
-        .group(Group::transactional(
-            &stream,
-            group,
-            &store,
-            Effects { cell: name.clone() },
-        ))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings,
+        Group::transactional(&stream, group, &store, Effects { cell: name.clone() }),
+    )
+    .await;
     eventually(Duration::from_secs(30), "every event effected", || async {
         world.effects(&name).await.len() == EVENTS as usize
             && world.ctx.pending(&stream, group).await == 0

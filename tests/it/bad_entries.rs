@@ -10,7 +10,7 @@ use std::time::Duration;
 use redstream::prelude::*;
 use serde::Deserialize;
 
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, start_group};
 
 #[derive(Debug, Deserialize)]
 struct Deposit {
@@ -52,11 +52,11 @@ async fn entries_that_try_to_break_out_are_dead_lettered_and_stop_no_member() {
             Ok(Outcome::Ack)
         }
     });
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", handler).with_members(2))
-        .start()
-        .await
-        .expect("start");
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "g", handler).with_members(2),
+    )
+    .await;
     let deposit = |seq: u64| format!(r#"{{"seq":{seq}}}"#);
     let good = |seq: u64| vec![f("id", format!("good-{seq}")), f("data", deposit(seq))];
     for seq in 0..5 {

@@ -9,7 +9,7 @@ use sea_orm::sea_query::{Alias, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use crate::support::db::TestDb;
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, numbered, read_group, select_row, start_group};
 
 fn cli(ctx: &TestContext) -> Command {
     let mut cmd = Command::cargo_bin("redstream").expect("the redstream binary");
@@ -22,35 +22,20 @@ fn json(output: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(output)))
 }
 
-async fn create_group(ctx: &TestContext, stream: &str, group: &str) {
-    ctx.create_group(stream, group).await;
-}
-
 #[actix_rt::test]
 async fn status_and_pending_show_groups_owners_and_counts() {
     let Some(ctx) = TestContext::new() else {
         return;
     };
     let stream = ctx.stream("cli-status");
-    create_group(&ctx, &stream, "billing").await;
-    create_group(&ctx, &stream, "audit").await;
+    ctx.create_group(&stream, "billing").await;
+    ctx.create_group(&stream, "audit").await;
     let mut c = ctx.conn().await;
     for i in 0..10 {
         let _: String = c.xadd(&stream, "*", &[("n", i.to_string())]).await.unwrap();
     }
     // `billing` has 4 entries out with one consumer; `audit` read nothing.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("billing")
-        .arg("worker-1")
-        .arg("COUNT")
-        .arg(4)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    read_group(&mut c, &stream, "billing", "worker-1", 4).await;
 
     let out = cli(&ctx)
         .args(["--json", "status", &stream])
@@ -106,7 +91,7 @@ async fn exit_codes_for_unknown_things_and_unreachable_redis() {
     };
     let stream = ctx.stream("cli-codes");
     cli(&ctx).args(["pending", &stream, "g"]).assert().code(3);
-    create_group(&ctx, &stream, "g").await;
+    ctx.create_group(&stream, "g").await;
     cli(&ctx)
         .args(["pending", &stream, "nope"])
         .assert()
@@ -157,15 +142,11 @@ impl TxHandler for Gated {
 }
 
 async fn effects_of(store: &Store, n: i64) -> i64 {
-    let row = store
-        .connection()
-        .query_one_raw(sea_orm::Statement::from_string(
-            store.backend(),
-            format!("SELECT COUNT(*) FROM effects WHERE n = {n}"),
-        ))
-        .await
-        .unwrap()
-        .unwrap();
+    let row = select_row(
+        store,
+        &format!("SELECT COUNT(*) FROM effects WHERE n = {n}"),
+    )
+    .await;
     row.try_get_by_index(0).unwrap()
 }
 
@@ -185,14 +166,12 @@ async fn redrive_round_trip_has_exactly_one_effect() {
         store.connection().execute_unprepared(sql).await.unwrap();
     }
     let stream = ctx.stream("cli-redrive");
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::transactional(&stream, "g", &store, Gated))
-        .start()
-        .await
-        .unwrap();
-    let events = (0..6)
-        .map(|n| Event::new("n", &serde_json::json!({ "n": n })).unwrap())
-        .collect();
+    let processor = start_group(
+        ctx.settings(),
+        Group::transactional(&stream, "g", &store, Gated),
+    )
+    .await;
+    let events = (0..6).map(numbered).collect();
     processor
         .producer()
         .publish_batch(&stream, events)
@@ -265,22 +244,6 @@ async fn redrive_round_trip_has_exactly_one_effect() {
     processor.shutdown().await.unwrap();
 }
 
-async fn read_group(ctx: &TestContext, stream: &str, group: &str, count: usize) {
-    let mut c = ctx.conn().await;
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg("w")
-        .arg("COUNT")
-        .arg(count)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-}
-
 /// Trim removes only what every group has acked.
 #[actix_rt::test]
 async fn trim_keeps_what_any_group_still_needs() {
@@ -288,8 +251,8 @@ async fn trim_keeps_what_any_group_still_needs() {
         return;
     };
     let stream = ctx.stream("cli-trim");
-    create_group(&ctx, &stream, "fast").await;
-    create_group(&ctx, &stream, "slow").await;
+    ctx.create_group(&stream, "fast").await;
+    ctx.create_group(&stream, "slow").await;
     let mut c = ctx.conn().await;
     let mut ids = Vec::new();
     for i in 0..20 {
@@ -297,9 +260,9 @@ async fn trim_keeps_what_any_group_still_needs() {
         ids.push(id);
     }
     // `fast` read and acked everything; `slow` acked the first 8, holds 4.
-    read_group(&ctx, &stream, "fast", 20).await;
+    read_group(&mut c, &stream, "fast", "w", 20).await;
     let _: u64 = c.xack(&stream, "fast", &ids).await.unwrap();
-    read_group(&ctx, &stream, "slow", 12).await;
+    read_group(&mut c, &stream, "slow", "w", 12).await;
     let _: u64 = c.xack(&stream, "slow", &ids[..8]).await.unwrap();
 
     let out = cli(&ctx)

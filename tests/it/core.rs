@@ -9,7 +9,7 @@ use redis::AsyncCommands;
 use redstream::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, publish_all, start_group};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct OrderCreated {
@@ -58,11 +58,11 @@ async fn round_trip_delivers_every_event_once_and_acks_it() {
     };
     let stream = ctx.stream("orders");
     let (seen, handler) = recording_handler();
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "billing", handler).with_members(2))
-        .start()
-        .await
-        .expect("start");
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "billing", handler).with_members(2),
+    )
+    .await;
     let producer = processor.producer();
     let mut receipts = Vec::new();
     for i in 0..50 {
@@ -166,11 +166,7 @@ async fn entries_written_by_a_plain_client_are_delivered_as_their_fields() {
             Ok(Outcome::Ack)
         }
     });
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "stock", handler))
-        .start()
-        .await
-        .expect("start");
+    let processor = start_group(ctx.settings(), Group::new(&stream, "stock", handler)).await;
     let mut c = ctx.conn().await;
     let id: String = c
         .xadd(&stream, "*", &[("sku", "A-1"), ("qty", "3")])
@@ -238,11 +234,7 @@ async fn a_malformed_entry_is_dead_lettered_and_its_batch_mates_processed() {
         .query_async(&mut c)
         .await
         .unwrap();
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "billing", handler))
-        .start()
-        .await
-        .expect("start");
+    let processor = start_group(ctx.settings(), Group::new(&stream, "billing", handler)).await;
     let dlq = redstream::dead_letter_stream(&stream);
     eventually(
         Duration::from_secs(10),
@@ -250,10 +242,8 @@ async fn a_malformed_entry_is_dead_lettered_and_its_batch_mates_processed() {
         || async { seen.lock().unwrap().len() == 3 && ctx.xlen(&dlq).await == 3 },
     )
     .await;
-    eventually(Duration::from_secs(5), "nothing pending", || async {
-        ctx.pending(&stream, "billing").await == 0
-    })
-    .await;
+    ctx.eventually_nothing_pending(&stream, "billing", Duration::from_secs(5))
+        .await;
     let letters = ctx.entries(&dlq).await;
     let reasons: Vec<String> = letters
         .iter()
@@ -301,12 +291,7 @@ async fn every_group_on_a_stream_gets_every_event() {
     let events: Vec<Event> = (0..100)
         .map(|i| Event::new("order.created", &order(i)).unwrap())
         .collect();
-    let results = processor
-        .producer()
-        .publish_batch(&stream, events)
-        .await
-        .unwrap();
-    assert!(results.iter().all(Result::is_ok));
+    publish_all(&processor.producer(), &stream, events).await;
     eventually(
         Duration::from_secs(10),
         "each group handled 100",
@@ -376,11 +361,11 @@ async fn reading_pauses_above_the_pending_bound_and_resumes_below_it() {
     let mut settings = ctx.settings();
     settings.reclaim.min_idle_ms = 600_000;
     settings.reclaim.heartbeat_ms = 60_000;
-    let processor = Processor::builder(settings)
-        .group(Group::new(&stream, "g", handler).with_max_pending(20))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings,
+        Group::new(&stream, "g", handler).with_max_pending(20),
+    )
+    .await;
     assert!(processor.group_status(&stream, "g").await.unwrap().paused);
     for i in 100..110 {
         let event = Event::new("order.created", &order(i)).unwrap();
@@ -434,15 +419,13 @@ async fn reads_between_pending_checks_stay_within_the_pending_bound() {
     settings.consumer.pending_check_ms = 60_000;
     settings.consumer.count = 10;
     settings.consumer.in_flight = 100;
-    let processor = Processor::builder(settings)
-        .group(
-            Group::new(&stream, "g", handler)
-                .with_members(2)
-                .with_max_pending(20),
-        )
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings,
+        Group::new(&stream, "g", handler)
+            .with_members(2)
+            .with_max_pending(20),
+    )
+    .await;
     let mut max_pending = 0;
     let start = std::time::Instant::now();
     while start.elapsed() < Duration::from_secs(2) {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use redstream::prelude::*;
 use redstream::{Error, MissingGroupPolicy};
 
-use crate::support::{RedisServer, TestContext, eventually};
+use crate::support::{
+    RedisServer, TestContext, eventually, eventually_all_alive, publish_one, start_group,
+};
 
 fn counter() -> (
     Arc<AtomicU64>,
@@ -39,11 +41,11 @@ async fn a_group_or_stream_that_disappears_is_recreated() {
     };
     let stream = ctx.stream("vanishing");
     let (count, handler) = counter();
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", handler).with_members(2))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "g", handler).with_members(2),
+    )
+    .await;
     let producer = processor.producer();
     producer.publish(&stream, event()).await.unwrap();
     eventually(Duration::from_secs(5), "first handled", || async {
@@ -111,14 +113,7 @@ async fn a_group_or_stream_that_disappears_is_recreated() {
     assert!(!status.failed);
     // Backoff, not a hot loop: a handful of restarts, not hundreds.
     assert!(status.restarts() < 20, "{status:?}");
-    eventually(Duration::from_secs(5), "all members alive", || async {
-        processor
-            .group_status(&stream, "g")
-            .await
-            .unwrap()
-            .all_alive()
-    })
-    .await;
+    eventually_all_alive(&processor, &stream, "g", "all members alive").await;
     processor.shutdown().await.unwrap();
 }
 
@@ -132,11 +127,7 @@ async fn the_fail_policy_stops_the_group() {
     let (_, handler) = counter();
     let mut settings = ctx.settings();
     settings.consumer.on_missing_group = MissingGroupPolicy::Fail;
-    let processor = Processor::builder(settings)
-        .group(Group::new(&stream, "g", handler))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(settings, Group::new(&stream, "g", handler)).await;
     let mut c = ctx.conn().await;
     let _: u64 = redis::cmd("XGROUP")
         .arg("DESTROY")
@@ -164,11 +155,11 @@ async fn a_second_process_with_the_same_member_names_is_refused() {
     let stream = ctx.stream("lease");
     let settings = ctx.settings();
     let (_, first_handler) = counter();
-    let first = Processor::builder(settings.clone())
-        .group(Group::new(&stream, "g", first_handler).with_members(2))
-        .start()
-        .await
-        .unwrap();
+    let first = start_group(
+        settings.clone(),
+        Group::new(&stream, "g", first_handler).with_members(2),
+    )
+    .await;
 
     let mut second_settings = settings.clone();
     second_settings.reclaim.lease_wait_ms = 500;
@@ -195,11 +186,11 @@ async fn a_second_process_with_the_same_member_names_is_refused() {
 
     first.shutdown().await.unwrap();
     let (_, handler) = counter();
-    let second = Processor::builder(second_settings)
-        .group(Group::new(&stream, "g", handler).with_members(2))
-        .start()
-        .await
-        .expect("starts once the names are free");
+    let second = start_group(
+        second_settings,
+        Group::new(&stream, "g", handler).with_members(2),
+    )
+    .await;
     second.shutdown().await.unwrap();
 }
 
@@ -225,16 +216,8 @@ async fn a_failed_dead_letter_write_leaves_the_entry_pending() {
     let mut settings = ctx.settings();
     settings.reclaim.min_idle_ms = 1_000;
     settings.reclaim.heartbeat_ms = 300;
-    let processor = Processor::builder(settings)
-        .group(Group::new(&stream, "g", handler))
-        .start()
-        .await
-        .unwrap();
-    processor
-        .producer()
-        .publish(&stream, event())
-        .await
-        .unwrap();
+    let processor = start_group(settings, Group::new(&stream, "g", handler)).await;
+    publish_one(&processor, &stream, event()).await;
     eventually(Duration::from_secs(5), "delivered", || async {
         ctx.pending(&stream, "g").await == 1
     })

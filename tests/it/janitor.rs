@@ -6,7 +6,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use redstream::prelude::*;
 
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, read_group, start_group};
 
 async fn consumers(ctx: &TestContext, stream: &str, group: &str) -> Vec<(String, u64)> {
     let mut c = ctx.conn().await;
@@ -29,32 +29,6 @@ async fn consumers(ctx: &TestContext, stream: &str, group: &str) -> Vec<(String,
     out
 }
 
-async fn read_as(
-    ctx: &TestContext,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    count: usize,
-) -> Vec<String> {
-    let mut c = ctx.conn().await;
-    let reply: redis::streams::StreamReadReply = c
-        .xread_options(
-            &[stream],
-            &[">"],
-            &redis::streams::StreamReadOptions::default()
-                .group(group, consumer)
-                .count(count),
-        )
-        .await
-        .unwrap();
-    reply
-        .keys
-        .into_iter()
-        .flat_map(|k| k.ids)
-        .map(|id| id.id)
-        .collect()
-}
-
 #[actix_rt::test]
 async fn consumers_of_gone_instances_are_removed_and_pending_ones_kept() {
     let Some(ctx) = TestContext::new() else {
@@ -68,11 +42,16 @@ async fn consumers_of_gone_instances_are_removed_and_pending_ones_kept() {
     }
     // Ten instances that came and went, each acked what it read.
     for i in 0..10 {
-        let ids = read_as(&ctx, &stream, "g", &format!("gone-{i}"), 1).await;
+        let ids = read_group(&mut ctx.conn().await, &stream, "g", &format!("gone-{i}"), 1).await;
         let _: u64 = c.xack(&stream, "g", &ids).await.unwrap();
     }
     // One that still holds 5 unacked entries.
-    assert_eq!(read_as(&ctx, &stream, "g", "holder", 5).await.len(), 5);
+    assert_eq!(
+        read_group(&mut ctx.conn().await, &stream, "g", "holder", 5)
+            .await
+            .len(),
+        5
+    );
 
     let mut settings = ctx.settings();
     settings.reclaim.remove_idle_consumers_ms = 300;
@@ -80,11 +59,11 @@ async fn consumers_of_gone_instances_are_removed_and_pending_ones_kept() {
     settings.reclaim.heartbeat_ms = 60_000;
     settings.reclaim.interval_ms = 100;
     let handler = handler_fn(|_: serde_json::Value, _: Meta| async { Ok(Outcome::Ack) });
-    let processor = Processor::builder(settings.clone())
-        .group(Group::new(&stream, "g", handler).with_members(2))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings.clone(),
+        Group::new(&stream, "g", handler).with_members(2),
+    )
+    .await;
     let live: Vec<String> = (0..2)
         .map(|i| format!("{}-{i}", settings.instance.name))
         .collect();

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use redstream::prelude::*;
 use redstream::{LatestValues, RedisBroker};
-use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait};
+use sea_orm::{EntityTrait, PaginatorTrait};
 
 use crate::support::db::TestDb;
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, publish_all, select_row};
 
 #[path = "../../examples/market_scanner/market.rs"]
 #[allow(dead_code)]
@@ -85,12 +85,7 @@ async fn repeated_news_leaves_one_row_and_old_quotes_do_not_win() {
             .into_iter()
             .map(|s| s.into_event().unwrap())
             .collect();
-        let results = processor
-            .producer()
-            .publish_batch(&stream, events)
-            .await
-            .unwrap();
-        assert!(results.iter().all(Result::is_ok));
+        publish_all(&processor.producer(), &stream, events).await;
         let db_conn = store.connection();
         eventually(Duration::from_secs(20), "7 events handled", || async {
             processor
@@ -127,15 +122,11 @@ async fn repeated_news_leaves_one_row_and_old_quotes_do_not_win() {
 
 /// Rows in `table` and distinct values of `key` in it.
 async fn rows_and_distinct(store: &Store, table: &str, key: &str) -> (i64, i64) {
-    let row = store
-        .connection()
-        .query_one_raw(sea_orm::Statement::from_string(
-            store.backend(),
-            format!("SELECT COUNT(*), COUNT(DISTINCT {key}) FROM {table}"),
-        ))
-        .await
-        .unwrap()
-        .unwrap();
+    let row = select_row(
+        store,
+        &format!("SELECT COUNT(*), COUNT(DISTINCT {key}) FROM {table}"),
+    )
+    .await;
     (
         row.try_get_by_index::<i64>(0).unwrap(),
         row.try_get_by_index::<i64>(1).unwrap(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redstream::prelude::*;
 
-use crate::support::{RedisServer, TestContext, eventually};
+use crate::support::{TestContext, eventually, numbered, start_group};
 
 /// The process-wide Prometheus recorder (one per test binary).
 fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
@@ -47,14 +47,8 @@ async fn metrics_show_known_traffic() {
             _ => Outcome::dead_letter("unwanted"),
         })
     });
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", handler))
-        .start()
-        .await
-        .unwrap();
-    let events = (0..20)
-        .map(|n| Event::new("n", &serde_json::json!({ "n": n })).unwrap())
-        .collect();
+    let processor = start_group(ctx.settings(), Group::new(&stream, "g", handler)).await;
+    let events = (0..20).map(numbered).collect();
     processor
         .producer()
         .publish_batch(&stream, events)
@@ -119,8 +113,7 @@ async fn metrics_show_known_traffic() {
 
 #[actix_rt::test]
 async fn health_goes_unready_while_redis_is_down_and_ready_after() {
-    let mut server = RedisServer::start();
-    let Some(ctx) = TestContext::with_url(&server.url()) else {
+    let Some((mut server, ctx)) = TestContext::on_own_server() else {
         return;
     };
     let stream = ctx.stream("health");
@@ -128,11 +121,7 @@ async fn health_goes_unready_while_redis_is_down_and_ready_after() {
     settings.redis.command_timeout_ms = 500;
     settings.redis.connect_timeout_ms = 300;
     let noop = handler_fn(|_: serde_json::Value, _: Meta| async { Ok(Outcome::Ack) });
-    let processor = Processor::builder(settings)
-        .group(Group::new(&stream, "g", noop).with_members(2))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(settings, Group::new(&stream, "g", noop).with_members(2)).await;
     let handle = processor.handle();
     eventually(Duration::from_secs(5), "ready", || async {
         handle.health().await.ready
@@ -172,14 +161,12 @@ async fn the_status_page_and_json_show_real_data() {
     };
     let stream = ctx.stream("status");
     let noop = handler_fn(|_: serde_json::Value, _: Meta| async { Ok(Outcome::Ack) });
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "billing", noop).with_members(2))
-        .start()
-        .await
-        .unwrap();
-    let events = (0..7)
-        .map(|n| Event::new("n", &serde_json::json!({ "n": n })).unwrap())
-        .collect();
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "billing", noop).with_members(2),
+    )
+    .await;
+    let events = (0..7).map(numbered).collect();
     processor
         .producer()
         .publish_batch(&stream, events)

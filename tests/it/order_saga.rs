@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait};
 
 use crate::support::db::TestDb;
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, on_both_databases};
 
 #[path = "../../examples/order_saga/saga.rs"]
 #[allow(dead_code)]
@@ -42,41 +42,12 @@ fn binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let mut build = Command::new(env!("CARGO"));
-            // The package variables cargo gives this process would make
-            // build scripts see a changed environment and rebuild.
-            for (key, _) in std::env::vars_os() {
-                let key = key.to_string_lossy();
-                if [
-                    "CARGO_MANIFEST_",
-                    "CARGO_PKG_",
-                    "CARGO_CRATE_",
-                    "CARGO_BIN_",
-                    "CARGO_PRIMARY_",
-                    "CARGO_TARGET_TMPDIR",
-                ]
-                .iter()
-                .any(|prefix| key.starts_with(prefix))
-                {
-                    build.env_remove(&*key);
-                }
-            }
-            build.args(["build", "--quiet", "--example", "order_saga"]);
-            if cfg!(feature = "failpoints") {
-                build.args(["--features", "failpoints"]);
-            }
-            let status = build
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo build --example order_saga");
-            assert!(status.success(), "building the order saga example");
-            let exe = std::env::current_exe().expect("current exe");
-            // target/<profile>/deps/it-… → target/<profile>/examples/order_saga
-            exe.parent()
-                .and_then(|deps| deps.parent())
-                .expect("target dir")
-                .join("examples")
-                .join("order_saga")
+            let features: &[&str] = if cfg!(feature = "failpoints") {
+                &["--features", "failpoints"]
+            } else {
+                &[]
+            };
+            crate::support::examples::build_example("order_saga", features)
         })
         .clone()
 }
@@ -316,17 +287,11 @@ async fn killed_at_random_points(db: TestDb) {
     );
 }
 
-#[actix_rt::test]
-async fn order_saga_killed_at_random_points_balances_after_restart_sqlite() {
-    killed_at_random_points(TestDb::sqlite()).await;
-}
-
-#[actix_rt::test]
-async fn order_saga_killed_at_random_points_balances_after_restart_postgres() {
-    if let Some(db) = TestDb::postgres().await {
-        killed_at_random_points(db).await;
-    }
-}
+on_both_databases!(
+    order_saga_killed_at_random_points_balances_after_restart_sqlite,
+    order_saga_killed_at_random_points_balances_after_restart_postgres,
+    killed_at_random_points
+);
 
 async fn two_workers_at_once(db: TestDb) {
     let Some(mut saga) = Saga::new(db, TWO_WORKER_ORDERS).await else {
@@ -378,14 +343,8 @@ async fn two_workers_at_once(db: TestDb) {
     );
 }
 
-#[actix_rt::test]
-async fn order_saga_two_workers_at_once_sqlite() {
-    two_workers_at_once(TestDb::sqlite()).await;
-}
-
-#[actix_rt::test]
-async fn order_saga_two_workers_at_once_postgres() {
-    if let Some(db) = TestDb::postgres().await {
-        two_workers_at_once(db).await;
-    }
-}
+on_both_databases!(
+    order_saga_two_workers_at_once_sqlite,
+    order_saga_two_workers_at_once_postgres,
+    two_workers_at_once
+);

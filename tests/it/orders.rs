@@ -6,10 +6,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use redstream::prelude::*;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 
 use crate::support::db::TestDb;
-use crate::support::{TestContext, eventually};
+use crate::support::examples::build_example;
+use crate::support::{TestContext, eventually, on_both_databases, publish_all, select_row};
 
 #[path = "../../examples/order_processing/orders.rs"]
 #[allow(dead_code)]
@@ -26,15 +27,11 @@ async fn count_orders(store: &Store, prefix: &str) -> u64 {
 }
 
 async fn count_confirmations_in_outbox(store: &Store) -> i64 {
-    let row = store
-        .connection()
-        .query_one_raw(sea_orm::Statement::from_string(
-            store.backend(),
-            format!("SELECT COUNT(*) AS n FROM outbox WHERE event_type = '{ORDER_CONFIRMED}'"),
-        ))
-        .await
-        .unwrap()
-        .unwrap();
+    let row = select_row(
+        store,
+        &format!("SELECT COUNT(*) AS n FROM outbox WHERE event_type = '{ORDER_CONFIRMED}'"),
+    )
+    .await;
     row.try_get_by_index::<i64>(0).unwrap()
 }
 
@@ -94,11 +91,7 @@ async fn orders_have_one_effect_invalid_ones_are_dead_lettered() {
         events.push(bad(
             r#"{"order_id": "x4", "customer_id": "c", "items": [{"sku": "a", "qty": 1, "unit_price_cents": -1}]}"#,
         ));
-        let results = producer
-            .publish_batch(&orders_stream, events)
-            .await
-            .unwrap();
-        assert!(results.iter().all(Result::is_ok));
+        publish_all(&producer, &orders_stream, events).await;
         let dlq = redstream::dead_letter_stream(&orders_stream);
         eventually(
             Duration::from_secs(20),
@@ -154,23 +147,6 @@ async fn orders_have_one_effect_invalid_ones_are_dead_lettered() {
     }
 }
 
-/// The example binary, built if needed.
-pub(crate) fn example_binary(name: &str) -> std::path::PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--example", name])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo build --example");
-    assert!(status.success(), "building example {name}");
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/it-… → target/<profile>/examples/<name>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("examples")
-        .join(name)
-}
-
 fn run_example(binary: &std::path::Path, env: &[(String, String)], args: &[&str]) -> Child {
     Command::new(binary)
         .args(args)
@@ -187,7 +163,7 @@ async fn kill9_mid_run_then_restart(db: TestDb) {
     let Some(ctx) = TestContext::new() else {
         return;
     };
-    let binary = example_binary("order_processing");
+    let binary = build_example("order_processing", &[]);
     let orders_stream = ctx.stream("orders");
     let env: Vec<(String, String)> = [
         ("REDSTREAM__REDIS__URL", ctx.url.clone()),
@@ -260,14 +236,8 @@ async fn kill9_mid_run_then_restart(db: TestDb) {
     );
 }
 
-#[actix_rt::test]
-async fn a_killed_consumer_restarts_with_every_order_exactly_once_sqlite() {
-    kill9_mid_run_then_restart(TestDb::sqlite()).await;
-}
-
-#[actix_rt::test]
-async fn a_killed_consumer_restarts_with_every_order_exactly_once_postgres() {
-    if let Some(db) = TestDb::postgres().await {
-        kill9_mid_run_then_restart(db).await;
-    }
-}
+on_both_databases!(
+    a_killed_consumer_restarts_with_every_order_exactly_once_sqlite,
+    a_killed_consumer_restarts_with_every_order_exactly_once_postgres,
+    kill9_mid_run_then_restart
+);

@@ -6,14 +6,15 @@
 //! keys of another prefix and DDL are refused.
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use redstream::Store;
 use sea_orm::{ConnectionTrait, Database};
 
-use crate::orders::{domain, example_binary};
+use crate::orders::domain;
 use crate::support::RedisServer;
-use crate::support::db::{TestDb, postgres_admin_url};
+use crate::support::db::{TestDb, admin_cleanup, postgres_admin_url};
+use crate::support::examples::build_example;
+use crate::support::redis_server::run_command;
 
 const ORDERS: &str = "app:orders";
 const EVENTS: &str = "app:order-events";
@@ -37,16 +38,7 @@ fn user_url(server: &RedisServer, user: &str, password: &str) -> String {
 
 /// One command as a user; the error code if refused.
 fn as_user(url: &str, args: &[&str]) -> Result<redis::Value, String> {
-    let client = redis::Client::open(url).expect("url");
-    let mut c = client
-        .get_connection_with_timeout(Duration::from_secs(2))
-        .expect("connect as the user");
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query(&mut c)
-        .map_err(|e| e.code().unwrap_or("?").to_owned())
+    run_command(url, args).map_err(|e| e.code().unwrap_or("?").to_owned())
 }
 
 fn run(binary: &std::path::Path, env: &[(&str, String)], args: &[&str]) -> Output {
@@ -77,26 +69,10 @@ struct Roles {
 
 impl Drop for Roles {
     fn drop(&mut self) {
-        let (owner, worker) = (self.owner.clone(), self.worker.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(c) = Database::connect(postgres_admin_url().as_str()).await {
-                    let _ = c
-                        .execute_unprepared(&format!(
-                            "DROP ROLE IF EXISTS {worker}; DROP ROLE IF EXISTS {owner}"
-                        ))
-                        .await;
-                    let _ = c.close().await;
-                }
-            });
-        })
-        .join();
+        admin_cleanup(format!(
+            "DROP ROLE IF EXISTS {}; DROP ROLE IF EXISTS {}",
+            self.worker, self.owner
+        ));
     }
 }
 
@@ -207,7 +183,7 @@ async fn the_order_example_and_the_cli_run_as_restricted_users() {
     );
 
     // The order example's demo as the worker, on Redis and PostgreSQL.
-    let binary = example_binary("order_processing");
+    let binary = build_example("order_processing", &[]);
     let env = |redis: &str, database: &str| {
         vec![
             ("REDSTREAM__REDIS__URL", redis.to_owned()),

@@ -8,7 +8,7 @@ use redis::AsyncCommands;
 use redstream::Error;
 use redstream::prelude::*;
 
-use crate::support::{RedisServer, TestContext, eventually};
+use crate::support::{TestContext, eventually, publish_all};
 
 fn payload(i: usize) -> Event {
     Event::new("tick", &serde_json::json!({ "n": i })).unwrap()
@@ -61,12 +61,7 @@ async fn max_len_trims_the_stream_approximately() {
         .await
         .unwrap();
     let events = (0..3_000).map(payload).collect();
-    let results = processor
-        .producer()
-        .publish_batch(&stream, events)
-        .await
-        .unwrap();
-    assert!(results.iter().all(Result::is_ok));
+    publish_all(&processor.producer(), &stream, events).await;
     let len = ctx.xlen(&stream).await;
     assert!((100..=300).contains(&len), "XLEN {len} after MAXLEN ~ 100");
     processor.shutdown().await.unwrap();
@@ -97,8 +92,7 @@ async fn oversized_payloads_are_refused_with_the_limit() {
 /// never grows past its bound and nothing is dropped.
 #[actix_rt::test]
 async fn a_full_buffer_makes_publishers_wait() {
-    let server = RedisServer::start();
-    let Some(ctx) = TestContext::with_url(&server.url()) else {
+    let Some((server, ctx)) = TestContext::on_own_server() else {
         return;
     };
     let stream = ctx.stream("slow");
@@ -144,8 +138,7 @@ async fn a_full_buffer_makes_publishers_wait() {
 /// the caller; after Redis is back, publishing works again.
 #[actix_rt::test]
 async fn a_failed_publish_is_retried_then_reported() {
-    let mut server = RedisServer::start();
-    let Some(ctx) = TestContext::with_url(&server.url()) else {
+    let Some((mut server, ctx)) = TestContext::on_own_server() else {
         return;
     };
     let stream = ctx.stream("down");

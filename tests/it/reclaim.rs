@@ -10,7 +10,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use redstream::prelude::*;
 
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, publish_one, read_group, select_n, start_group};
 
 async fn create_group(ctx: &TestContext, stream: &str) {
     ctx.create_group(stream, "g").await;
@@ -18,23 +18,7 @@ async fn create_group(ctx: &TestContext, stream: &str) {
 
 /// Reads `count` new entries as `consumer` and never acks them.
 async fn read_as(ctx: &TestContext, stream: &str, consumer: &str, count: usize) -> Vec<String> {
-    let mut c = ctx.conn().await;
-    let reply: redis::streams::StreamReadReply = c
-        .xread_options(
-            &[stream],
-            &[">"],
-            &redis::streams::StreamReadOptions::default()
-                .group("g", consumer)
-                .count(count),
-        )
-        .await
-        .unwrap();
-    reply
-        .keys
-        .into_iter()
-        .flat_map(|k| k.ids)
-        .map(|id| id.id)
-        .collect()
+    read_group(&mut ctx.conn().await, stream, "g", consumer, count).await
 }
 
 fn counting_handler(
@@ -93,11 +77,11 @@ async fn a_dead_members_entries_are_taken_over_across_a_large_pending_list() {
     settings.reclaim.heartbeat_ms = 300;
     settings.reclaim.count = 5;
     settings.reclaim.interval_ms = 100;
-    let processor = Processor::builder(settings)
-        .group(Group::new(&stream, "g", counting_handler(&counts)).with_members(2))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings,
+        Group::new(&stream, "g", counting_handler(&counts)).with_members(2),
+    )
+    .await;
     eventually(
         Duration::from_secs(30),
         "all 300 taken over and handled",
@@ -142,11 +126,11 @@ async fn entries_trimmed_while_pending_are_dead_lettered() {
     let mut settings = settings;
     settings.reclaim.min_idle_ms = 1_000;
     settings.reclaim.heartbeat_ms = 300;
-    let processor = Processor::builder(settings)
-        .group(Group::new(&stream, "g", counting_handler(&counts)))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings,
+        Group::new(&stream, "g", counting_handler(&counts)),
+    )
+    .await;
     let dlq = redstream::dead_letter_stream(&stream);
     eventually(
         Duration::from_secs(15),
@@ -154,10 +138,8 @@ async fn entries_trimmed_while_pending_are_dead_lettered() {
         || async { counts.lock().unwrap().len() == 4 && ctx.xlen(&dlq).await == 2 },
     )
     .await;
-    eventually(Duration::from_secs(5), "nothing pending", || async {
-        ctx.pending(&stream, "g").await == 0
-    })
-    .await;
+    ctx.eventually_nothing_pending(&stream, "g", Duration::from_secs(5))
+        .await;
     let letters = ctx.entries(&dlq).await;
     let mut origins = Vec::new();
     for (_, fields) in &letters {
@@ -207,28 +189,16 @@ async fn a_long_handler_keeps_its_entry() {
     settings.reclaim.min_idle_ms = 1_000;
     settings.reclaim.heartbeat_ms = 300;
     settings.reclaim.interval_ms = 100;
-    let processor = Processor::builder(settings)
-        .group(Group::new(&stream, "g", handler).with_members(2))
-        .start()
-        .await
-        .unwrap();
-    processor
-        .producer()
-        .publish(&stream, Event::new("slow", &serde_json::json!({})).unwrap())
-        .await
-        .unwrap();
+    let processor = start_group(settings, Group::new(&stream, "g", handler).with_members(2)).await;
+    publish_one(
+        &processor,
+        &stream,
+        Event::new("slow", &serde_json::json!({})).unwrap(),
+    )
+    .await;
     // Mid-run, Redis still counts one delivery.
     tokio::time::sleep(Duration::from_millis(2_000)).await;
-    let mut c = ctx.conn().await;
-    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&stream)
-        .arg("g")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let rows = ctx.pending_entries(&stream, "g", 10).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].3, 1, "delivered once: {rows:?}");
     assert!(
@@ -266,16 +236,13 @@ async fn an_owner_that_lost_its_entry_does_not_commit() {
     let mut settings = ctx.settings();
     settings.reclaim.min_idle_ms = 60_000;
     settings.reclaim.heartbeat_ms = 200;
-    let processor = Processor::builder(settings)
-        .group(Group::new(&stream, "g", handler))
-        .start()
-        .await
-        .unwrap();
-    let published = processor
-        .producer()
-        .publish(&stream, Event::new("x", &serde_json::json!({})).unwrap())
-        .await
-        .unwrap();
+    let processor = start_group(settings, Group::new(&stream, "g", handler)).await;
+    let published = publish_one(
+        &processor,
+        &stream,
+        Event::new("x", &serde_json::json!({})).unwrap(),
+    )
+    .await;
     eventually(Duration::from_secs(5), "delivered", || async {
         ctx.pending(&stream, "g").await == 1
     })
@@ -299,15 +266,7 @@ async fn an_owner_that_lost_its_entry_does_not_commit() {
         "the lost handler never committed"
     );
     // Still pending, and still the other member's: nothing acked it.
-    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&stream)
-        .arg("g")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let rows = ctx.pending_entries(&stream, "g", 10).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(
         rows[0].1, "other-process-0",
@@ -375,11 +334,7 @@ async fn an_exactly_once_batch_drops_an_entry_it_lost() {
     let mut settings = ctx.settings();
     settings.reclaim.min_idle_ms = 60_000;
     settings.reclaim.heartbeat_ms = 200;
-    let processor = Processor::builder(settings)
-        .group(Group::transactional(&stream, "g", &store, Slow))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(settings, Group::transactional(&stream, "g", &store, Slow)).await;
     eventually(Duration::from_secs(5), "the batch is running", || async {
         ctx.pending(&stream, "g").await == 3
     })
@@ -400,15 +355,7 @@ async fn an_exactly_once_batch_drops_an_entry_it_lost() {
         || async { ctx.pending(&stream, "g").await == 1 && store.stats().committed == 2 },
     )
     .await;
-    let rows = store
-        .connection()
-        .query_all_raw(sea_orm::Statement::from_string(
-            store.backend(),
-            "SELECT n FROM effects ORDER BY n",
-        ))
-        .await
-        .unwrap();
-    let ns: Vec<i64> = rows.iter().map(|r| r.try_get("", "n").unwrap()).collect();
+    let ns = select_n(&store, "SELECT n FROM effects ORDER BY n").await;
     assert_eq!(ns, [1, 2], "the lost entry's write was rolled back");
     assert!(!store.is_processed("g", "e0").await.unwrap());
     processor.shutdown().await.unwrap();

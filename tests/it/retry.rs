@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use redstream::prelude::*;
 
 use crate::support::redis_server::Stop;
-use crate::support::{RedisServer, TestContext, eventually};
+use crate::support::{TestContext, eventually, numbered, publish_one, start_group};
 
 /// When each attempt of each event ran.
 type Attempts = Arc<Mutex<HashMap<u64, Vec<(u32, Instant)>>>>;
@@ -20,10 +20,6 @@ fn record(attempts: &Attempts, n: u64, attempt: u32) {
         .entry(n)
         .or_default()
         .push((attempt, Instant::now()));
-}
-
-fn numbered(n: u64) -> Event {
-    Event::new("n", &serde_json::json!({ "n": n })).unwrap()
 }
 
 fn field(fields: &[(String, String)], name: &str) -> Option<String> {
@@ -55,16 +51,12 @@ async fn retries_back_off_and_end_in_a_dead_letter_with_every_field() {
         .with_initial_delay(Duration::from_millis(100))
         .with_factor(2.0)
         .with_jitter(0.0);
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", handler).with_retry(policy))
-        .start()
-        .await
-        .unwrap();
-    let published = processor
-        .producer()
-        .publish(&stream, numbered(1))
-        .await
-        .unwrap();
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "g", handler).with_retry(policy),
+    )
+    .await;
+    let published = publish_one(&processor, &stream, numbered(1)).await;
     let dlq = redstream::dead_letter_stream(&stream);
     eventually(Duration::from_secs(10), "dead-lettered", || async {
         ctx.xlen(&dlq).await == 1 && ctx.pending(&stream, "g").await == 0
@@ -139,21 +131,13 @@ async fn a_handler_can_choose_the_delay_and_the_dead_letter_reason() {
         }
     });
     let policy = RetryPolicy::default().with_initial_delay(Duration::from_millis(10));
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", handler).with_retry(policy))
-        .start()
-        .await
-        .unwrap();
-    processor
-        .producer()
-        .publish(&stream, numbered(1))
-        .await
-        .unwrap();
-    processor
-        .producer()
-        .publish(&stream, numbered(2))
-        .await
-        .unwrap();
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "g", handler).with_retry(policy),
+    )
+    .await;
+    publish_one(&processor, &stream, numbered(1)).await;
+    publish_one(&processor, &stream, numbered(2)).await;
     eventually(Duration::from_secs(10), "both settled", || async {
         attempts
             .lock()
@@ -208,16 +192,12 @@ async fn attempts_and_waiting_retries_survive_a_process_restart() {
         .with_initial_delay(Duration::from_millis(100))
         .with_factor(15.0)
         .with_jitter(0.0);
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", fails_twice(&attempts)).with_retry(policy.clone()))
-        .start()
-        .await
-        .unwrap();
-    processor
-        .producer()
-        .publish(&stream, numbered(1))
-        .await
-        .unwrap();
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "g", fails_twice(&attempts)).with_retry(policy.clone()),
+    )
+    .await;
+    publish_one(&processor, &stream, numbered(1)).await;
     eventually(Duration::from_secs(10), "two attempts failed", || async {
         attempts
             .lock()
@@ -231,11 +211,11 @@ async fn attempts_and_waiting_retries_survive_a_process_restart() {
     processor.shutdown().await.unwrap();
     assert_eq!(ctx.pending(&stream, "g").await, 1, "waiting, not lost");
 
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", fails_twice(&attempts)).with_retry(policy))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "g", fails_twice(&attempts)).with_retry(policy),
+    )
+    .await;
     eventually(Duration::from_secs(10), "the third attempt", || async {
         attempts.lock().unwrap()[&1].len() == 3 && ctx.pending(&stream, "g").await == 0
     })
@@ -254,8 +234,7 @@ async fn attempts_and_waiting_retries_survive_a_process_restart() {
 /// `always`) while the entry waits: the count does not reset.
 #[actix_rt::test]
 async fn attempts_survive_a_redis_restart_with_aof() {
-    let mut server = RedisServer::start();
-    let Some(ctx) = TestContext::with_url(&server.url()) else {
+    let Some((mut server, ctx)) = TestContext::on_own_server() else {
         return;
     };
     let stream = ctx.stream("aof");
@@ -267,16 +246,12 @@ async fn attempts_survive_a_redis_restart_with_aof() {
     let mut settings = ctx.settings();
     settings.redis.command_timeout_ms = 500;
     settings.redis.connect_timeout_ms = 300;
-    let processor = Processor::builder(settings)
-        .group(Group::new(&stream, "g", fails_twice(&attempts)).with_retry(policy))
-        .start()
-        .await
-        .unwrap();
-    processor
-        .producer()
-        .publish(&stream, numbered(1))
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings,
+        Group::new(&stream, "g", fails_twice(&attempts)).with_retry(policy),
+    )
+    .await;
+    publish_one(&processor, &stream, numbered(1)).await;
     eventually(Duration::from_secs(10), "two attempts failed", || async {
         attempts
             .lock()
@@ -326,11 +301,7 @@ async fn schema_versions_are_upcast_or_dead_lettered() {
         v["amount_cents"] = serde_json::json!((euros * 100.0).round() as i64);
         Ok::<_, redstream::BoxError>(v)
     }));
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", handler))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(ctx.settings(), Group::new(&stream, "g", handler)).await;
     let producer = processor.producer();
     let old = Event::new("payment", &serde_json::json!({"amount": 2.5}))
         .unwrap()

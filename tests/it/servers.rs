@@ -27,70 +27,13 @@ fn acks(receipts: &[Receipt]) -> Acks<'_> {
     }
 }
 
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, read_group};
 
 async fn broker(ctx: &TestContext, newer: bool) -> RedisBroker {
     RedisBroker::connect(&ctx.settings().redis, "servers-test")
         .await
         .unwrap()
         .with_newer_commands(newer)
-}
-
-async fn xadd(c: &mut redis::aio::MultiplexedConnection, stream: &str) -> String {
-    redis::cmd("XADD")
-        .arg(stream)
-        .arg("*")
-        .arg("f")
-        .arg("v")
-        .query_async(c)
-        .await
-        .unwrap()
-}
-
-async fn create_group(c: &mut redis::aio::MultiplexedConnection, stream: &str, group: &str) {
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(c)
-        .await
-        .unwrap();
-}
-
-/// Reads `count` new entries as one consumer; returns their ids.
-async fn read(
-    c: &mut redis::aio::MultiplexedConnection,
-    stream: &str,
-    group: &str,
-    count: usize,
-) -> Vec<String> {
-    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg("c1")
-        .arg("COUNT")
-        .arg(count)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(c)
-        .await
-        .unwrap();
-    reply
-        .keys
-        .iter()
-        .flat_map(|k| k.ids.iter().map(|i| i.id.clone()))
-        .collect()
-}
-
-async fn ids(ctx: &TestContext, stream: &str) -> Vec<String> {
-    ctx.entries(stream)
-        .await
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect()
 }
 
 /// The report names the server and its newer commands, found by asking for
@@ -149,14 +92,9 @@ async fn ack_and_delete_is_the_same_both_ways() {
         let b = broker(&ctx, newer).await;
         let stream = ctx.stream(&format!("ackdel-{newer}"));
         let mut c = ctx.conn().await;
-        create_group(&mut c, &stream, "a").await;
-        create_group(&mut c, &stream, "b").await;
-        let mut all = Vec::new();
-        for _ in 0..6 {
-            all.push(xadd(&mut c, &stream).await);
-        }
-        assert_eq!(read(&mut c, &stream, "a", 6).await, all);
-        assert_eq!(read(&mut c, &stream, "b", 3).await, all[..3]); // b: 4th.. unread
+        let all = ctx.stream_with_groups(&stream, &["a", "b"], 6).await;
+        assert_eq!(read_group(&mut c, &stream, "a", "c1", 6).await, all);
+        assert_eq!(read_group(&mut c, &stream, "b", "c1", 3).await, all[..3]); // b: 4th.. unread
         // b acks and deletes 1st, 2nd: a still has them pending, so kept.
         let n = b
             .ack_and_delete(
@@ -166,7 +104,7 @@ async fn ack_and_delete_is_the_same_both_ways() {
             .await
             .unwrap();
         assert_eq!(n, 2);
-        assert_eq!(ids(&ctx, &stream).await, all, "a still needs them");
+        assert_eq!(ctx.entry_ids(&stream).await, all, "a still needs them");
         // a acks 1st, 2nd, 5th, and an id it never had: 1st and 2nd go (b
         // acked them), the 5th stays (b has not read it).
         let never = format!("{}-0", u64::MAX / 2);
@@ -179,7 +117,7 @@ async fn ack_and_delete_is_the_same_both_ways() {
             .await
             .unwrap();
         assert_eq!(n, 3);
-        assert_eq!(ids(&ctx, &stream).await, all[2..]);
+        assert_eq!(ctx.entry_ids(&stream).await, all[2..]);
         // b acks its 3rd; a still has it pending.
         assert_eq!(
             b.ack_and_delete(
@@ -190,10 +128,10 @@ async fn ack_and_delete_is_the_same_both_ways() {
             .unwrap(),
             1
         );
-        assert_eq!(ids(&ctx, &stream).await, all[2..]);
+        assert_eq!(ctx.entry_ids(&stream).await, all[2..]);
         assert_eq!(ctx.pending(&stream, "a").await, 3);
         assert_eq!(ctx.pending(&stream, "b").await, 0);
-        results.push(ids(&ctx, &stream).await.len());
+        results.push(ctx.entry_ids(&stream).await.len());
     }
     assert_eq!(results[0], results[1]);
 }
@@ -286,28 +224,24 @@ async fn trim_acked_below_is_the_same_both_ways() {
         let b = broker(&ctx, newer).await;
         let stream = ctx.stream(&format!("trim-{newer}"));
         let mut c = ctx.conn().await;
-        for g in ["fast", "slow", "behind"] {
-            create_group(&mut c, &stream, g).await;
-        }
-        let mut all = Vec::new();
-        for _ in 0..10 {
-            all.push(xadd(&mut c, &stream).await);
-        }
-        let fast = read(&mut c, &stream, "fast", 10).await;
+        let all = ctx
+            .stream_with_groups(&stream, &["fast", "slow", "behind"], 10)
+            .await;
+        let fast = read_group(&mut c, &stream, "fast", "c1", 10).await;
         b.ack(
             &GroupRef::new(stream.as_str(), "fast"),
             acks(&receipts(&stream, &fast)),
         )
         .await
         .unwrap();
-        let slow = read(&mut c, &stream, "slow", 10).await;
+        let slow = read_group(&mut c, &stream, "slow", "c1", 10).await;
         b.ack(
             &GroupRef::new(stream.as_str(), "slow"),
             acks(&receipts(&stream, &slow[..6])),
         )
         .await
         .unwrap(); // 7th.. pending
-        let behind = read(&mut c, &stream, "behind", 3).await;
+        let behind = read_group(&mut c, &stream, "behind", "c1", 3).await;
         b.ack(
             &GroupRef::new(stream.as_str(), "behind"),
             acks(&receipts(&stream, &behind)),
@@ -319,9 +253,9 @@ async fn trim_acked_below_is_the_same_both_ways() {
         let min = plan.min_id.clone().expect("a plan");
         assert_eq!(plan.removable, 3);
         assert_eq!(b.trim_acked_below(&stream, &min).await.unwrap(), 3);
-        assert_eq!(ids(&ctx, &stream).await, all[3..]);
+        assert_eq!(ctx.entry_ids(&stream).await, all[3..]);
 
-        let more = read(&mut c, &stream, "behind", 5).await; // through the 8th
+        let more = read_group(&mut c, &stream, "behind", "c1", 5).await; // through the 8th
         b.ack(
             &GroupRef::new(stream.as_str(), "behind"),
             acks(&receipts(&stream, &more)),
@@ -333,7 +267,7 @@ async fn trim_acked_below_is_the_same_both_ways() {
         assert_eq!(min, all[6], "the slow group's oldest pending");
         assert_eq!(plan.removable, 3);
         assert_eq!(b.trim_acked_below(&stream, &min).await.unwrap(), 3);
-        assert_eq!(ids(&ctx, &stream).await, all[6..]);
+        assert_eq!(ctx.entry_ids(&stream).await, all[6..]);
         assert_eq!(ctx.pending(&stream, "slow").await, 4);
         assert_eq!(b.trim_acked_below(&stream, &min).await.unwrap(), 0);
         outcomes.push(ctx.xlen(&stream).await);

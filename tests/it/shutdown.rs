@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redstream::prelude::*;
 
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, numbered, publish_all, start_group};
 
 type Done = Arc<Mutex<HashMap<u64, u32>>>;
 
@@ -27,29 +27,13 @@ fn slow_handler(done: &Done, work: Duration) -> impl Handler<Event = serde_json:
 }
 
 async fn publish_numbers(processor: &Processor, stream: &str, n: u64) {
-    let events = (0..n)
-        .map(|i| Event::new("n", &serde_json::json!({ "n": i })).unwrap())
-        .collect();
-    let results = processor
-        .producer()
-        .publish_batch(stream, events)
-        .await
-        .unwrap();
-    assert!(results.iter().all(Result::is_ok));
+    let events = (0..n).map(numbered).collect();
+    publish_all(&processor.producer(), stream, events).await;
 }
 
 /// The `n` of every entry pending in group `g`.
 async fn pending_event_numbers(ctx: &TestContext, stream: &str) -> Vec<u64> {
-    let mut c = ctx.conn().await;
-    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(stream)
-        .arg("g")
-        .arg("-")
-        .arg("+")
-        .arg(1000)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let rows = ctx.pending_entries(stream, "g", 1000).await;
     let all = ctx.entries(stream).await;
     rows.iter()
         .map(|(id, ..)| {
@@ -88,18 +72,16 @@ async fn shutdown_finishes_running_work_and_acks_only_what_was_handled() {
     let stream = ctx.stream("drain");
     let done: Done = Arc::default();
     let settings = ctx.settings();
-    let processor = Processor::builder(settings.clone())
-        .group(
-            Group::new(
-                &stream,
-                "g",
-                slow_handler(&done, Duration::from_millis(150)),
-            )
-            .with_in_flight(4),
+    let processor = start_group(
+        settings.clone(),
+        Group::new(
+            &stream,
+            "g",
+            slow_handler(&done, Duration::from_millis(150)),
         )
-        .start()
-        .await
-        .unwrap();
+        .with_in_flight(4),
+    )
+    .await;
     publish_numbers(&processor, &stream, 40).await;
     eventually(Duration::from_secs(5), "some handled", || async {
         !done.lock().unwrap().is_empty()
@@ -125,25 +107,19 @@ async fn shutdown_finishes_running_work_and_acks_only_what_was_handled() {
         "acked = handled"
     );
 
-    let processor = Processor::builder(settings)
-        .group(Group::new(
-            &stream,
-            "g",
-            slow_handler(&done, Duration::ZERO),
-        ))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings,
+        Group::new(&stream, "g", slow_handler(&done, Duration::ZERO)),
+    )
+    .await;
     eventually(
         Duration::from_secs(10),
         "the rest handled after restart",
         || async { done.lock().unwrap().len() == 40 },
     )
     .await;
-    eventually(Duration::from_secs(5), "nothing pending", || async {
-        ctx.pending(&stream, "g").await == 0
-    })
-    .await;
+    ctx.eventually_nothing_pending(&stream, "g", Duration::from_secs(5))
+        .await;
     let counts = done.lock().unwrap().clone();
     assert!(
         counts.values().all(|c| *c == 1),
@@ -165,14 +141,11 @@ async fn work_unfinished_at_the_deadline_is_released_not_acked() {
     settings.shutdown.deadline_ms = 300;
     settings.reclaim.min_idle_ms = 60_000;
     settings.reclaim.heartbeat_ms = 20_000;
-    let processor = Processor::builder(settings.clone())
-        .group(
-            Group::new(&stream, "g", slow_handler(&done, Duration::from_secs(30)))
-                .with_in_flight(3),
-        )
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings.clone(),
+        Group::new(&stream, "g", slow_handler(&done, Duration::from_secs(30))).with_in_flight(3),
+    )
+    .await;
     publish_numbers(&processor, &stream, 3).await;
     eventually(
         Duration::from_secs(5),
@@ -189,31 +162,18 @@ async fn work_unfinished_at_the_deadline_is_released_not_acked() {
         "nothing unhandled was acked"
     );
     // Released: idle at least min_idle, so any member may take them now.
-    let mut c = ctx.conn().await;
-    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&stream)
-        .arg("g")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let rows = ctx.pending_entries(&stream, "g", 10).await;
     assert!(
         rows.iter().all(|(_, _, idle, _)| *idle >= 60_000),
         "{rows:?}"
     );
     // Another process picks them up at once, not after min_idle.
     settings.instance.name = format!("{}-other", settings.instance.name);
-    let processor = Processor::builder(settings)
-        .group(Group::new(
-            &stream,
-            "g",
-            slow_handler(&done, Duration::ZERO),
-        ))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        settings,
+        Group::new(&stream, "g", slow_handler(&done, Duration::ZERO)),
+    )
+    .await;
     eventually(
         Duration::from_secs(5),
         "released entries handled elsewhere",

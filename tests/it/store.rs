@@ -10,7 +10,10 @@ use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
 
 use crate::support::db::{Backend, TestDb};
-use crate::support::{TestContext, eventually};
+use crate::support::{
+    TestContext, eventually, numbered, on_both_databases, publish_all, publish_one, select_n,
+    start_group,
+};
 
 /// A deliberately non-idempotent effect: one row per execution, no unique
 /// key. Exactly-once shows as one row per event.
@@ -115,18 +118,9 @@ async fn effects(store: &Store) -> Vec<(i64, i64)> {
         .collect()
 }
 
-fn numbered(n: u64) -> Event {
-    Event::new("n", &serde_json::json!({ "n": n })).unwrap()
-}
-
 async fn publish_numbers(processor: &Processor, stream: &str, range: std::ops::Range<u64>) {
     let events = range.map(numbered).collect();
-    let results = processor
-        .producer()
-        .publish_batch(stream, events)
-        .await
-        .unwrap();
-    assert!(results.iter().all(Result::is_ok));
+    publish_all(&processor.producer(), stream, events).await;
 }
 
 /// Creates group `g` at the start of `stream` and publishes `range` before
@@ -145,11 +139,11 @@ async fn exactly_one_effect_under_redelivery(db: TestDb) {
     let stream = ctx.stream("ledger");
     let store = db.store().await;
     create_effects_table(&store).await;
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::transactional(&stream, "ledger", &store, Effects::plain()).with_members(2))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        ctx.settings(),
+        Group::transactional(&stream, "ledger", &store, Effects::plain()).with_members(2),
+    )
+    .await;
     publish_numbers(&processor, &stream, 0..200).await;
     eventually(Duration::from_secs(20), "200 effects", || async {
         effects(&store).await.len() == 200
@@ -207,17 +201,11 @@ async fn find_event_id(ctx: &TestContext, stream: &str, n: u64) -> String {
     panic!("event {n} not found");
 }
 
-#[actix_rt::test]
-async fn exactly_one_effect_under_redelivery_sqlite() {
-    exactly_one_effect_under_redelivery(TestDb::sqlite()).await;
-}
-
-#[actix_rt::test]
-async fn exactly_one_effect_under_redelivery_postgres() {
-    if let Some(db) = TestDb::postgres().await {
-        exactly_one_effect_under_redelivery(db).await;
-    }
-}
+on_both_databases!(
+    exactly_one_effect_under_redelivery_sqlite,
+    exactly_one_effect_under_redelivery_postgres,
+    exactly_one_effect_under_redelivery
+);
 
 #[actix_rt::test]
 async fn duplicate_publishes_of_one_event_have_one_effect() {
@@ -228,11 +216,11 @@ async fn duplicate_publishes_of_one_event_have_one_effect() {
         let stream = ctx.stream("dups");
         let store = db.store().await;
         create_effects_table(&store).await;
-        let processor = Processor::builder(ctx.settings())
-            .group(Group::transactional(&stream, "g", &store, Effects::plain()))
-            .start()
-            .await
-            .unwrap();
+        let processor = start_group(
+            ctx.settings(),
+            Group::transactional(&stream, "g", &store, Effects::plain()),
+        )
+        .await;
         for _ in 0..3 {
             let event = numbered(7).with_id("fixed-event-id");
             processor.producer().publish(&stream, event).await.unwrap();
@@ -265,11 +253,11 @@ async fn a_failing_entry_does_not_undo_its_batch_mates() {
             ..Effects::plain()
         };
         publish_before_start(&ctx, &stream, 0..20).await;
-        let processor = Processor::builder(ctx.settings())
-            .group(Group::transactional(&stream, "g", &store, handler))
-            .start()
-            .await
-            .unwrap();
+        let processor = start_group(
+            ctx.settings(),
+            Group::transactional(&stream, "g", &store, handler),
+        )
+        .await;
         eventually(Duration::from_secs(15), "all 20 effected", || async {
             effects(&store).await.len() == 20 && ctx.pending(&stream, "g").await == 0
         })
@@ -311,17 +299,15 @@ async fn an_entry_slower_than_the_batch_timeout_fails_alone() {
             ..Effects::plain()
         };
         publish_before_start(&ctx, &stream, 0..10).await;
-        let processor = Processor::builder(ctx.settings())
-            .group(
-                Group::transactional(&stream, "g", &store, handler).with_retry(
-                    RetryPolicy::default()
-                        .with_max_attempts(2)
-                        .with_initial_delay(Duration::from_millis(50)),
-                ),
-            )
-            .start()
-            .await
-            .unwrap();
+        let processor = start_group(
+            ctx.settings(),
+            Group::transactional(&stream, "g", &store, handler).with_retry(
+                RetryPolicy::default()
+                    .with_max_attempts(2)
+                    .with_initial_delay(Duration::from_millis(50)),
+            ),
+        )
+        .await;
         let dlq = redstream::dead_letter_stream(&stream);
         eventually(
             Duration::from_secs(20),
@@ -361,11 +347,11 @@ async fn a_database_outage_is_retried_without_using_attempts() {
             work: Duration::from_millis(200),
             ..Effects::plain()
         };
-        let processor = Processor::builder(ctx.settings())
-            .group(Group::transactional(&stream, "g", &store, handler))
-            .start()
-            .await
-            .unwrap();
+        let processor = start_group(
+            ctx.settings(),
+            Group::transactional(&stream, "g", &store, handler),
+        )
+        .await;
         // SQLite: another writer holds the database for 1.5 s from before
         // the events arrive, so their first batch surely finds it busy.
         let other_writer = match db.backend {
@@ -637,17 +623,15 @@ async fn a_commit_refused_because_of_one_entry_does_not_block_the_batch() {
         store.connection().execute_unprepared(sql).await.unwrap();
     }
     publish_before_start(&ctx, &stream, 0..10).await;
-    let processor = Processor::builder(ctx.settings())
-        .group(
-            Group::transactional(&stream, "g", &store, Children).with_retry(
-                RetryPolicy::default()
-                    .with_max_attempts(2)
-                    .with_initial_delay(Duration::from_millis(50)),
-            ),
-        )
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        ctx.settings(),
+        Group::transactional(&stream, "g", &store, Children).with_retry(
+            RetryPolicy::default()
+                .with_max_attempts(2)
+                .with_initial_delay(Duration::from_millis(50)),
+        ),
+    )
+    .await;
     let dlq = redstream::dead_letter_stream(&stream);
     eventually(
         Duration::from_secs(15),
@@ -655,15 +639,7 @@ async fn a_commit_refused_because_of_one_entry_does_not_block_the_batch() {
         || async { ctx.xlen(&dlq).await == 1 && ctx.pending(&stream, "g").await == 0 },
     )
     .await;
-    let rows = store
-        .connection()
-        .query_all_raw(sea_orm::Statement::from_string(
-            store.backend(),
-            "SELECT n FROM children ORDER BY n",
-        ))
-        .await
-        .unwrap();
-    let ns: Vec<i64> = rows.iter().map(|r| r.try_get("", "n").unwrap()).collect();
+    let ns = select_n(&store, "SELECT n FROM children ORDER BY n").await;
     assert_eq!(ns, [0, 1, 2, 3, 4, 6, 7, 8, 9]);
     let letters = ctx.entries(&dlq).await;
     let get = |k: &str| letters[0].1.iter().find(|(n, _)| n == k).unwrap().1.clone();
@@ -722,16 +698,12 @@ async fn a_crash_between_commit_and_ack_gives_no_second_effect() {
         let mut settings = ctx.settings();
         settings.redis.command_timeout_ms = 500;
         settings.shutdown.deadline_ms = 300;
-        let processor = Processor::builder(settings.clone())
-            .group(Group::transactional(&stream, "g", &store, gate))
-            .start()
-            .await
-            .unwrap();
-        processor
-            .producer()
-            .publish(&stream, numbered(1))
-            .await
-            .unwrap();
+        let processor = start_group(
+            settings.clone(),
+            Group::transactional(&stream, "g", &store, gate),
+        )
+        .await;
+        publish_one(&processor, &stream, numbered(1)).await;
         at_gate.recv().await.unwrap();
         // Writes stall from now on: the XACK after the commit will hang.
         server.cmd(&["CLIENT", "PAUSE", "20000", "WRITE"]);
@@ -760,11 +732,11 @@ async fn a_crash_between_commit_and_ack_gives_no_second_effect() {
         // only serves to end the stuck XACK, and on a loaded machine it can
         // fail start-up's own commands.
         settings.redis.command_timeout_ms = Settings::default().redis.command_timeout_ms;
-        let processor = Processor::builder(settings)
-            .group(Group::transactional(&stream, "g", &store, Effects::plain()))
-            .start()
-            .await
-            .unwrap();
+        let processor = start_group(
+            settings,
+            Group::transactional(&stream, "g", &store, Effects::plain()),
+        )
+        .await;
         eventually(
             Duration::from_secs(15),
             "redelivered and absorbed",

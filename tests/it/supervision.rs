@@ -8,14 +8,12 @@ use std::time::Duration;
 
 use redstream::prelude::*;
 
-use crate::support::{RedisServer, TestContext, eventually};
+use crate::support::{
+    TestContext, eventually, eventually_all_alive, numbered, publish_one, start_group,
+};
 
 /// Counts deliveries per event number, by attempt.
 type Tally = Arc<Mutex<HashMap<u64, Vec<(u32, String)>>>>;
-
-fn numbered(i: u64) -> Event {
-    Event::new("n", &serde_json::json!({ "n": i })).unwrap()
-}
 
 #[actix_rt::test]
 async fn a_handler_panic_restarts_its_consumer_and_the_entry_is_handled_later() {
@@ -40,17 +38,13 @@ async fn a_handler_panic_restarts_its_consumer_and_the_entry_is_handled_later() 
             Ok(Outcome::Ack)
         }
     });
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", handler).with_members(2))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "g", handler).with_members(2),
+    )
+    .await;
     for i in 0..40 {
-        processor
-            .producer()
-            .publish(&stream, numbered(i))
-            .await
-            .unwrap();
+        publish_one(&processor, &stream, numbered(i)).await;
     }
     eventually(
         Duration::from_secs(15),
@@ -61,10 +55,8 @@ async fn a_handler_panic_restarts_its_consumer_and_the_entry_is_handled_later() 
         },
     )
     .await;
-    eventually(Duration::from_secs(5), "nothing pending", || async {
-        ctx.pending(&stream, "g").await == 0
-    })
-    .await;
+    ctx.eventually_nothing_pending(&stream, "g", Duration::from_secs(5))
+        .await;
     // The member that ran the panicking handler is restarted (once its
     // other handlers finished); its sibling is not.
     let seven = tally.lock().unwrap()[&7].clone();
@@ -101,18 +93,7 @@ async fn a_handler_panic_restarts_its_consumer_and_the_entry_is_handled_later() 
             .unwrap()
             .contains("poisoned by event 7")
     );
-    eventually(
-        Duration::from_secs(5),
-        "restarted consumer alive",
-        || async {
-            processor
-                .group_status(&stream, "g")
-                .await
-                .unwrap()
-                .all_alive()
-        },
-    )
-    .await;
+    eventually_all_alive(&processor, &stream, "g", "restarted consumer alive").await;
     // Every event other than 7 ran exactly once: nothing was re-run because
     // of the crash of a batch-mate.
     for (n, deliveries) in tally.lock().unwrap().iter() {
@@ -128,8 +109,7 @@ async fn a_handler_panic_restarts_its_consumer_and_the_entry_is_handled_later() 
 /// re-read what they had pending, and nothing is lost.
 #[actix_rt::test]
 async fn killed_connections_are_rebuilt_and_nothing_is_lost() {
-    let server = RedisServer::start();
-    let Some(ctx) = TestContext::with_url(&server.url()) else {
+    let Some((server, ctx)) = TestContext::on_own_server() else {
         return;
     };
     let stream = ctx.stream("killed");
@@ -148,11 +128,11 @@ async fn killed_connections_are_rebuilt_and_nothing_is_lost() {
             Ok(Outcome::Ack)
         }
     });
-    let processor = Processor::builder(ctx.settings())
-        .group(Group::new(&stream, "g", handler).with_members(3))
-        .start()
-        .await
-        .unwrap();
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(&stream, "g", handler).with_members(3),
+    )
+    .await;
     let producer = processor.producer();
     let mut published = 0u64;
     for round in 0..5 {
@@ -178,27 +158,14 @@ async fn killed_connections_are_rebuilt_and_nothing_is_lost() {
         || async { tally.lock().unwrap().len() as u64 == published },
     )
     .await;
-    eventually(Duration::from_secs(10), "nothing pending", || async {
-        ctx.pending(&stream, "g").await == 0
-    })
-    .await;
+    ctx.eventually_nothing_pending(&stream, "g", Duration::from_secs(10))
+        .await;
     let status = processor.group_status(&stream, "g").await.unwrap();
     assert!(
         status.restarts() >= 1,
         "the kills restarted consumers: {status:?}"
     );
-    eventually(
-        Duration::from_secs(5),
-        "all consumers alive again",
-        || async {
-            processor
-                .group_status(&stream, "g")
-                .await
-                .unwrap()
-                .all_alive()
-        },
-    )
-    .await;
+    eventually_all_alive(&processor, &stream, "g", "all consumers alive again").await;
     processor.shutdown().await.unwrap();
 }
 

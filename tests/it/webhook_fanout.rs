@@ -19,10 +19,11 @@ use redstream::{RedisBroker, dead_letter_stream};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
 
 use crate::support::db::TestDb;
-use crate::support::{TestContext, eventually};
+use crate::support::{TestContext, eventually, publish_all, publish_one, read_group, xadd};
 
-#[path = "../../examples/webhook_fanout/webhooks.rs"]
-#[allow(dead_code)]
+#[path = "../../examples/webhook_fanout/webhooks/mod.rs"]
+// The tests use part of the example's module, not every re-export.
+#[allow(dead_code, unused_imports)]
 mod webhooks;
 
 #[path = "../../examples/webhook_fanout/receivers.rs"]
@@ -180,13 +181,13 @@ fn field(fields: &[(String, String)], name: &str) -> String {
 #[test]
 fn retry_after_reads_seconds_and_http_dates() {
     assert_eq!(
-        webhooks::parse_retry_after(" 7 "),
+        webhooks::delivery::parse_retry_after(" 7 "),
         Some(Duration::from_secs(7))
     );
     let later = SystemTime::now() + Duration::from_secs(120);
-    let parsed = webhooks::parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+    let parsed = webhooks::delivery::parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
     assert!(parsed > Duration::from_secs(110) && parsed <= Duration::from_secs(120));
-    assert_eq!(webhooks::parse_retry_after("soon"), None);
+    assert_eq!(webhooks::delivery::parse_retry_after("soon"), None);
 }
 
 /// The three groups on `orders` each get every event: every event reaches
@@ -211,14 +212,7 @@ async fn each_of_the_three_groups_gets_every_event() {
                 .with_id(format!("x-{i}")),
             );
         }
-        for r in processor
-            .producer()
-            .publish_batch(&w.source, events)
-            .await
-            .unwrap()
-        {
-            r.unwrap();
-        }
+        publish(&processor, &w.source, events).await;
         eventually(WAIT, "every group handled every event", || async {
             distinct_ids(&receiver.received()).len() == 35
                 && notifications(&store).await == 30
@@ -284,14 +278,7 @@ async fn a_stalled_group_does_not_delay_the_others() {
     groups.extend(w.delivery_groups(&store).unwrap());
     let processor = start(&ctx, &store, groups).await;
     let events: Vec<Event> = (0..20).map(order).collect();
-    for r in processor
-        .producer()
-        .publish_batch(&w.source, events)
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
+    publish(&processor, &w.source, events).await;
     eventually(
         WAIT,
         "webhooks and notifications done while analytics is stuck",
@@ -326,14 +313,7 @@ async fn deliveries_are_signed_and_carry_their_headers() {
     let db = TestDb::sqlite();
     let (_store, w, processor) = deploy(&ctx, &db, vec![ep], policy(3)).await;
     let events: Vec<Event> = (0..3).map(order).collect();
-    for r in processor
-        .producer()
-        .publish_batch(&w.source, events)
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
+    publish(&processor, &w.source, events).await;
     eventually(WAIT, "three deliveries", || async {
         receiver.received().len() == 3
     })
@@ -392,11 +372,7 @@ async fn transient_failures_are_retried_until_delivered() {
     let db = TestDb::sqlite();
     let endpoints = vec![endpoint("flaky", &receiver.url, &["*"], 300)];
     let (store, w, processor) = deploy(&ctx, &db, endpoints, policy(5)).await;
-    processor
-        .producer()
-        .publish(&w.source, order(1))
-        .await
-        .unwrap();
+    publish_one(&processor, &w.source, order(1)).await;
     eventually(WAIT, "delivered", || async {
         attempts(&store, "flaky")
             .await
@@ -458,11 +434,7 @@ async fn a_client_error_is_dead_lettered_at_once() {
         policy(5),
     )
     .await;
-    processor
-        .producer()
-        .publish(&w.source, order(7))
-        .await
-        .unwrap();
+    publish_one(&processor, &w.source, order(7)).await;
     let dlq = dead_letter_stream(&delivery_stream(&w.source, "gone"));
     eventually(WAIT, "dead-lettered", || async {
         ctx.xlen(&dlq).await == 1
@@ -502,11 +474,7 @@ async fn exhausted_retries_are_dead_lettered() {
         policy(3),
     )
     .await;
-    processor
-        .producer()
-        .publish(&w.source, order(2))
-        .await
-        .unwrap();
+    publish_one(&processor, &w.source, order(2)).await;
     let dlq = dead_letter_stream(&delivery_stream(&w.source, "broken"));
     eventually(WAIT, "dead-lettered", || async {
         ctx.xlen(&dlq).await == 1
@@ -567,14 +535,7 @@ async fn a_failing_endpoint_does_not_stall_a_healthy_one() {
     groups.extend(w.delivery_groups(&store).unwrap());
     let processor = start(&ctx, &store, groups).await;
     let events: Vec<Event> = (0..30).map(order).collect();
-    for r in processor
-        .producer()
-        .publish_batch(&w.source, events)
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
+    publish(&processor, &w.source, events).await;
     eventually(
         Duration::from_secs(10),
         "the healthy endpoint got all 30",
@@ -628,14 +589,7 @@ async fn analytics_and_notifications_are_exactly_once_under_redelivery() {
         events.push(order(2));
         // The same order in a new event: counted as an event, notified once.
         events.push(order(3).with_id("e-3-again"));
-        for r in processor
-            .producer()
-            .publish_batch(&w.source, events)
-            .await
-            .unwrap()
-        {
-            r.unwrap();
-        }
+        publish(&processor, &w.source, events).await;
         let settled = || async {
             ctx.pending(&w.source, ANALYTICS_GROUP).await == 0
                 && ctx.pending(&w.source, NOTIFICATION_GROUP).await == 0
@@ -681,29 +635,6 @@ async fn analytics_and_notifications_are_exactly_once_under_redelivery() {
     }
 }
 
-async fn xadd(c: &mut redis::aio::MultiplexedConnection, stream: &str, id: &str) -> String {
-    redis::cmd("XADD")
-        .arg(stream)
-        .arg(id)
-        .arg("f")
-        .arg("v")
-        .query_async(c)
-        .await
-        .unwrap()
-}
-
-async fn create_group(c: &mut redis::aio::MultiplexedConnection, stream: &str, group: &str) {
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(c)
-        .await
-        .unwrap();
-}
-
 /// Reads `count` new entries as `consumer` and acks the first `ack` of them.
 async fn read_and_ack(
     c: &mut redis::aio::MultiplexedConnection,
@@ -712,22 +643,9 @@ async fn read_and_ack(
     count: usize,
     ack: usize,
 ) {
-    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg("c1")
-        .arg("COUNT")
-        .arg(count)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(c)
+    let ids: Vec<String> = read_group(c, stream, group, "c1", count)
         .await
-        .unwrap();
-    let ids: Vec<String> = reply
-        .keys
-        .iter()
-        .flat_map(|k| k.ids.iter().map(|i| i.id.clone()))
+        .into_iter()
         .take(ack)
         .collect();
     if !ids.is_empty() {
@@ -754,14 +672,6 @@ async fn old_and_new(c: &mut redis::aio::MultiplexedConnection, stream: &str) ->
     new
 }
 
-async fn ids(ctx: &TestContext, stream: &str) -> Vec<String> {
-    ctx.entries(stream)
-        .await
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect()
-}
-
 /// Trimming keeps every entry some group has not acked: pending entries of
 /// a slow group and entries a lagging group has not read yet.
 #[actix_rt::test]
@@ -774,13 +684,9 @@ async fn fan_out_trim_never_removes_what_a_group_still_needs() {
         .unwrap();
     let stream = ctx.stream("fanout");
     let mut c = ctx.conn().await;
-    for g in ["fast", "slow", "behind"] {
-        create_group(&mut c, &stream, g).await;
-    }
-    let mut all = Vec::new();
-    for _ in 0..10 {
-        all.push(xadd(&mut c, &stream, "*").await);
-    }
+    let all = ctx
+        .stream_with_groups(&stream, &["fast", "slow", "behind"], 10)
+        .await;
     read_and_ack(&mut c, &stream, "fast", 10, 10).await;
     read_and_ack(&mut c, &stream, "slow", 10, 6).await; // 7th..10th pending
     read_and_ack(&mut c, &stream, "behind", 3, 3).await; // 4th.. not read yet
@@ -792,7 +698,7 @@ async fn fan_out_trim_never_removes_what_a_group_still_needs() {
     assert_eq!(report.removed, 3);
     assert!(report.overridden.is_empty());
     assert_eq!(
-        ids(&ctx, &stream).await,
+        ctx.entry_ids(&stream).await,
         all[3..],
         "what `behind` has not read is kept"
     );
@@ -801,7 +707,7 @@ async fn fan_out_trim_never_removes_what_a_group_still_needs() {
     let report = trim_once(&admin, &stream, policy).await.unwrap();
     assert_eq!(report.removed, 3);
     assert_eq!(
-        ids(&ctx, &stream).await,
+        ctx.entry_ids(&stream).await,
         all[6..],
         "the slow group's pending entries are kept"
     );
@@ -828,22 +734,22 @@ async fn a_dead_group_is_overridden_by_the_age_ceiling_a_live_one_is_not() {
     let mut c = ctx.conn().await;
 
     let dead = ctx.stream("dead");
-    create_group(&mut c, &dead, "live").await;
-    create_group(&mut c, &dead, "gone").await; // never read: no consumer
+    ctx.create_group(&dead, "live").await;
+    ctx.create_group(&dead, "gone").await; // never read: no consumer
     let new = old_and_new(&mut c, &dead).await;
     read_and_ack(&mut c, &dead, "live", 13, 13).await;
     let report = trim_once(&admin, &dead, policy).await.unwrap();
     assert_eq!(report.overridden, ["gone"]);
     assert_eq!(report.removed, 10);
     assert_eq!(
-        ids(&ctx, &dead).await,
+        ctx.entry_ids(&dead).await,
         new,
         "entries younger than max_age are kept"
     );
 
     let slow = ctx.stream("slow");
-    create_group(&mut c, &slow, "live").await;
-    create_group(&mut c, &slow, "slowpoke").await;
+    ctx.create_group(&slow, "live").await;
+    ctx.create_group(&slow, "slowpoke").await;
     old_and_new(&mut c, &slow).await;
     read_and_ack(&mut c, &slow, "live", 13, 13).await;
     read_and_ack(&mut c, &slow, "slowpoke", 1, 0).await; // seen now, holds 1-0
@@ -926,9 +832,7 @@ fn cancellation(i: usize) -> Event {
 }
 
 async fn publish(p: &Processor, stream: &str, events: Vec<Event>) {
-    for r in p.producer().publish_batch(stream, events).await.unwrap() {
-        r.unwrap();
-    }
+    publish_all(&p.producer(), stream, events).await;
 }
 
 fn sorted_ids(received: &[Received]) -> Vec<String> {
@@ -1245,7 +1149,9 @@ async fn invalid_endpoint_rows_are_reported_and_skipped() {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("event type"), "{err}");
-        let (rows, _) = webhooks::load_endpoints(store.connection()).await.unwrap();
+        let (rows, _) = webhooks::registry::load_endpoints(store.connection())
+            .await
+            .unwrap();
         assert!(rows.iter().all(|e| e.name != "typo" && e.name != "none"));
         watcher.stop().await;
         processor.shutdown().await.unwrap();

@@ -121,24 +121,28 @@ impl Drop for TestDb {
         let Some(name) = self.pg_name.take() else {
             return;
         };
-        let admin = postgres_admin_url();
-        // Drop runs outside any runtime we may block: use a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(conn) = sea_orm::Database::connect(admin.as_str()).await {
-                    let _ = conn
-                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                    let _ = conn.close().await;
-                }
-            });
-        })
-        .join();
+        admin_cleanup(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
     }
+}
+
+/// Runs `sql` as the PostgreSQL admin and waits for it, on a thread and a
+/// runtime of its own: a `Drop` may run inside a runtime it must not
+/// block. Errors are ignored (a cleanup).
+pub fn admin_cleanup(sql: String) {
+    let admin = postgres_admin_url();
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            if let Ok(conn) = sea_orm::Database::connect(admin.as_str()).await {
+                let _ = conn.execute_unprepared(&sql).await;
+                let _ = conn.close().await;
+            }
+        });
+    })
+    .join();
 }

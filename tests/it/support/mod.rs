@@ -4,13 +4,15 @@
 #![allow(dead_code)]
 
 pub mod db;
+pub mod examples;
 pub mod redis_server;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
-use redstream::Settings;
+use redstream::{Event, Group, Processor, Producer, Published, Settings, Store};
+use sea_orm::ConnectionTrait;
 
 pub use redis_server::RedisServer;
 
@@ -24,12 +26,19 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// Installs a test log subscriber once (RUST_LOG to see it).
+/// Installs a test log subscriber once (RUST_LOG to see it; `warn` when
+/// it is not set).
 pub fn init_tracing() {
+    init_tracing_at("warn");
+}
+
+/// Installs a test log subscriber once, filtering with RUST_LOG, or with
+/// `default` when it is not set.
+pub fn init_tracing_at(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_test_writer()
         .try_init();
@@ -99,6 +108,14 @@ impl TestContext {
         s
     }
 
+    /// A test-owned Redis ([`RedisServer::start`]) and a context on it, for
+    /// tests that hurt the server; `None` as for [`with_url`](Self::with_url).
+    pub fn on_own_server() -> Option<(RedisServer, TestContext)> {
+        let server = RedisServer::start();
+        let ctx = TestContext::with_url(&server.url())?;
+        Some((server, ctx))
+    }
+
     /// A plain redis-rs connection, for checking and for writing entries the
     /// way other clients do.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
@@ -111,30 +128,38 @@ impl TestContext {
     /// Creates `group` on `stream` (and the stream) from its first entry,
     /// as another client would: `XGROUP CREATE … 0 MKSTREAM`.
     pub async fn create_group(&self, stream: &str, group: &str) {
-        let mut c = self.conn().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(stream)
-            .arg(group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        self.xgroup(&["CREATE", stream, group, "0", "MKSTREAM"])
+            .await;
     }
 
     /// Moves `group`'s last-delivered id back to the start (`XGROUP SETID
     /// … 0`): every entry is delivered to it again.
     pub async fn replay_group(&self, stream: &str, group: &str) {
+        self.xgroup(&["SETID", stream, group, "0"]).await;
+    }
+
+    /// `XGROUP <args>`, which must succeed.
+    async fn xgroup(&self, args: &[&str]) {
         let mut c = self.conn().await;
         let _: () = redis::cmd("XGROUP")
-            .arg("SETID")
-            .arg(stream)
-            .arg(group)
-            .arg("0")
+            .arg(args)
             .query_async(&mut c)
             .await
             .unwrap();
+    }
+
+    /// Creates `groups` on `stream` from its start, then adds `n` `f v`
+    /// entries as another client would; returns their ids.
+    pub async fn stream_with_groups(&self, stream: &str, groups: &[&str], n: usize) -> Vec<String> {
+        for g in groups {
+            self.create_group(stream, g).await;
+        }
+        let mut c = self.conn().await;
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(xadd(&mut c, stream, "*").await);
+        }
+        ids
     }
 
     /// XPENDING count of a group.
@@ -155,10 +180,48 @@ impl TestContext {
         }
     }
 
+    /// `XPENDING <stream> <group> - + <count>`: (id, consumer, ms idle,
+    /// deliveries) of each pending entry.
+    pub async fn pending_entries(
+        &self,
+        stream: &str,
+        group: &str,
+        count: usize,
+    ) -> Vec<(String, String, u64, u64)> {
+        let mut c = self.conn().await;
+        redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(count)
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+
+    /// Waits up to `timeout` until `group` has nothing pending; panics
+    /// after that.
+    pub async fn eventually_nothing_pending(&self, stream: &str, group: &str, timeout: Duration) {
+        eventually(timeout, "nothing pending", || async {
+            self.pending(stream, group).await == 0
+        })
+        .await;
+    }
+
     /// XLEN of a stream.
     pub async fn xlen(&self, stream: &str) -> u64 {
         let mut c = self.conn().await;
         c.xlen(stream).await.expect("XLEN")
+    }
+
+    /// The ids of every entry of a stream, oldest first.
+    pub async fn entry_ids(&self, stream: &str) -> Vec<String> {
+        self.entries(stream)
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
     }
 
     /// All entries of a stream as (id, fields as lossy strings, sorted).
@@ -224,6 +287,134 @@ impl Drop for TestContext {
         }
     }
 }
+
+/// Adds one `f v` entry to `stream` with `id` (`*` for a new one), as
+/// another client would; returns its id.
+pub async fn xadd(c: &mut redis::aio::MultiplexedConnection, stream: &str, id: &str) -> String {
+    redis::cmd("XADD")
+        .arg(stream)
+        .arg(id)
+        .arg("f")
+        .arg("v")
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
+/// Starts a processor with `settings` and this one group.
+pub async fn start_group(settings: Settings, group: Group) -> Processor {
+    Processor::builder(settings)
+        .group(group)
+        .start()
+        .await
+        .expect("start the processor")
+}
+
+/// The event `n` with data `{"n": n}`.
+pub fn numbered(n: impl serde::Serialize) -> Event {
+    Event::new("n", &serde_json::json!({ "n": n })).unwrap()
+}
+
+/// The column `n` of every row `sql` selects, in order.
+pub async fn select_n(store: &Store, sql: &str) -> Vec<i64> {
+    let rows = store
+        .connection()
+        .query_all_raw(sea_orm::Statement::from_string(
+            store.backend(),
+            sql.to_owned(),
+        ))
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.try_get("", "n").unwrap()).collect()
+}
+
+/// Reads up to `count` new entries of `stream` for `group` as `consumer`
+/// (`XREADGROUP … >`), as another client would; returns their ids.
+pub async fn read_group(
+    c: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) -> Vec<String> {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(c)
+        .await
+        .unwrap();
+    reply
+        .keys
+        .iter()
+        .flat_map(|k| k.ids.iter().map(|i| i.id.clone()))
+        .collect()
+}
+
+/// Publishes one event to `stream`, which must succeed.
+pub async fn publish_one(processor: &Processor, stream: &str, event: Event) -> Published {
+    processor.producer().publish(stream, event).await.unwrap()
+}
+
+/// Waits up to 5 s until every member of `group` on `stream` runs;
+/// panics with `what` after that.
+pub async fn eventually_all_alive(processor: &Processor, stream: &str, group: &str, what: &str) {
+    eventually(Duration::from_secs(5), what, || async {
+        processor
+            .group_status(stream, group)
+            .await
+            .unwrap()
+            .all_alive()
+    })
+    .await;
+}
+
+/// The one row `sql` selects.
+pub async fn select_row(store: &Store, sql: &str) -> sea_orm::QueryResult {
+    store
+        .connection()
+        .query_one_raw(sea_orm::Statement::from_string(
+            store.backend(),
+            sql.to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Publishes `events` to `stream` in one batch and asserts that every one
+/// of them was published.
+pub async fn publish_all(producer: &Producer, stream: &str, events: Vec<Event>) {
+    let results = producer.publish_batch(stream, events).await.unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert!(r.is_ok(), "publish {i} to {stream}: {r:?}");
+    }
+}
+
+/// One test per database for a scenario `async fn(TestDb)`: `$sqlite` on
+/// a fresh SQLite file, `$postgres` on a fresh PostgreSQL database
+/// (skipped with a message when PostgreSQL does not answer outside CI).
+macro_rules! on_both_databases {
+    ($sqlite:ident, $postgres:ident, $scenario:ident) => {
+        #[actix_rt::test]
+        async fn $sqlite() {
+            $scenario($crate::support::db::TestDb::sqlite()).await;
+        }
+
+        #[actix_rt::test]
+        async fn $postgres() {
+            if let Some(db) = $crate::support::db::TestDb::postgres().await {
+                $scenario(db).await;
+            }
+        }
+    };
+}
+pub(crate) use on_both_databases;
 
 /// Waits until `check` returns true, polling every 20 ms; panics with
 /// `what` after `timeout`.

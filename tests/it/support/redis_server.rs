@@ -197,16 +197,22 @@ impl RedisServer {
 
     /// Runs a command on the server (faults: CLIENT KILL, DEBUG, CONFIG…).
     pub fn cmd(&self, args: &[&str]) -> redis::Value {
-        let client = redis::Client::open(self.url()).expect("url");
-        let mut c = client
-            .get_connection_with_timeout(Duration::from_secs(2))
-            .expect("connect to test redis");
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut c).expect("command on test redis")
+        run_command(&self.url(), args).expect("command on test redis")
     }
+}
+
+/// Runs one command (`args[0]` and its arguments) on a connection of its
+/// own to `url`, which must connect within 2 s; the command's reply.
+pub fn run_command(url: &str, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(url).expect("url");
+    let mut c = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut c)
 }
 
 impl Drop for RedisServer {
