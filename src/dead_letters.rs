@@ -14,7 +14,9 @@ use serde::Serialize;
 
 use crate::broker::{Admin, PublishItem, Streams};
 use crate::error::Result;
-use crate::wire::{OutgoingEntry, RawEntry, dead_letter_field as f, dead_letter_stream, field};
+use crate::wire::{
+    DeadLetterReason, OutgoingEntry, RawEntry, dead_letter_field as f, dead_letter_stream, field,
+};
 
 /// A dead letter read back from `<stream>:dlq`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -34,6 +36,9 @@ pub struct DeadLetterEntry {
     pub failed_at_ms: u64,
     /// The last error, if an attempt failed.
     pub error: Option<String>,
+    /// How many times the entry had been redriven before this letter was
+    /// written (its `redrives` field; 0 for a first failure).
+    pub redrives: u32,
     /// Original fields left out of the letter (past
     /// [`MAX_FIELDS`](crate::wire::MAX_FIELDS)); such a letter is not
     /// redriven.
@@ -69,6 +74,7 @@ impl DeadLetterEntry {
             attempts: 0,
             failed_at_ms: 0,
             error: None,
+            redrives: 0,
             omitted_fields: 0,
             original: Vec::new(),
         };
@@ -97,10 +103,17 @@ impl DeadLetterEntry {
                 }
             }
         }
+        letter.redrives = letter
+            .original
+            .iter()
+            .find(|(name, _)| name.as_slice() == field::REDRIVES.as_bytes())
+            .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse().ok())
+            .unwrap_or(0);
         (!letter.origin_id.is_empty()).then_some(letter)
     }
 
-    /// The original entry, ready to publish again, or why it cannot be.
+    /// The original entry, ready to publish again (its `redrives` field one
+    /// higher), or why it cannot be.
     pub fn original_entry(&self) -> std::result::Result<OutgoingEntry, String> {
         if self.original.is_empty() {
             return Err("its payload was trimmed away; nothing to redrive".to_owned());
@@ -119,8 +132,15 @@ impl DeadLetterEntry {
             if name == field::ID {
                 event_id = Some(String::from_utf8_lossy(value).into_owned());
             }
+            if name == field::REDRIVES {
+                continue;
+            }
             fields.push((std::borrow::Cow::Owned(name.to_owned()), value.clone()));
         }
+        fields.push((
+            std::borrow::Cow::Borrowed(field::REDRIVES),
+            (self.redrives + 1).to_string().into_bytes(),
+        ));
         Ok(OutgoingEntry {
             event_id: event_id.unwrap_or_default(),
             fields,
@@ -130,11 +150,75 @@ impl DeadLetterEntry {
 
 /// Which dead letters to redrive.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Selection {
     /// Every dead letter of the stream.
     All,
     /// These dead-letter ids.
     Ids(Vec<String>),
+    /// Every dead letter whose reason has this code (`rejected`,
+    /// `max_attempts_exceeded`, `bad_json`, …; see
+    /// [`DeadLetterReason::code_of`](crate::DeadLetterReason::code_of)).
+    Reason(String),
+}
+
+/// The dead letters a [`Selection`] names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Selected {
+    /// The letters found, oldest first.
+    pub letters: Vec<DeadLetterEntry>,
+    /// Ids asked for that are not in the dead-letter stream.
+    pub not_found: Vec<String>,
+}
+
+/// Every dead letter of `stream`, oldest first, read a page at a time.
+pub async fn all_letters<B>(broker: &B, stream: &str) -> Result<Vec<DeadLetterEntry>>
+where
+    B: Admin + ?Sized,
+{
+    let dlq = dead_letter_stream(stream);
+    let mut all = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let page = broker.range(&dlq, &start, "+", PAGE).await?;
+        let full = page.len() == PAGE;
+        if let Some(last) = page.last() {
+            start = format!("({}", last.id);
+        }
+        all.extend(page.into_iter().filter_map(DeadLetterEntry::parse));
+        if !full {
+            return Ok(all);
+        }
+    }
+}
+
+/// The dead letters of `stream` that `selection` names (what a redrive
+/// would take: a dry run shows these).
+pub async fn select<B>(broker: &B, stream: &str, selection: &Selection) -> Result<Selected>
+where
+    B: Admin + ?Sized,
+{
+    let mut selected = Selected::default();
+    match selection {
+        Selection::All => selected.letters = all_letters(broker, stream).await?,
+        Selection::Reason(code) => {
+            selected.letters = all_letters(broker, stream).await?;
+            selected
+                .letters
+                .retain(|l| DeadLetterReason::code_of(&l.reason) == code);
+        }
+        Selection::Ids(ids) => {
+            let dlq = dead_letter_stream(stream);
+            for id in ids {
+                match broker.range(&dlq, id, id, 1).await?.pop() {
+                    Some(raw) => selected.letters.extend(DeadLetterEntry::parse(raw)),
+                    None => selected.not_found.push(id.clone()),
+                }
+            }
+        }
+    }
+    Ok(selected)
 }
 
 /// What a redrive did.
@@ -164,34 +248,10 @@ where
     B: Streams + Admin + ?Sized,
 {
     let dlq = dead_letter_stream(stream);
-    let mut report = RedriveReport::default();
-    let letters: Vec<DeadLetterEntry> = match selection {
-        Selection::All => {
-            let mut all = Vec::new();
-            let mut start = "-".to_owned();
-            loop {
-                let page = broker.range(&dlq, &start, "+", PAGE).await?;
-                let full = page.len() == PAGE;
-                if let Some(last) = page.last() {
-                    start = format!("({}", last.id);
-                }
-                all.extend(page.into_iter().filter_map(DeadLetterEntry::parse));
-                if !full {
-                    break;
-                }
-            }
-            all
-        }
-        Selection::Ids(ids) => {
-            let mut found = Vec::new();
-            for id in ids {
-                match broker.range(&dlq, id, id, 1).await?.pop() {
-                    Some(raw) => found.extend(DeadLetterEntry::parse(raw)),
-                    None => report.not_found.push(id.clone()),
-                }
-            }
-            found
-        }
+    let Selected { letters, not_found } = select(broker, stream, selection).await?;
+    let mut report = RedriveReport {
+        not_found,
+        ..RedriveReport::default()
     };
     let total = letters.len() as u64;
     let stream: Arc<str> = Arc::from(stream);
@@ -268,5 +328,33 @@ mod tests {
         );
         let entry = back.original_entry().expect("redrivable");
         assert_eq!(entry.event_id, "E1");
+        assert_eq!(back.redrives, 0, "never redriven");
+        let redrives = |fields: &[(std::borrow::Cow<'static, str>, Vec<u8>)]| {
+            fields
+                .iter()
+                .filter(|(n, _)| n == "redrives")
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(redrives(&entry.fields), ["1"], "a redrive counts itself");
+
+        // Dead-lettered again after two redrives: the letter says so, and
+        // the next redrive writes one field with the next count.
+        let mut again = original.clone();
+        again.push((b"redrives".to_vec(), b"2".to_vec()));
+        let raw = RawEntry {
+            id: "10-0".into(),
+            fields: Some(dead_letter_fields(
+                &DeadLetter {
+                    fields: again,
+                    ..letter
+                },
+                "g",
+            )),
+        };
+        let back = DeadLetterEntry::parse(raw).expect("a dead letter");
+        assert_eq!(back.redrives, 2);
+        let entry = back.original_entry().expect("redrivable");
+        assert_eq!(redrives(&entry.fields), ["3"]);
     }
 }

@@ -18,7 +18,8 @@
 //! | `redstream_group_lag` | gauge | stream, group | entries not yet delivered to the group (XINFO GROUPS) |
 //! | `redstream_group_pending` | gauge | stream, group | entries delivered and not acked |
 //! | `redstream_group_waiting_retry` | gauge | stream, group | of those, entries waiting for a retry |
-//! | `redstream_group_oldest_pending_seconds` | gauge | stream, group | age of the oldest pending entry |
+//! | `redstream_group_longest_pending_seconds` | gauge | stream, group | the longest time an entry has been pending (since delivery or last claim, retries waiting left out): high when entries are stuck, not during a backlog |
+//! | `redstream_group_queue_latency_seconds` | gauge | stream, group | age of the oldest entry not yet delivered: grows during a backlog |
 //! | `redstream_dead_letters` | gauge | stream, group | length of `<stream>:dlq` |
 //! | `redstream_reclaimed_total` | counter | stream, group | entries taken over from stopped members |
 //! | `redstream_consumer_restarts_total` | counter | stream, group | consumer restarts |
@@ -55,8 +56,10 @@ pub mod names {
     pub const GROUP_PENDING: &str = "redstream_group_pending";
     /// Pending entries waiting for a retry.
     pub const GROUP_WAITING_RETRY: &str = "redstream_group_waiting_retry";
-    /// Age of the oldest pending entry.
-    pub const GROUP_OLDEST_PENDING_SECONDS: &str = "redstream_group_oldest_pending_seconds";
+    /// The longest time an entry has been pending.
+    pub const GROUP_LONGEST_PENDING_SECONDS: &str = "redstream_group_longest_pending_seconds";
+    /// Age of the oldest entry not yet delivered.
+    pub const GROUP_QUEUE_LATENCY_SECONDS: &str = "redstream_group_queue_latency_seconds";
     /// Length of the dead-letter stream.
     pub const DEAD_LETTERS: &str = "redstream_dead_letters";
     /// Entries taken over from stopped members.
@@ -105,9 +108,14 @@ pub fn describe() {
     describe_gauge!(GROUP_PENDING, "Entries delivered and not acked");
     describe_gauge!(GROUP_WAITING_RETRY, "Pending entries waiting for a retry");
     describe_gauge!(
-        GROUP_OLDEST_PENDING_SECONDS,
+        GROUP_LONGEST_PENDING_SECONDS,
         Unit::Seconds,
-        "Age of the oldest pending entry"
+        "The longest time an entry has been pending (since delivery or last claim)"
+    );
+    describe_gauge!(
+        GROUP_QUEUE_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest entry not yet delivered to the group"
     );
     describe_gauge!(DEAD_LETTERS, "Length of the dead-letter stream");
     describe_counter!(RECLAIMED, "Entries taken over from stopped members");
@@ -176,7 +184,8 @@ pub(crate) struct GroupMetrics {
     pub(crate) lag: Gauge,
     pub(crate) pending: Gauge,
     pub(crate) waiting_retry: Gauge,
-    pub(crate) oldest_pending_seconds: Gauge,
+    pub(crate) longest_pending_seconds: Gauge,
+    pub(crate) queue_latency_seconds: Gauge,
     pub(crate) dead_letters: Gauge,
     pub(crate) reclaimed: Counter,
     pub(crate) restarts: Counter,
@@ -198,7 +207,8 @@ impl GroupMetrics {
             lag: gauge!(GROUP_LAG, &l()),
             pending: gauge!(GROUP_PENDING, &l()),
             waiting_retry: gauge!(GROUP_WAITING_RETRY, &l()),
-            oldest_pending_seconds: gauge!(GROUP_OLDEST_PENDING_SECONDS, &l()),
+            longest_pending_seconds: gauge!(GROUP_LONGEST_PENDING_SECONDS, &l()),
+            queue_latency_seconds: gauge!(GROUP_QUEUE_LATENCY_SECONDS, &l()),
             dead_letters: gauge!(DEAD_LETTERS, &l()),
             reclaimed: counter!(RECLAIMED, &l()),
             restarts: counter!(CONSUMER_RESTARTS, &l()),

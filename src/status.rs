@@ -33,8 +33,14 @@ pub struct GroupStatus {
     pub lag: Option<u64>,
     /// Length of the dead-letter stream, at the last check.
     pub dead_letters: Option<u64>,
-    /// Age of the oldest pending entry in milliseconds, at the last check.
-    pub oldest_pending_ms: Option<u64>,
+    /// The longest time an entry has been pending (since its delivery or
+    /// last claim; entries waiting for a retry left out), in ms, at the last
+    /// check: what stays high when entries are stuck, and not during a
+    /// mere backlog.
+    pub longest_pending_ms: Option<u64>,
+    /// The age of the oldest entry not yet delivered to the group (queue
+    /// latency), in ms, at the last check: what grows during a backlog.
+    pub queue_latency_ms: Option<u64>,
 }
 
 impl GroupStatus {

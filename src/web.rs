@@ -206,7 +206,7 @@ const STATUS_PAGE: &str = r##"<!doctype html>
 <div class="meta" id="meta"></div>
 <ul class="warnings" id="warnings"></ul>
 <table id="groups">
-  <thead><tr><th>stream</th><th>group</th><th>lag</th><th>pending</th><th>waiting retry</th><th>oldest pending</th><th>acked/s</th><th>acked</th><th>retried</th><th>dead letters</th><th>consumers (restarts)</th></tr></thead>
+  <thead><tr><th>stream</th><th>group</th><th>lag</th><th>pending</th><th>waiting retry</th><th>longest pending</th><th>queue latency</th><th>acked/s</th><th>acked</th><th>retried</th><th>dead letters</th><th>consumers (restarts)</th></tr></thead>
   <tbody></tbody>
 </table>
 <table id="checks"><thead><tr><th>check</th><th>state</th><th>detail</th></tr></thead><tbody></tbody></table>
@@ -245,7 +245,7 @@ function render(data, at) {
     members.className = "members";
     members.replaceChildren(...g.members.map(m => text("span", m.name + " (" + m.restarts + ")", m.alive ? "" : "down")));
     tr.replaceChildren(text("td", g.stream), text("td", g.group + (g.failed ? " (failed)" : g.paused ? " (paused)" : ""), g.failed ? "bad" : ""),
-      text("td", g.lag), text("td", g.pending), text("td", g.waiting_retry), text("td", age(g.oldest_pending_ms)),
+      text("td", g.lag), text("td", g.pending), text("td", g.waiting_retry), text("td", age(g.longest_pending_ms)), text("td", age(g.queue_latency_ms)),
       text("td", rate), text("td", g.acked), text("td", g.retried),
       text("td", g.dead_letters, g.dead_letters > 0 ? "warn" : ""), members);
     return tr;

@@ -32,8 +32,13 @@ pub struct StreamInfo {
 pub struct GroupInfo {
     /// The group name.
     pub name: String,
-    /// Consumers (member names) it knows.
+    /// Consumers (member names) Redis knows, stale ones included: a name
+    /// stays until the janitor removes it. See `live_members`.
     pub consumers: u64,
+    /// Of those, members whose name a running process leases now.
+    pub live_members: u64,
+    /// The running processes holding those leases.
+    pub live_processes: u64,
     /// Entries delivered and not acked.
     pub pending: u64,
     /// Of those, entries waiting for a retry.
@@ -44,6 +49,20 @@ pub struct GroupInfo {
     pub lag: Option<u64>,
     /// The oldest pending entry.
     pub oldest_pending_id: Option<String>,
+    /// The longest time an entry has been pending, in ms (since delivery or
+    /// last claim, entries waiting for a retry left out): high when entries
+    /// are stuck, not during a backlog.
+    pub longest_pending_ms: Option<u64>,
+    /// The age of the oldest entry not yet delivered, in ms (queue latency).
+    pub queue_latency_ms: Option<u64>,
+}
+
+impl GroupInfo {
+    /// Whether the group has work (entries pending or not yet delivered)
+    /// and no running process serves it.
+    pub fn unattended(&self) -> bool {
+        self.live_members == 0 && (self.pending > 0 || self.lag.is_some_and(|l| l > 0))
+    }
 }
 
 /// A consumer (member name) of a group.
@@ -56,6 +75,16 @@ pub struct ConsumerInfo {
     pub pending: u64,
     /// Milliseconds since it was last seen.
     pub idle_ms: u64,
+    /// The process that leases its name now (its lease token: a process id
+    /// and where it runs), `None` when no running process does.
+    pub held_by: Option<String>,
+}
+
+impl ConsumerInfo {
+    /// Whether a running process leases this name.
+    pub fn live(&self) -> bool {
+        self.held_by.is_some()
+    }
 }
 
 /// One pending entry.
@@ -68,8 +97,19 @@ pub struct PendingEntry {
     pub consumer: String,
     /// Milliseconds since it was delivered or last claimed.
     pub idle_ms: u64,
-    /// Redis's delivery counter (not the attempt count, see the semantics).
+    /// Redis's delivery counter (not the attempt count, see the semantics:
+    /// it also counts claims and reads that failed nothing).
     pub deliveries: u64,
+    /// Failed attempts redstream recorded (0 while none failed).
+    pub attempts: u32,
+    /// When its retry is due, ms since the Unix epoch by the broker's clock;
+    /// `None` when it is not waiting for a retry.
+    pub retry_at_ms: Option<u64>,
+    /// The event's `type` field; `None` when absent, or when its payload
+    /// is gone from the stream.
+    pub event_type: Option<String>,
+    /// The error of its last failed attempt.
+    pub last_error: Option<String>,
 }
 
 /// What a fan-out-safe trim would remove.
@@ -101,13 +141,23 @@ pub trait Admin: Send + Sync {
     /// The consumers of a group.
     async fn consumers(&self, stream: &str, group: &str) -> Result<Vec<ConsumerInfo>>;
 
-    /// Pending entries of a group (of one consumer, if given), oldest first.
+    /// Pending entries of a group (of one consumer, if given), oldest first,
+    /// with redstream's attempts, retry time, event type and last error.
     async fn pending_entries(
         &self,
         stream: &str,
         group: &str,
         count: usize,
         consumer: Option<&str>,
+    ) -> Result<Vec<PendingEntry>>;
+
+    /// Entries waiting for a retry, soonest due first, at most `count`,
+    /// with the same details as [`Admin::pending_entries`].
+    async fn waiting_retries(
+        &self,
+        stream: &str,
+        group: &str,
+        count: usize,
     ) -> Result<Vec<PendingEntry>>;
 
     /// Entries from `start` to `end` (`-` and `+` for the ends), at most

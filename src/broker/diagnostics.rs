@@ -19,9 +19,16 @@ pub struct PendingSummary {
     pub waiting_retry: u64,
     /// Oldest pending id.
     pub oldest_id: Option<String>,
-    /// Age of the oldest pending entry, by the broker's clock (its id is
-    /// the broker's time when it was added).
-    pub oldest_age: Option<Duration>,
+    /// The longest time an entry has been pending: since its delivery (or
+    /// last claim), not since it was published, so a backlog alone does not
+    /// raise it. Entries waiting for a retry are left out (their wait is
+    /// scheduled); see [`PENDING_SAMPLE`] for which entries are looked at.
+    /// `None` when nothing counts.
+    pub longest_pending: Option<Duration>,
+    /// The age of the oldest entry not yet delivered to the group (queue
+    /// latency: how long the next entry has waited), by the broker's clock.
+    /// `None` when everything was delivered.
+    pub queue_latency: Option<Duration>,
     /// Pending count per member.
     pub per_member: Vec<(String, u64)>,
     /// Entries not yet delivered to the group, when the server can tell
@@ -30,6 +37,12 @@ pub struct PendingSummary {
     /// Length of the dead-letter stream.
     pub dead_letters: u64,
 }
+
+/// How many of a group's oldest pending entries (by id) the longest
+/// pending time is taken from: an entry pending for long is almost always
+/// among the oldest, and reading them all each check would cost as much as
+/// the pending list is long.
+pub const PENDING_SAMPLE: usize = 32;
 
 impl PendingSummary {
     /// Pending entries that hold up the group: not waiting for a retry.

@@ -41,7 +41,9 @@ mod streams;
 use std::sync::Arc;
 
 pub use self::admin::Admin;
-pub use self::diagnostics::{Diagnostics, PendingSummary, ServerFeatures, ServerReport};
+pub use self::diagnostics::{
+    Diagnostics, PENDING_SAMPLE, PendingSummary, ServerFeatures, ServerReport,
+};
 pub use self::leases::Leases;
 pub use self::receipt::{Delivery, Receipt};
 pub use self::redelivery::{ClaimIdle, ClaimReply, DueReply, EntryState, Redelivery};

@@ -72,6 +72,9 @@ pub struct RetrySchedule {
     /// Not before this long after the write: the broker adds it to its own
     /// clock, so the writer's wall clock plays no part.
     pub delay: Duration,
+    /// The error of the attempt that failed, kept for operators (`redstream
+    /// pending` shows it) until the entry is settled.
+    pub error: Option<String>,
 }
 
 /// Every group needs these: creating the group, publishing, reading for a

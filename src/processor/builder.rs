@@ -257,13 +257,29 @@ async fn prepare_groups(
     Ok(runtimes)
 }
 
+/// The lease token of this process: `<host>/<pid>/<ulid>`, unique per
+/// process start, and telling an operator (`redstream consumers`) which
+/// process holds a member name.
+fn process_token() -> String {
+    let host = gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    format!(
+        "{host}/{}/{}",
+        std::process::id(),
+        new_event_id(IdFormat::Ulid)
+    )
+}
+
 /// Leases every member name of every group for this process (one token).
 async fn take_leases(
     broker: &Arc<dyn Broker>,
     runtimes: &[Arc<GroupRuntime>],
     settings: &Settings,
 ) -> Result<Vec<Lease>> {
-    let token: Arc<str> = Arc::from(new_event_id(IdFormat::Ulid));
+    let token: Arc<str> = Arc::from(process_token());
     let mut leases = Vec::with_capacity(runtimes.len());
     for rt in runtimes {
         let keys: Vec<String> = rt

@@ -50,8 +50,11 @@ pub mod field {
     pub const KEY: &str = "key";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
+    /// How many times the entry was redriven from the dead-letter stream
+    /// (absent: never); a letter written for it again carries the count.
+    pub const REDRIVES: &str = "redrives";
     /// All reserved field names.
-    pub const RESERVED: [&str; 7] = [ID, TYPE, VERSION, DATA, TS, KEY, TRACEPARENT];
+    pub const RESERVED: [&str; 8] = [ID, TYPE, VERSION, DATA, TS, KEY, TRACEPARENT, REDRIVES];
 }
 
 /// Most fields an entry may have. An entry with more is dead-lettered

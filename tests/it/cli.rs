@@ -216,12 +216,36 @@ async fn redrive_round_trip_has_exactly_one_effect() {
         .execute_unprepared("INSERT INTO gate VALUES (1)")
         .await
         .unwrap();
+    // A redrive of everything asks first; with no terminal to ask, it
+    // refuses and changes nothing. A dry run says what it would do.
+    cli(&ctx)
+        .args(["dlq", "redrive", &stream, "--all"])
+        .assert()
+        .code(2);
     let out = cli(&ctx)
-        .args(["--json", "dlq", "redrive", &stream, "--all"])
+        .args(["--json", "dlq", "redrive", &stream, "--all", "--dry-run"])
+        .assert()
+        .success();
+    assert_eq!(json(&out.get_output().stdout)["would_redrive"], 2);
+    assert_eq!(
+        ctx.xlen(&dlq).await,
+        2,
+        "neither refusal nor dry run redrives"
+    );
+    let before = ctx.xlen(&stream).await;
+    let out = cli(&ctx)
+        .args(["--json", "dlq", "redrive", &stream, "--all", "--yes"])
         .assert()
         .success();
     assert_eq!(json(&out.get_output().stdout)["redriven"], 2);
     assert_eq!(ctx.xlen(&dlq).await, 0, "removed once republished");
+    let redriven = ctx.entries(&stream).await;
+    assert!(
+        redriven[before as usize..]
+            .iter()
+            .all(|(_, fields)| fields.iter().any(|(k, v)| k == "redrives" && v == "1")),
+        "a redriven entry counts its redrive: {redriven:?}"
+    );
     eventually(
         Duration::from_secs(10),
         "the redriven event handled",
@@ -278,8 +302,15 @@ async fn trim_keeps_what_any_group_still_needs() {
     assert_eq!(plan["removable"], 8);
     assert_eq!(ctx.xlen(&stream).await, 20, "a dry run removes nothing");
 
+    // Without a terminal to ask, trim refuses unless told `--yes`.
+    cli(&ctx).args(["trim", &stream]).assert().code(2);
+    assert_eq!(
+        ctx.xlen(&stream).await,
+        20,
+        "a refused trim removes nothing"
+    );
     let out = cli(&ctx)
-        .args(["--json", "trim", &stream])
+        .args(["--json", "trim", &stream, "--yes"])
         .assert()
         .success();
     assert_eq!(json(&out.get_output().stdout)["removed"], 8);
@@ -293,5 +324,416 @@ async fn trim_keeps_what_any_group_still_needs() {
         left,
         ids[8..].to_vec(),
         "everything slow needs is still there"
+    );
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn group_of<'a>(status: &'a serde_json::Value, group: &str) -> &'a serde_json::Value {
+    status[0]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == group)
+        .unwrap_or_else(|| panic!("no group {group} in {status}"))
+}
+
+async fn status_json(ctx: &TestContext, stream: &str) -> serde_json::Value {
+    let out = cli(ctx)
+        .args(["--json", "status", stream])
+        .assert()
+        .success();
+    json(&out.get_output().stdout)
+}
+
+/// `status` tells a group that a live process serves from one nobody
+/// serves, and entries stuck from a mere backlog: the longest time pending
+/// counts from delivery, the queue latency from publish.
+#[actix_rt::test]
+async fn status_shows_live_members_and_both_ages() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("cli-ages");
+    let mut c = ctx.conn().await;
+    // Ten entries published a minute ago.
+    let minute_ago = now_ms() - 60_000;
+    for i in 0..10 {
+        let _: String = c
+            .xadd(
+                &stream,
+                format!("{minute_ago}-{i}"),
+                &[("n", i.to_string())],
+            )
+            .await
+            .unwrap();
+    }
+    ctx.create_group(&stream, "g").await;
+    // Two of them delivered just now, to a member no process runs.
+    read_group(&mut c, &stream, "g", "gone-0", 2).await;
+
+    let status = status_json(&ctx, &stream).await;
+    let g = group_of(&status, "g");
+    assert_eq!(
+        (g["consumers"].as_u64(), g["live_members"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let longest = g["longest_pending_ms"].as_u64().unwrap();
+    assert!(
+        longest < 30_000,
+        "pending for moments, not since publish a minute ago: {longest} ms"
+    );
+    let latency = g["queue_latency_ms"].as_u64().unwrap();
+    assert!(
+        latency >= 59_000,
+        "the next entry waited a minute: {latency} ms"
+    );
+    let table = cli(&ctx).args(["status", &stream]).assert().success();
+    let text = String::from_utf8_lossy(&table.get_output().stdout).into_owned();
+    assert!(
+        text.contains("LONGEST PENDING") && text.contains("has work and no live process"),
+        "{text}"
+    );
+    let out = cli(&ctx)
+        .args(["--json", "consumers", &stream, "g"])
+        .assert()
+        .success();
+    let consumers = json(&out.get_output().stdout);
+    assert_eq!(consumers[0]["name"], "gone-0");
+    assert!(
+        consumers[0]["held_by"].is_null(),
+        "a stale name: {consumers}"
+    );
+
+    // A running processor: its members are live, held by this process.
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(
+            &stream,
+            "g",
+            handler_fn(|_: serde_json::Value, _: Meta| async { Ok(Outcome::Ack) }),
+        ),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "live members", || async {
+        group_of(&status_json(&ctx, &stream).await, "g")["live_members"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    })
+    .await;
+    let out = cli(&ctx)
+        .args(["--json", "consumers", &stream, "g"])
+        .assert()
+        .success();
+    let consumers = json(&out.get_output().stdout);
+    let me = format!("/{}/", std::process::id());
+    assert!(
+        consumers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["held_by"].as_str().is_some_and(|h| h.contains(&me))),
+        "a member held by this process ({me}): {consumers}"
+    );
+    processor.shutdown().await.unwrap();
+    let g = status_json(&ctx, &stream).await;
+    assert_eq!(
+        group_of(&g, "g")["live_members"],
+        0,
+        "a stopped process gives its names up"
+    );
+}
+
+/// `pending` and `retries` show redstream's own attempts, the retry time,
+/// the event type and the last error; an unknown consumer is not found,
+/// and an empty list says so.
+#[actix_rt::test]
+async fn pending_and_retries_show_attempts_due_time_type_and_error() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("cli-pending");
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(
+            &stream,
+            "g",
+            handler_fn(|v: serde_json::Value, _: Meta| async move {
+                if v["n"] == 1 {
+                    return Err("boom on 1".into());
+                }
+                Ok(Outcome::Ack)
+            }),
+        )
+        .with_retry(
+            RetryPolicy::default()
+                .with_max_attempts(5)
+                .with_initial_delay(Duration::from_secs(60))
+                .with_jitter(0.0),
+        ),
+    )
+    .await;
+    let events = (0..3).map(numbered).collect();
+    processor
+        .producer()
+        .publish_batch(&stream, events)
+        .await
+        .unwrap();
+    let retries = || async {
+        let out = cli(&ctx)
+            .args(["--json", "retries", &stream, "g"])
+            .assert()
+            .success();
+        json(&out.get_output().stdout)
+    };
+    eventually(Duration::from_secs(10), "one entry waiting", || async {
+        retries().await.as_array().unwrap().len() == 1 && ctx.pending(&stream, "g").await == 1
+    })
+    .await;
+    let out = cli(&ctx)
+        .args(["--json", "pending", &stream, "g"])
+        .assert()
+        .success();
+    let pending = json(&out.get_output().stdout);
+    let e = &pending[0];
+    assert_eq!(e["attempts"], 1, "{pending}");
+    assert_eq!(e["event_type"], "n");
+    assert!(
+        e["last_error"].as_str().unwrap().contains("boom on 1"),
+        "{pending}"
+    );
+    let due = e["retry_at_ms"].as_u64().unwrap();
+    assert!(due > now_ms() + 30_000, "due a minute after the failure");
+    assert_eq!(retries().await[0]["id"], e["id"]);
+    let table = cli(&ctx).args(["pending", &stream, "g"]).assert().success();
+    let text = String::from_utf8_lossy(&table.get_output().stdout).into_owned();
+    assert!(text.contains("boom on 1") && text.contains("in "), "{text}");
+
+    cli(&ctx)
+        .args(["pending", &stream, "g", "--consumer", "nobody"])
+        .assert()
+        .code(3);
+    ctx.create_group(&stream, "idle").await;
+    let empty = cli(&ctx)
+        .args(["pending", &stream, "idle"])
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&empty.get_output().stdout).into_owned();
+    assert!(text.contains("no pending entries"), "{text}");
+    processor.shutdown().await.unwrap();
+}
+
+/// `dlq list` shows the last error, filters by reason and group, counts
+/// per reason, and says when it cut the list; `redrive --reason` takes
+/// only that reason, after a dry run shows it.
+#[actix_rt::test]
+async fn dlq_list_shows_causes_filters_and_counts() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("cli-dlq");
+    let dlq = redstream::dead_letter_stream(&stream);
+    let mut c = ctx.conn().await;
+    let _: String = c.xadd(&stream, "*", &[("n", "0")]).await.unwrap();
+    let letters = [
+        (
+            "max_attempts_exceeded: 4 attempts failed",
+            "billing",
+            "timeout calling the bank",
+        ),
+        (
+            "max_attempts_exceeded: 4 attempts failed",
+            "billing",
+            "bank said 503",
+        ),
+        ("rejected: card declined", "audit", "card declined"),
+    ];
+    for (i, (reason, group, error)) in letters.iter().enumerate() {
+        let failed_at = now_ms().to_string();
+        let id = format!("E{i}");
+        let fields = [
+            ("reason", *reason),
+            ("origin_id", "1-0"),
+            ("group", *group),
+            ("attempts", "4"),
+            ("failed_at", failed_at.as_str()),
+            ("error", *error),
+            ("id", id.as_str()),
+            ("type", "n"),
+            ("data", "{\"n\":0}"),
+        ];
+        let _: String = c.xadd(&dlq, "*", &fields).await.unwrap();
+    }
+    let list = |args: &[&str]| {
+        let mut cmd = cli(&ctx);
+        cmd.args(["--json", "dlq", "list", &stream]).args(args);
+        json(&cmd.assert().success().get_output().stdout)
+    };
+    let table = cli(&ctx).args(["dlq", "list", &stream]).assert().success();
+    let text = String::from_utf8_lossy(&table.get_output().stdout).into_owned();
+    assert!(
+        text.contains("LAST ERROR") && text.contains("timeout calling the bank"),
+        "{text}"
+    );
+    let cut = cli(&ctx)
+        .args(["dlq", "list", &stream, "--count", "1"])
+        .assert()
+        .success();
+    let note = String::from_utf8_lossy(&cut.get_output().stderr).into_owned();
+    assert!(note.contains("showing the oldest 1 of 3"), "{note}");
+    assert_eq!(list(&["--reason", "rejected"]).as_array().unwrap().len(), 1);
+    assert_eq!(list(&["--group", "billing"]).as_array().unwrap().len(), 2);
+    let counts = list(&["--by-reason"]);
+    assert_eq!(counts[0]["reason"], "max_attempts_exceeded", "{counts}");
+    assert_eq!(counts[0]["count"], 2);
+    assert_eq!(counts[0]["last_error"], "bank said 503");
+    assert_eq!(
+        (counts[1]["reason"].as_str(), counts[1]["count"].as_u64()),
+        (Some("rejected"), Some(1))
+    );
+
+    let out = cli(&ctx)
+        .args([
+            "--json",
+            "dlq",
+            "redrive",
+            &stream,
+            "--reason",
+            "rejected",
+            "--dry-run",
+        ])
+        .assert()
+        .success();
+    assert_eq!(json(&out.get_output().stdout)["would_redrive"], 1);
+    assert_eq!(ctx.xlen(&dlq).await, 3, "a dry run redrives nothing");
+    let out = cli(&ctx)
+        .args([
+            "--json", "dlq", "redrive", &stream, "--reason", "rejected", "--yes",
+        ])
+        .assert()
+        .success();
+    assert_eq!(json(&out.get_output().stdout)["redriven"], 1);
+    let left = list(&[]);
+    assert_eq!(left.as_array().unwrap().len(), 2);
+    assert!(
+        left.as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["group"] == "billing")
+    );
+}
+
+/// Each way a command can fail names its cause, with the documented exit
+/// code, and a connection attempt gives up at the connect timeout.
+#[actix_rt::test]
+async fn errors_name_their_cause_with_the_documented_exit_codes() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let fails = |args: &[&str], code: i32, says: &str| {
+        let out = Command::cargo_bin("redstream")
+            .unwrap()
+            .args(args)
+            .assert()
+            .code(code);
+        let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    };
+    let url = ctx.url.as_str();
+    fails(
+        &["--redis-url", url, "dlq", "show", "garbage"],
+        2,
+        "not a stream entry id",
+    );
+    fails(&["--redis-url", "http://x", "status"], 2, "--redis-url");
+    // An ACL user that does not exist: refused, not "unreachable".
+    let ghost = url.replacen("redis://", "redis://ghost:secret@", 1);
+    fails(
+        &["--redis-url", &ghost, "status"],
+        5,
+        "authentication failed",
+    );
+    let out = Command::cargo_bin("redstream")
+        .unwrap()
+        .args(["--redis-url", &ghost, "status"])
+        .assert()
+        .code(5);
+    assert!(
+        !String::from_utf8_lossy(&out.get_output().stderr).contains("secret"),
+        "the password is never printed"
+    );
+    // A port where an HTTP server answers.
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_url = format!("redis://{}", http.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in http.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 256];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    fails(
+        &["--redis-url", &http_url, "status"],
+        4,
+        "does not answer as a Redis server",
+    );
+    // A port that accepts and never answers: given up at the connect
+    // timeout, not after the reconnect backoff.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("redis://{}", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    fails(
+        &[
+            "--redis-url",
+            &silent_url,
+            "--connect-timeout-ms",
+            "500",
+            "status",
+        ],
+        4,
+        "no answer within 500 ms",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    drop(silent);
+    fails(
+        &["--redis-url", "redis://127.0.0.1:1", "status"],
+        4,
+        "connection refused",
+    );
+    // JSON errors under --json.
+    let out = Command::cargo_bin("redstream")
+        .unwrap()
+        .args(["--redis-url", url, "--json", "dlq", "show", "1-1"])
+        .assert()
+        .code(3);
+    let error = json(&out.get_output().stderr);
+    assert_eq!(
+        (
+            error["error"]["kind"].as_str(),
+            error["error"]["exit_code"].as_u64()
+        ),
+        (Some("not_found"), Some(3))
+    );
+    // --version names the commit when built from a checkout.
+    let out = Command::cargo_bin("redstream")
+        .unwrap()
+        .arg("--version")
+        .assert()
+        .success();
+    let version = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(
+        version.starts_with(&format!("redstream {}", env!("CARGO_PKG_VERSION"))),
+        "{version}"
     );
 }

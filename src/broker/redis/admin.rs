@@ -3,13 +3,15 @@
 use async_trait::async_trait;
 use redis::Value;
 
+use super::diagnostics::GroupAges;
 use super::reply::{int, parse_entries, text, unexpected};
-use super::{RedisBroker, retry_key};
+use super::{RedisBroker, attempts_key, error_field, lease_prefix, retry_key, server_ms};
+use crate::broker::PENDING_SAMPLE;
 use crate::broker::admin::{
     Admin, ConsumerInfo, GroupInfo, PendingEntry, StreamInfo, TrimPlan, next_id, parse_id,
 };
 use crate::error::Result;
-use crate::wire::{RawEntry, dead_letter_stream};
+use crate::wire::{RawEntry, dead_letter_stream, field};
 
 /// Entries read per page when counting what a trim would remove.
 const COUNT_PAGE: usize = 10_000;
@@ -35,6 +37,134 @@ fn field<'a>(pairs: &'a [(String, &'a Value)], name: &str) -> Option<&'a Value> 
 
 fn no_such_key(e: &redis::RedisError) -> bool {
     e.to_string().contains("no such key")
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RedisBroker {
+    /// Fills in redstream's details of pending entries: attempts and last
+    /// error (the attempts hash), retry time (the retry schedule) and event
+    /// type (the entry itself), in one round trip.
+    async fn with_details(
+        &self,
+        stream: &str,
+        group: &str,
+        mut entries: Vec<PendingEntry>,
+    ) -> Result<Vec<PendingEntry>> {
+        if entries.is_empty() {
+            return Ok(entries);
+        }
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let mut fields = Vec::with_capacity(ids.len() * 2);
+        for id in &ids {
+            fields.push((*id).to_owned());
+            fields.push(error_field(id));
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(attempts_key(stream, group))
+            .arg(&fields)
+            .cmd("ZMSCORE")
+            .arg(retry_key(stream, group))
+            .arg(&ids);
+        for id in &ids {
+            pipe.cmd("XRANGE").arg(stream).arg(*id).arg(*id);
+        }
+        let mut replies: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
+        let ranges = replies.split_off(2.min(replies.len()));
+        let mut replies = replies.into_iter();
+        let (kept, scores) = (replies.next(), replies.next());
+        let kept: Vec<Option<String>> = match kept {
+            Some(Value::Array(values)) => values.iter().map(text).collect(),
+            _ => Vec::new(),
+        };
+        let scores: Vec<Option<u64>> = match scores {
+            Some(Value::Array(values)) => values
+                .iter()
+                .map(|v| match v {
+                    Value::Double(d) => Some(*d as u64),
+                    other => text(other)
+                        .and_then(|t| t.parse::<f64>().ok())
+                        .map(|d| d as u64),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (i, (entry, range)) in entries.iter_mut().zip(ranges).enumerate() {
+            entry.attempts = kept
+                .get(2 * i)
+                .cloned()
+                .flatten()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0);
+            entry.last_error = kept.get(2 * i + 1).cloned().flatten();
+            entry.retry_at_ms = scores.get(i).copied().flatten();
+            entry.event_type = parse_entries(range)
+                .ok()
+                .and_then(|mut e| e.pop())
+                .and_then(|e| e.fields)
+                .and_then(|fields| {
+                    fields
+                        .into_iter()
+                        .find(|(name, _)| name.as_slice() == field::TYPE.as_bytes())
+                })
+                .map(|(_, value)| String::from_utf8_lossy(&value).into_owned());
+        }
+        Ok(entries)
+    }
+
+    /// The consumers Redis knows for a group, without lease holders.
+    async fn redis_consumers(&self, stream: &str, group: &str) -> Result<Vec<ConsumerInfo>> {
+        let reply: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg(group)
+            .query_async(&mut self.conn())
+            .await?;
+        let Value::Array(rows) = reply else {
+            return Ok(Vec::new());
+        };
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let row = pairs(row);
+                ConsumerInfo {
+                    name: field(&row, "name").and_then(text).unwrap_or_default(),
+                    pending: field(&row, "pending").and_then(int).unwrap_or(0),
+                    idle_ms: field(&row, "idle").and_then(int).unwrap_or(0),
+                    held_by: None,
+                }
+            })
+            .collect())
+    }
+
+    /// Which of `names` (a group's consumers) a running process leases now,
+    /// with the holder's token. One `MGET` of their lease keys: a live
+    /// member is a Redis consumer from its first read on, and the janitor
+    /// never removes a leased name.
+    async fn lease_holders(
+        &self,
+        stream: &str,
+        group: &str,
+        names: &[String],
+    ) -> Result<Vec<(String, String)>> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prefix = lease_prefix(stream, group);
+        let keys: Vec<String> = names.iter().map(|n| format!("{prefix}{n}")).collect();
+        let tokens: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(names
+            .iter()
+            .zip(tokens)
+            .filter_map(|(name, token)| Some((name.clone(), token?)))
+            .collect())
+    }
 }
 
 #[async_trait]
@@ -100,27 +230,60 @@ impl Admin for RedisBroker {
         for g in &groups {
             let g = pairs(g);
             let name = field(&g, "name").and_then(text).unwrap_or_default();
-            let (summary, waiting_retry): (Value, u64) = redis::pipe()
-                .cmd("XPENDING")
-                .arg(stream)
-                .arg(&name)
-                .cmd("ZCARD")
-                .arg(retry_key(stream, &name))
-                .query_async(&mut conn)
-                .await?;
+            let (time, summary, sample, waiting_retry): (Vec<String>, Value, Value, u64) =
+                redis::pipe()
+                    .cmd("TIME")
+                    .cmd("XPENDING")
+                    .arg(stream)
+                    .arg(&name)
+                    .cmd("XPENDING")
+                    .arg(stream)
+                    .arg(&name)
+                    .arg("-")
+                    .arg("+")
+                    .arg(PENDING_SAMPLE)
+                    .cmd("ZCARD")
+                    .arg(retry_key(stream, &name))
+                    .query_async(&mut conn)
+                    .await?;
             let oldest_pending_id = match &summary {
                 Value::Array(parts) => parts.get(1).and_then(text),
                 _ => None,
             };
+            let last_delivered_id = field(&g, "last-delivered-id")
+                .and_then(text)
+                .unwrap_or_else(|| "0-0".to_owned());
+            let lag = field(&g, "lag").and_then(int);
+            let ages = GroupAges {
+                stream,
+                group: &name,
+                now_ms: server_ms(&time)?,
+                waiting_retry,
+                lag,
+                last_delivered: Some(&last_delivered_id),
+            }
+            .measure(&mut conn, &sample)
+            .await?;
+            let holders: Vec<String> = self
+                .consumers(stream, &name)
+                .await?
+                .into_iter()
+                .filter_map(|c| c.held_by)
+                .collect();
+            let mut processes: Vec<&str> = holders.iter().map(String::as_str).collect();
+            processes.sort_unstable();
+            processes.dedup();
             out.push(GroupInfo {
                 consumers: field(&g, "consumers").and_then(int).unwrap_or(0),
+                live_members: holders.len() as u64,
+                live_processes: processes.len() as u64,
                 pending: field(&g, "pending").and_then(int).unwrap_or(0),
                 waiting_retry,
-                last_delivered_id: field(&g, "last-delivered-id")
-                    .and_then(text)
-                    .unwrap_or_else(|| "0-0".to_owned()),
-                lag: field(&g, "lag").and_then(int),
+                last_delivered_id,
+                lag,
                 oldest_pending_id,
+                longest_pending_ms: ages.longest_pending.map(millis),
+                queue_latency_ms: ages.queue_latency.map(millis),
                 name,
             });
         }
@@ -135,26 +298,16 @@ impl Admin for RedisBroker {
     }
 
     async fn consumers(&self, stream: &str, group: &str) -> Result<Vec<ConsumerInfo>> {
-        let reply: Value = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(stream)
-            .arg(group)
-            .query_async(&mut self.conn())
-            .await?;
-        let Value::Array(rows) = reply else {
-            return Ok(Vec::new());
-        };
-        Ok(rows
-            .iter()
-            .map(|row| {
-                let row = pairs(row);
-                ConsumerInfo {
-                    name: field(&row, "name").and_then(text).unwrap_or_default(),
-                    pending: field(&row, "pending").and_then(int).unwrap_or(0),
-                    idle_ms: field(&row, "idle").and_then(int).unwrap_or(0),
-                }
-            })
-            .collect())
+        let mut consumers = self.redis_consumers(stream, group).await?;
+        let names: Vec<String> = consumers.iter().map(|c| c.name.clone()).collect();
+        let holders = self.lease_holders(stream, group, &names).await?;
+        for c in &mut consumers {
+            c.held_by = holders
+                .iter()
+                .find(|(name, _)| *name == c.name)
+                .map(|(_, token)| token.clone());
+        }
+        Ok(consumers)
     }
 
     async fn pending_entries(
@@ -177,7 +330,7 @@ impl Admin for RedisBroker {
         let Value::Array(rows) = reply else {
             return Ok(Vec::new());
         };
-        Ok(rows
+        let entries: Vec<PendingEntry> = rows
             .iter()
             .filter_map(|row| match row {
                 Value::Array(cols) => Some(PendingEntry {
@@ -185,10 +338,58 @@ impl Admin for RedisBroker {
                     consumer: cols.get(1).and_then(text)?,
                     idle_ms: cols.get(2).and_then(int).unwrap_or(0),
                     deliveries: cols.get(3).and_then(int).unwrap_or(0),
+                    ..PendingEntry::default()
                 }),
                 _ => None,
             })
-            .collect())
+            .collect();
+        self.with_details(stream, group, entries).await
+    }
+
+    async fn waiting_retries(
+        &self,
+        stream: &str,
+        group: &str,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>> {
+        let due: Vec<String> = redis::cmd("ZRANGE")
+            .arg(retry_key(stream, group))
+            .arg(0)
+            .arg(count.max(1) - 1)
+            .query_async(&mut self.conn())
+            .await?;
+        let mut pipe = redis::pipe();
+        for id in &due {
+            pipe.cmd("XPENDING")
+                .arg(stream)
+                .arg(group)
+                .arg(id)
+                .arg(id)
+                .arg(1);
+        }
+        let rows: Vec<Value> = if due.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut self.conn()).await?
+        };
+        // A stale schedule item (its entry no longer pending) is left out.
+        let entries: Vec<PendingEntry> = rows
+            .iter()
+            .filter_map(|reply| match reply {
+                Value::Array(rows) => match rows.first() {
+                    Some(Value::Array(cols)) => Some(PendingEntry {
+                        id: cols.first().and_then(text)?,
+                        consumer: cols.get(1).and_then(text)?,
+                        idle_ms: cols.get(2).and_then(int).unwrap_or(0),
+                        deliveries: cols.get(3).and_then(int).unwrap_or(0),
+                        ..PendingEntry::default()
+                    }),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        self.with_details(stream, group, entries).await
     }
 
     async fn range(

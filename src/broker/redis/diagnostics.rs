@@ -7,18 +7,118 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 
-use super::reply::{group_field, int, major_version, text, unexpected};
+use redis::aio::ConnectionManager;
+
+use super::reply::{group_field, int, major_version, parse_entries, text, unexpected};
 use super::{RedisBroker, lease_prefix, retry_key, server_ms};
+use crate::broker::PENDING_SAMPLE;
 use crate::broker::{Diagnostics, GroupRef, PendingSummary, ServerReport};
 use crate::error::Result;
 use crate::wire::dead_letter_stream;
+
+/// What the two ages of a group are measured from: the server's time, the
+/// group's figures from the same pipeline, and (in [`GroupAges::measure`])
+/// an `XPENDING … - + n` sample of its oldest pending entries.
+pub(super) struct GroupAges<'a> {
+    pub(super) stream: &'a str,
+    pub(super) group: &'a str,
+    /// The server's `TIME`, in ms.
+    pub(super) now_ms: u64,
+    pub(super) waiting_retry: u64,
+    pub(super) lag: Option<u64>,
+    /// The group's `last-delivered-id`.
+    pub(super) last_delivered: Option<&'a str>,
+}
+
+/// The longest time pending and the queue latency, in ms.
+pub(super) struct Ages {
+    pub(super) longest_pending: Option<Duration>,
+    pub(super) queue_latency: Option<Duration>,
+}
+
+impl GroupAges<'_> {
+    /// Measures both ages; one more round trip only when the group has
+    /// entries waiting for a retry or entries not yet delivered.
+    pub(super) async fn measure(
+        &self,
+        conn: &mut ConnectionManager,
+        sample: &Value,
+    ) -> Result<Ages> {
+        // Rows of the extended XPENDING: [id, consumer, idle ms, deliveries].
+        let rows: Vec<(String, u64)> = match sample {
+            Value::Array(rows) => rows
+                .iter()
+                .filter_map(|row| match row {
+                    Value::Array(cols) => {
+                        Some((cols.first().and_then(text)?, cols.get(2).and_then(int)?))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let check_retries = self.waiting_retry > 0 && !rows.is_empty();
+        let next_undelivered = match (self.lag, self.last_delivered) {
+            (Some(0), _) | (_, None) => None,
+            (_, Some(last)) => Some(last),
+        };
+        let mut pipe = redis::pipe();
+        if check_retries {
+            pipe.cmd("ZMSCORE")
+                .arg(retry_key(self.stream, self.group))
+                .arg(rows.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>());
+        }
+        if let Some(last) = next_undelivered {
+            pipe.cmd("XRANGE")
+                .arg(self.stream)
+                .arg(format!("({last}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
+        }
+        let mut replies: Vec<Value> = if check_retries || next_undelivered.is_some() {
+            pipe.query_async(conn).await?
+        } else {
+            Vec::new()
+        }
+        .into_iter()
+        .rev()
+        .collect();
+        let scheduled: Vec<bool> = match check_retries.then(|| replies.pop()).flatten() {
+            Some(Value::Array(scores)) => scores.iter().map(|s| !matches!(s, Value::Nil)).collect(),
+            _ => Vec::new(),
+        };
+        let longest_pending = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !scheduled.get(*i).copied().unwrap_or(false))
+            .map(|(_, (_, idle))| *idle)
+            .max()
+            .map(Duration::from_millis);
+        // An id's time part is the server's clock when it was added: its
+        // age is measured with the same clock.
+        let queue_latency = match next_undelivered.and_then(|_| replies.pop()) {
+            Some(reply) => parse_entries(reply)?
+                .first()
+                .and_then(|e| e.id.split('-').next()?.parse::<u64>().ok())
+                .map(|ms| Duration::from_millis(self.now_ms.saturating_sub(ms))),
+            None => None,
+        };
+        Ok(Ages {
+            longest_pending,
+            queue_latency,
+        })
+    }
+}
 
 #[async_trait]
 impl Diagnostics for RedisBroker {
     async fn pending_summary(&self, group: &GroupRef) -> Result<PendingSummary> {
         let (stream, group) = (group.stream(), group.name());
-        let (time, summary, waiting_retry, groups, dead_letters): (
+        let mut conn = self.conn();
+        let (time, summary, sample, waiting_retry, groups, dead_letters): (
             Vec<String>,
+            Value,
             Value,
             u64,
             Value,
@@ -28,6 +128,12 @@ impl Diagnostics for RedisBroker {
             .cmd("XPENDING")
             .arg(stream)
             .arg(group)
+            .cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(PENDING_SAMPLE)
             .cmd("ZCARD")
             .arg(retry_key(stream, group))
             .cmd("XINFO")
@@ -35,9 +141,11 @@ impl Diagnostics for RedisBroker {
             .arg(stream)
             .cmd("XLEN")
             .arg(dead_letter_stream(stream))
-            .query_async(&mut self.conn())
+            .query_async(&mut conn)
             .await?;
         let lag = group_field(&groups, group, "lag").and_then(|v| int(&v));
+        let last_delivered =
+            group_field(&groups, group, "last-delivered-id").and_then(|v| text(&v));
         let Value::Array(parts) = summary else {
             return Err(unexpected("XPENDING", "not an array"));
         };
@@ -56,18 +164,31 @@ impl Diagnostics for RedisBroker {
                 .collect(),
             _ => Vec::new(),
         };
-        // An id's time part is the server's clock when it was added: its
-        // age is measured with the same clock.
-        let now = server_ms(&time)?;
-        let oldest_age = oldest_id
-            .as_deref()
-            .and_then(|id| id.split('-').next()?.parse::<u64>().ok())
-            .map(|ms| Duration::from_millis(now.saturating_sub(ms)));
+        let ages = GroupAges {
+            stream,
+            group,
+            now_ms: server_ms(&time)?,
+            waiting_retry,
+            lag,
+            last_delivered: last_delivered.as_deref(),
+        }
+        .measure(&mut conn, &sample)
+        .await
+        // The ages are for people; backpressure needs only the counts, so
+        // a refused XRANGE (an ACL from before the ages) costs the ages.
+        .unwrap_or_else(|e| {
+            tracing::debug!("pending ages not measured: {e}");
+            Ages {
+                longest_pending: None,
+                queue_latency: None,
+            }
+        });
         Ok(PendingSummary {
             pending,
             waiting_retry,
             oldest_id,
-            oldest_age,
+            longest_pending: ages.longest_pending,
+            queue_latency: ages.queue_latency,
             per_member,
             lag,
             dead_letters,

@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Value};
+use redis::{AsyncConnectionConfig, Client, Value};
 
 mod admin;
 mod claim;
@@ -108,6 +108,35 @@ fn attempts_key(stream: &str, group: &str) -> String {
     format!("{stream}:attempts:{group}")
 }
 
+/// The field of the attempts hash that keeps an entry's last error (its
+/// count is under the entry id itself).
+fn error_field(id: &str) -> String {
+    format!("{id}:error")
+}
+
+/// The attempts-hash fields of entries whose failed attempts are settled:
+/// each id's count and its last error.
+fn attempt_fields(ids: &[Receipt]) -> Vec<String> {
+    ids.iter()
+        .flat_map(|r| [r.token().to_owned(), error_field(r.token())])
+        .collect()
+}
+
+/// Longest last error the attempts hash keeps for an entry, in bytes.
+const MAX_KEPT_ERROR: usize = 1_024;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 fn lease_prefix(stream: &str, group: &str) -> String {
     format!("{stream}:lease:{group}:")
 }
@@ -166,6 +195,22 @@ impl RedisBroker {
     pub async fn connect(settings: &RedisSettings, instance: &str) -> Result<Self> {
         let client = Client::open(settings.url.expose())?;
         let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+        // One direct attempt first: a wrong password or a server that is not
+        // Redis fails here at once with its own error, where the connection
+        // manager would retry it for its whole backoff. A refused or silent
+        // port (Redis still starting) goes on to the manager's retries.
+        let probe = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(connect_timeout));
+        match client
+            .get_multiplexed_async_connection_with_config(&probe)
+            .await
+        {
+            Err(e) if !(e.is_io_error() || e.is_timeout() || e.is_connection_refusal()) => {
+                return Err(e.into());
+            }
+            _ => {}
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(Duration::from_millis(settings.command_timeout_ms)))

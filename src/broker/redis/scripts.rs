@@ -70,16 +70,23 @@ end
 return out
 "#;
 
-/// Records failed attempts and due times, atomically. ARGV holds triples
-/// `id, attempts, delay_ms`; each due time is the server's `TIME` plus the
+/// Records failed attempts, their last errors and due times, atomically.
+/// ARGV holds quadruples `id, attempts, delay_ms, error` (`error` empty when
+/// there is none); the attempts hash keeps the count under `id` and the
+/// error under `id:error`. Each due time is the server's `TIME` plus the
 /// delay, so the writer's wall clock plays no part (a script may call
 /// `TIME` before writing: since 7.0 scripts replicate their effects).
 /// Returns the server time used, in ms.
 pub(super) const SCHEDULE_RETRIES_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 1, #ARGV, 3 do
+for i = 1, #ARGV, 4 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i + 3] ~= '' then
+    redis.call('HSET', KEYS[1], ARGV[i] .. ':error', ARGV[i + 3])
+  else
+    redis.call('HDEL', KEYS[1], ARGV[i] .. ':error')
+  end
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 2]), ARGV[i])
 end
 return now
@@ -133,7 +140,7 @@ for _ = 1, tonumber(ARGV[2]) do
     failed[#failed + 1] = {id, r.err}
   else
     redis.call('XACK', KEYS[1], ARGV[1], id)
-    redis.call('HDEL', KEYS[3], id)
+    redis.call('HDEL', KEYS[3], id, id .. ':error')
     redis.call('ZREM', KEYS[4], id)
   end
 end

@@ -12,8 +12,8 @@ use redis::{AsyncConnectionConfig, Value};
 
 use super::reply::{parse_read_reply, text, unexpected};
 use super::{
-    AUTO_ID, RedisBroker, STREAM_END, STREAM_START, UNDELIVERED, attempts_key, client_name,
-    deliveries, entry_ids, retry_key,
+    AUTO_ID, MAX_KEPT_ERROR, RedisBroker, STREAM_END, STREAM_START, UNDELIVERED, attempt_fields,
+    attempts_key, client_name, clip, deliveries, entry_ids, retry_key,
 };
 use crate::broker::{
     Acks, Capabilities, DeadLetter, Delivery, GroupReader, GroupRef, Interrupt, MemberRef,
@@ -179,7 +179,7 @@ impl Streams for RedisBroker {
     #[tracing::instrument(level = "debug", skip_all, fields(stream = group.stream(), group = group.name()))]
     async fn ack(&self, group: &GroupRef, acks: Acks<'_>) -> Result<u64> {
         let (stream, group) = (group.stream(), group.name());
-        let (ids, forget) = (entry_ids(acks.receipts), entry_ids(acks.forget));
+        let (ids, forget) = (entry_ids(acks.receipts), attempt_fields(acks.forget));
         if ids.is_empty() {
             return Ok(0);
         }
@@ -198,7 +198,7 @@ impl Streams for RedisBroker {
     #[tracing::instrument(level = "debug", skip_all, fields(stream = group.stream(), group = group.name()))]
     async fn ack_and_delete(&self, group: &GroupRef, acks: Acks<'_>) -> Result<u64> {
         let (stream, group) = (group.stream(), group.name());
-        let (ids, forget) = (entry_ids(acks.receipts), entry_ids(acks.forget));
+        let (ids, forget) = (entry_ids(acks.receipts), attempt_fields(acks.forget));
         if ids.is_empty() {
             return Ok(0);
         }
@@ -250,7 +250,8 @@ impl Streams for RedisBroker {
             invocation
                 .arg(r.receipt.token())
                 .arg(r.attempts)
-                .arg(delay_ms);
+                .arg(delay_ms)
+                .arg(r.error.as_deref().map_or("", |e| clip(e, MAX_KEPT_ERROR)));
         }
         let _now: u64 = invocation.invoke_async(&mut self.conn()).await?;
         Ok(())

@@ -271,6 +271,7 @@ impl GroupSupervisor {
                             receipt: r.receipt,
                             attempts: ran,
                             delay,
+                            error: error.or_else(|| Some("handler asked for a retry".to_owned())),
                         });
                     }
                 }
@@ -305,13 +306,22 @@ impl GroupSupervisor {
             waiting_retry: self.last_pending.as_ref().map(|p| p.waiting_retry),
             lag: self.last_pending.as_ref().and_then(|p| p.lag),
             dead_letters: self.last_pending.as_ref().map(|p| p.dead_letters),
-            oldest_pending_ms: self
+            longest_pending_ms: self
                 .last_pending
                 .as_ref()
-                .and_then(|p| p.oldest_age)
-                .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+                .and_then(|p| p.longest_pending)
+                .map(millis),
+            queue_latency_ms: self
+                .last_pending
+                .as_ref()
+                .and_then(|p| p.queue_latency)
+                .map(millis),
         }
     }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn describe(exit: &Exit) -> String {

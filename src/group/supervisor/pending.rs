@@ -52,8 +52,10 @@ impl GroupSupervisor {
         if let Some(lag) = summary.lag {
             m.lag.set(lag as f64);
         }
-        let oldest = summary.oldest_age.unwrap_or_default();
-        m.oldest_pending_seconds.set(oldest.as_secs_f64());
+        let longest = summary.longest_pending.unwrap_or_default();
+        m.longest_pending_seconds.set(longest.as_secs_f64());
+        let latency = summary.queue_latency.unwrap_or_default();
+        m.queue_latency_seconds.set(latency.as_secs_f64());
     }
 
     pub(super) fn apply_backpressure(&mut self, summary: &PendingSummary, ctx: &mut Context<Self>) {

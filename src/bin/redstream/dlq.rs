@@ -1,0 +1,401 @@
+//! `dlq list / show / redrive`: dead letters with their causes, and putting
+//! them back.
+
+use std::collections::BTreeMap;
+
+use clap::Subcommand;
+use redstream::dead_letters::{DeadLetterEntry, Selection, all_letters, redrive, select};
+use redstream::{Admin, DeadLetterReason, RedisBroker, dead_letter_stream};
+use serde::Serialize;
+
+use crate::output::{cell, check_entry_id, confirm, human, now_ms, print_json, table};
+use crate::{Failure, stream_info};
+
+#[derive(Subcommand)]
+pub(crate) enum DlqCommand {
+    /// The dead letters of a stream, oldest first, with their reason and
+    /// last error.
+    List {
+        /// The stream (its dead letters are in `<stream>:dlq`).
+        stream: String,
+        /// Most letters to show.
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+        /// Only letters whose reason has this code (`rejected`,
+        /// `max_attempts_exceeded`, `bad_json`, …).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only letters this group gave up on.
+        #[arg(long)]
+        group: Option<String>,
+        /// Count letters per reason code and group instead of listing them.
+        #[arg(long)]
+        by_reason: bool,
+    },
+    /// One dead letter, with its original fields.
+    Show {
+        /// The dead letter's id.
+        id: String,
+        /// The stream, if known (otherwise every `*:dlq` is searched).
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Republish dead letters to their stream, keeping their event ids, and
+    /// remove each once its republish succeeded. Asks first for `--all` and
+    /// `--reason`, unless `--yes`.
+    Redrive {
+        /// The stream.
+        stream: String,
+        /// Dead-letter ids to redrive.
+        #[arg(long = "id", required_unless_present_any = ["all", "reason"], conflicts_with_all = ["all", "reason"])]
+        ids: Vec<String>,
+        /// Redrive every dead letter of the stream.
+        #[arg(long, conflicts_with = "reason")]
+        all: bool,
+        /// Redrive every dead letter whose reason has this code.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only say what would be redriven.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+pub(crate) async fn run(
+    broker: &RedisBroker,
+    command: DlqCommand,
+    json: bool,
+) -> Result<(), Failure> {
+    match command {
+        DlqCommand::List {
+            stream,
+            count,
+            reason,
+            group,
+            by_reason,
+        } => {
+            let filter = Filter { reason, group };
+            if by_reason {
+                counts(broker, &stream, &filter, json).await
+            } else {
+                list(broker, &stream, count, &filter, json).await
+            }
+        }
+        DlqCommand::Show { id, stream } => show(broker, &id, stream.as_deref(), json).await,
+        DlqCommand::Redrive {
+            stream,
+            ids,
+            all,
+            reason,
+            dry_run,
+            yes,
+        } => {
+            for id in &ids {
+                check_entry_id(id, "dead-letter id")?;
+            }
+            let selection = match (all, reason) {
+                (true, _) => Selection::All,
+                (false, Some(code)) => Selection::Reason(code),
+                (false, None) => Selection::Ids(ids),
+            };
+            redrive_letters(broker, &stream, &selection, dry_run, yes, json).await
+        }
+    }
+}
+
+/// Which letters `dlq list` shows.
+struct Filter {
+    reason: Option<String>,
+    group: Option<String>,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        self.reason.is_none() && self.group.is_none()
+    }
+
+    fn keeps(&self, letter: &DeadLetterEntry) -> bool {
+        self.reason
+            .as_deref()
+            .is_none_or(|code| DeadLetterReason::code_of(&letter.reason) == code)
+            && self.group.as_deref().is_none_or(|g| letter.group == g)
+    }
+}
+
+/// The letters the filter keeps, at most `count`, and how many it keeps in
+/// all.
+async fn letters(
+    broker: &RedisBroker,
+    stream: &str,
+    count: usize,
+    filter: &Filter,
+) -> Result<(Vec<DeadLetterEntry>, u64), Failure> {
+    let info = stream_info(broker, stream).await?;
+    if filter.is_empty() {
+        let letters: Vec<DeadLetterEntry> = broker
+            .range(&dead_letter_stream(stream), "-", "+", count)
+            .await?
+            .into_iter()
+            .filter_map(DeadLetterEntry::parse)
+            .collect();
+        return Ok((letters, info.dead_letters));
+    }
+    let mut all = all_letters(broker, stream).await?;
+    all.retain(|l| filter.keeps(l));
+    let total = all.len() as u64;
+    all.truncate(count);
+    Ok((all, total))
+}
+
+async fn list(
+    broker: &RedisBroker,
+    stream: &str,
+    count: usize,
+    filter: &Filter,
+    json: bool,
+) -> Result<(), Failure> {
+    let (letters, total) = letters(broker, stream, count, filter).await?;
+    if (letters.len() as u64) < total {
+        eprintln!(
+            "showing the oldest {} of {total} dead letters; --count N shows more",
+            letters.len()
+        );
+    }
+    if json {
+        return print_json(&letters);
+    }
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|l| {
+            vec![
+                l.id.clone(),
+                l.origin_id.clone(),
+                l.group.clone(),
+                l.attempts.to_string(),
+                l.redrives.to_string(),
+                format!("{} ago", human(now_ms().saturating_sub(l.failed_at_ms))),
+                cell(&l.reason, 48),
+                l.error
+                    .as_deref()
+                    .map_or_else(|| "-".to_owned(), |e| cell(e, 60)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "ORIGIN",
+            "GROUP",
+            "ATTEMPTS",
+            "REDRIVES",
+            "FAILED",
+            "REASON",
+            "LAST ERROR",
+        ],
+        &rows,
+        &format!("no dead letters in `{}`", dead_letter_stream(stream)),
+    );
+    Ok(())
+}
+
+/// Letters per reason code and group.
+#[derive(Serialize)]
+struct ReasonCount {
+    reason: String,
+    group: String,
+    count: u64,
+    /// The newest letter's error, as an example.
+    last_error: Option<String>,
+}
+
+async fn counts(
+    broker: &RedisBroker,
+    stream: &str,
+    filter: &Filter,
+    json: bool,
+) -> Result<(), Failure> {
+    stream_info(broker, stream).await?;
+    let mut by: BTreeMap<(String, String), ReasonCount> = BTreeMap::new();
+    for letter in all_letters(broker, stream).await? {
+        if !filter.keeps(&letter) {
+            continue;
+        }
+        let code = DeadLetterReason::code_of(&letter.reason).to_owned();
+        let entry = by
+            .entry((code.clone(), letter.group.clone()))
+            .or_insert_with(|| ReasonCount {
+                reason: code,
+                group: letter.group.clone(),
+                count: 0,
+                last_error: None,
+            });
+        entry.count += 1;
+        // Oldest first: the last one seen is the newest.
+        entry.last_error = letter.error.clone().or_else(|| Some(letter.reason.clone()));
+    }
+    let mut counts: Vec<ReasonCount> = by.into_values().collect();
+    counts.sort_by_key(|c| std::cmp::Reverse(c.count));
+    if json {
+        return print_json(&counts);
+    }
+    let rows: Vec<Vec<String>> = counts
+        .iter()
+        .map(|c| {
+            vec![
+                c.reason.clone(),
+                c.group.clone(),
+                c.count.to_string(),
+                c.last_error
+                    .as_deref()
+                    .map_or_else(|| "-".to_owned(), |e| cell(e, 60)),
+            ]
+        })
+        .collect();
+    table(
+        &["REASON", "GROUP", "LETTERS", "NEWEST ERROR"],
+        &rows,
+        &format!("no dead letters in `{}`", dead_letter_stream(stream)),
+    );
+    Ok(())
+}
+
+async fn show(
+    broker: &RedisBroker,
+    id: &str,
+    stream: Option<&str>,
+    json: bool,
+) -> Result<(), Failure> {
+    check_entry_id(id, "dead-letter id")?;
+    let dlqs = match stream {
+        Some(s) => vec![dead_letter_stream(s)],
+        None => broker.streams("*:dlq").await?,
+    };
+    for dlq in dlqs {
+        if let Some(raw) = broker.range(&dlq, id, id, 1).await?.pop()
+            && let Some(letter) = DeadLetterEntry::parse(raw)
+        {
+            if json {
+                return print_json(&letter);
+            }
+            println!("dead letter {} in {dlq}", letter.id);
+            println!("  origin id: {}", letter.origin_id);
+            println!("  group:     {}", letter.group);
+            println!("  attempts:  {}", letter.attempts);
+            println!("  redrives:  {}", letter.redrives);
+            println!(
+                "  failed:    {} ago",
+                human(now_ms().saturating_sub(letter.failed_at_ms))
+            );
+            println!("  reason:    {}", letter.reason);
+            if let Some(error) = &letter.error {
+                println!("  error:     {error}");
+            }
+            println!("  original fields:");
+            for (k, v) in &letter.original {
+                println!(
+                    "    {} = {}",
+                    String::from_utf8_lossy(k),
+                    String::from_utf8_lossy(v)
+                );
+            }
+            return Ok(());
+        }
+    }
+    Err(Failure::NotFound(format!("no dead letter `{id}`")))
+}
+
+/// What a dry run would redrive.
+#[derive(Serialize)]
+struct RedrivePlan {
+    dry_run: bool,
+    would_redrive: u64,
+    would_skip: Vec<(String, String)>,
+    not_found: Vec<String>,
+}
+
+async fn redrive_letters(
+    broker: &RedisBroker,
+    stream: &str,
+    selection: &Selection,
+    dry_run: bool,
+    yes: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    stream_info(broker, stream).await?;
+    let selected = select(broker, stream, selection).await?;
+    let would_skip: Vec<(String, String)> = selected
+        .letters
+        .iter()
+        .filter_map(|l| l.original_entry().err().map(|why| (l.id.clone(), why)))
+        .collect();
+    let would_redrive = selected.letters.len() as u64 - would_skip.len() as u64;
+    if dry_run {
+        let plan = RedrivePlan {
+            dry_run,
+            would_redrive,
+            would_skip,
+            not_found: selected.not_found,
+        };
+        if json {
+            return print_json(&plan);
+        }
+        println!("would redrive {would_redrive} dead letters to `{stream}` (dry run)");
+        for (id, why) in &plan.would_skip {
+            println!("  would skip {id}: {why}");
+        }
+        for id in &plan.not_found {
+            println!("  not found: {id}");
+        }
+        return Ok(());
+    }
+    // What was counted (and confirmed) is what is redriven: letters
+    // written since are left for the next run.
+    let confirmed = if matches!(selection, Selection::Ids(_)) {
+        selection.clone()
+    } else {
+        if would_redrive > 0 {
+            confirm(
+                &format!("redrive {would_redrive} dead letters to `{stream}`"),
+                yes,
+            )?;
+        }
+        Selection::Ids(selected.letters.iter().map(|l| l.id.clone()).collect())
+    };
+    let report = redrive(broker, stream, &confirmed, |done, total| {
+        if total > 100 {
+            eprint!("\rredriving: {done}/{total}");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })
+    .await?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!("redriven {} dead letters to `{stream}`", report.redriven);
+        for (id, why) in &report.skipped {
+            println!("  skipped {id}: {why}");
+        }
+        for id in &report.not_found {
+            println!("  not found: {id}");
+        }
+    }
+    if !report.skipped.is_empty() {
+        return Err(Failure::Failed(format!(
+            "{} dead letters could not be redriven",
+            report.skipped.len()
+        )));
+    }
+    if !report.not_found.is_empty() {
+        return Err(Failure::NotFound(format!(
+            "{} dead-letter ids were not in `{}`",
+            report.not_found.len(),
+            dead_letter_stream(stream)
+        )));
+    }
+    Ok(())
+}
