@@ -127,6 +127,56 @@ pub struct TrimPlan {
     pub needed_by: Vec<(String, String)>,
 }
 
+/// Where [`Admin::seek`] moves a group: the next entry it is given is the
+/// first one after this position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SeekTo {
+    /// Before the first entry: everything still in the stream is read
+    /// again.
+    Start,
+    /// After the last entry: only entries added from now on are read.
+    End,
+    /// After this entry id.
+    AfterId(String),
+    /// Entries added at or after this time (ms since the Unix epoch, the
+    /// broker's clock that made the ids) are read.
+    Time(u64),
+}
+
+/// What moving a group would change (see [`Admin::seek_plan`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct SeekPlan {
+    /// The group's last delivered id now.
+    pub from_id: String,
+    /// Its last delivered id after the move.
+    pub to_id: String,
+    /// Entries delivered before that will be read again.
+    pub reread: u64,
+    /// Entries not yet delivered that will be skipped.
+    pub skipped: u64,
+    /// Pending entries: a move leaves them pending (they are still
+    /// reclaimed and retried).
+    pub pending: u64,
+}
+
+/// What removing a consumer did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RemovedConsumer {
+    /// Its name.
+    pub name: String,
+    /// Pending entries it held, moved to [`ORPHANS`] (keeping their idle
+    /// time) so that the reclaimer hands them to a live member: nothing is
+    /// dropped from the pending list.
+    pub moved: u64,
+}
+
+/// The consumer that [`Admin::remove_consumer`] hands a removed consumer's
+/// pending entries to, until the reclaimer takes them.
+pub const ORPHANS: &str = "redstream-orphans";
+
 /// Operator operations on streams.
 #[async_trait]
 pub trait Admin: Send + Sync {
@@ -170,6 +220,31 @@ pub trait Admin: Send + Sync {
         count: usize,
     ) -> Result<Vec<RawEntry>>;
 
+    /// Creates a consumer group reading from `from` (`0` for the first
+    /// entry, `$` for new ones only, or an id), creating the stream if it
+    /// does not exist; `false` if the group existed already.
+    async fn create_group(&self, stream: &str, group: &str, from: &str) -> Result<bool>;
+
+    /// Deletes a consumer group, its pending list and redstream's retry
+    /// schedule and attempt counts for it; `false` if there was none.
+    async fn delete_group(&self, stream: &str, group: &str) -> Result<bool>;
+
+    /// Removes a consumer from a group, first moving the pending entries it
+    /// holds to [`ORPHANS`] with their idle time kept.
+    async fn remove_consumer(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<RemovedConsumer>;
+
+    /// What moving a group to `to` would re-read and skip; `None` if there
+    /// is no such group.
+    async fn seek_plan(&self, stream: &str, group: &str, to: &SeekTo) -> Result<Option<SeekPlan>>;
+
+    /// Moves the group's last delivered id to the plan's `to_id`.
+    async fn seek(&self, stream: &str, group: &str, to_id: &str) -> Result<()>;
+
     /// Deletes entries; returns how many existed.
     async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64>;
 
@@ -194,6 +269,16 @@ pub(crate) fn parse_id(id: &str) -> Option<(u64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
+/// The id right before `id` (`None` for `0-0`).
+pub(crate) fn previous_id(id: &str) -> Option<String> {
+    let (ms, seq) = parse_id(id)?;
+    match (ms, seq) {
+        (0, 0) => None,
+        (ms, 0) => Some(format!("{}-{}", ms - 1, u64::MAX)),
+        (ms, seq) => Some(format!("{ms}-{}", seq - 1)),
+    }
+}
+
 /// The id right after `id`.
 pub(crate) fn next_id(id: &str) -> Option<String> {
     let (ms, seq) = parse_id(id)?;
@@ -214,5 +299,11 @@ mod tests {
         assert_eq!(next_id("5-1").as_deref(), Some("5-2"));
         assert_eq!(next_id("0-0").as_deref(), Some("0-1"));
         assert_eq!(parse_id("nonsense"), None);
+        assert_eq!(previous_id("5-2").as_deref(), Some("5-1"));
+        assert_eq!(
+            previous_id("5-0").as_deref(),
+            Some("4-18446744073709551615")
+        );
+        assert_eq!(previous_id("0-0"), None);
     }
 }

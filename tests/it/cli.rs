@@ -737,3 +737,148 @@ async fn errors_name_their_cause_with_the_documented_exit_codes() {
         "{version}"
     );
 }
+
+/// `groups create / delete`, `consumers remove` and `seek` change a group
+/// the way Kafka's tools do, refuse what would hurt a live process unless
+/// forced, and drop no pending entry.
+#[actix_rt::test]
+async fn groups_consumers_and_seek_change_groups_safely() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("cli-manage");
+    let run = |args: &[&str]| {
+        let mut cmd = cli(&ctx);
+        cmd.args(args);
+        cmd.assert()
+    };
+    let json_of = |args: &[&str]| {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        json(&run(&all).success().get_output().stdout)
+    };
+    run(&["groups", "create", &stream, "g"]).success();
+    run(&["groups", "create", &stream, "g"]).code(1);
+    let mut c = ctx.conn().await;
+    let ids: Vec<String> = (1..=10).map(|i| format!("{}-0", i * 1000)).collect();
+    for id in &ids {
+        let _: String = c.xadd(&stream, id, &[("n", id.as_str())]).await.unwrap();
+    }
+    // `gone-0` took four entries and stopped.
+    read_group(&mut c, &stream, "g", "gone-0", 4).await;
+
+    // Seeking: what a move re-reads or skips, said before it is done.
+    let plan = json_of(&["seek", &stream, "g", "--to-start", "--dry-run"]);
+    assert_eq!(
+        (
+            plan["reread"].as_u64(),
+            plan["skipped"].as_u64(),
+            plan["pending"].as_u64()
+        ),
+        (Some(4), Some(0), Some(4)),
+        "{plan}"
+    );
+    run(&["seek", &stream, "g", "--to-end"]).code(2); // no terminal to ask
+    let moved = json_of(&["seek", &stream, "g", "--to-end", "--yes"]);
+    assert_eq!(moved["skipped"], 6, "{moved}");
+    assert_eq!(last_delivered(&ctx, &stream).await, "10000-0");
+    let moved = json_of(&["seek", &stream, "g", "--to-id", "6000-0", "--yes"]);
+    assert_eq!(moved["reread"], 4);
+    let plan = json_of(&["seek", &stream, "g", "--to-time", "3000", "--dry-run"]);
+    assert_eq!(plan["reread"], 4, "3000 to 6000, from the time on: {plan}");
+    assert_eq!(
+        last_delivered(&ctx, &stream).await,
+        "6000-0",
+        "a dry run moves nothing"
+    );
+    run(&["seek", &stream, "g", "--to-time", "yesterday"]).code(2);
+    run(&["seek", &stream, "g", "--to-id", "garbage"]).code(2);
+
+    // Removing a stopped consumer keeps its entries pending, with their
+    // idle time, for the reclaimer.
+    assert_eq!(ctx.pending(&stream, "g").await, 4);
+    let removed = json_of(&["consumers", "remove", &stream, "g", "gone-0"]);
+    assert_eq!(removed["moved"], 4);
+    let consumers = json_of(&["consumers", &stream, "g"]);
+    let names: Vec<&str> = consumers
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["redstream-orphans"], "{consumers}");
+    assert_eq!(
+        ctx.pending(&stream, "g").await,
+        4,
+        "no pending entry dropped"
+    );
+    run(&["consumers", "remove", &stream, "g", "nobody"]).code(3);
+
+    // A group a live process serves: its members are not removed, the
+    // group neither moved nor deleted, unless forced.
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(
+            &stream,
+            "served",
+            handler_fn(|_: serde_json::Value, _: Meta| async { Ok(Outcome::Ack) }),
+        ),
+    )
+    .await;
+    let member = eventually_live_member(&ctx, &stream, "served").await;
+    run(&["consumers", "remove", &stream, "served", &member]).code(1);
+    run(&["seek", &stream, "served", "--to-start", "--yes"]).code(1);
+    run(&["groups", "delete", &stream, "served", "--yes"]).code(1);
+    processor.shutdown().await.unwrap();
+
+    run(&["groups", "delete", &stream, "g"]).code(2); // no terminal to ask
+    run(&["groups", "delete", &stream, "g", "--yes"]).success();
+    let out = json_of(&["status", &stream]);
+    let groups: Vec<&str> = out[0]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["name"].as_str())
+        .collect();
+    assert_eq!(groups, ["served"]);
+
+    let completions = run(&["completions", "bash"]).success();
+    assert!(String::from_utf8_lossy(&completions.get_output().stdout).contains("_redstream"));
+}
+
+/// Waits until a live member serves the group; returns its name.
+async fn eventually_live_member(ctx: &TestContext, stream: &str, group: &str) -> String {
+    let mut found = String::new();
+    for _ in 0..100 {
+        let out = cli(ctx)
+            .args(["--json", "consumers", stream, group])
+            .assert()
+            .success();
+        let consumers = json(&out.get_output().stdout);
+        if let Some(name) = consumers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| !c["held_by"].is_null())
+            .and_then(|c| c["name"].as_str())
+        {
+            found = name.to_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!found.is_empty(), "no live member of {group}");
+    found
+}
+
+/// The group's last delivered id.
+async fn last_delivered(ctx: &TestContext, stream: &str) -> String {
+    let mut c = ctx.conn().await;
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    redis::from_redis_value::<String>(groups[0]["last-delivered-id"].clone()).unwrap()
+}

@@ -17,6 +17,7 @@
 
 mod dlq;
 mod groups;
+mod manage;
 mod output;
 mod pending;
 mod trim;
@@ -24,7 +25,7 @@ mod trim;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use redis::{AsyncConnectionConfig, ErrorKind};
 use redstream::broker::admin::StreamInfo;
 use redstream::{Admin, RedisBroker, RedisUrl, Settings};
@@ -70,12 +71,31 @@ enum Command {
     /// redstream uses on it, and settings that can lose stream data.
     Server,
     /// The consumers (member names) of a group: live or stale, which
-    /// process holds each, idle time, pending entries.
-    Consumers {
+    /// process holds each, idle time, pending entries (`consumers <stream>
+    /// <group>`); or `consumers remove`.
+    Consumers(ConsumersArgs),
+    /// Create or delete consumer groups.
+    #[command(subcommand)]
+    Groups(manage::GroupsCommand),
+    /// Move a group's position (Kafka's `--reset-offsets`): re-read from a
+    /// time, an id or the start, or skip to the end. Refused while live
+    /// members serve the group, unless `--force`; asks first, unless
+    /// `--yes`; `--dry-run` says how many entries are re-read or skipped.
+    Seek {
         /// The stream.
         stream: String,
         /// The group.
         group: String,
+        #[command(flatten)]
+        target: manage::Target,
+        #[command(flatten)]
+        flags: manage::SeekFlags,
+    },
+    /// Print a shell completion script (`redstream completions bash >
+    /// /etc/bash_completion.d/redstream`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// The pending entries of a group: owner, idle time, attempts, next
     /// retry, event type, last error.
@@ -116,6 +136,20 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// `consumers <stream> <group>`, or `consumers remove …`.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct ConsumersArgs {
+    #[command(subcommand)]
+    action: Option<manage::ConsumersCommand>,
+    /// The stream.
+    #[arg(required = true)]
+    stream: Option<String>,
+    /// The group.
+    #[arg(required = true)]
+    group: Option<String>,
 }
 
 /// Why a command failed, and its exit code.
@@ -280,14 +314,41 @@ fn connect_failure(shown: &str, e: &redis::RedisError) -> Option<Failure> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "redstream",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
     let broker = connect(&cli).await?;
     let json = cli.json;
     match cli.command {
         Command::Status { pattern } => groups::status(&broker, &pattern, json).await,
         Command::Server => groups::server(&broker, json).await,
-        Command::Consumers { stream, group } => {
-            groups::consumers(&broker, &stream, &group, json).await
-        }
+        Command::Consumers(ConsumersArgs {
+            action: Some(action),
+            ..
+        }) => manage::consumers(&broker, action, json).await,
+        Command::Consumers(ConsumersArgs {
+            stream: Some(stream),
+            group: Some(group),
+            ..
+        }) => groups::consumers(&broker, &stream, &group, json).await,
+        Command::Consumers(_) => Err(Failure::Usage(
+            "consumers <stream> <group>, or consumers remove <stream> <group> <consumer>"
+                .to_owned(),
+        )),
+        Command::Groups(command) => manage::groups(&broker, command, json).await,
+        Command::Seek {
+            stream,
+            group,
+            target,
+            flags,
+        } => manage::seek(&broker, &stream, &group, &target, flags, json).await,
+        Command::Completions { .. } => Ok(()),
         Command::Pending {
             stream,
             group,

@@ -8,7 +8,8 @@ use super::reply::{int, parse_entries, text, unexpected};
 use super::{RedisBroker, attempts_key, error_field, lease_prefix, retry_key, server_ms};
 use crate::broker::PENDING_SAMPLE;
 use crate::broker::admin::{
-    Admin, ConsumerInfo, GroupInfo, PendingEntry, StreamInfo, TrimPlan, next_id, parse_id,
+    Admin, ConsumerInfo, GroupInfo, ORPHANS, PendingEntry, RemovedConsumer, SeekPlan, SeekTo,
+    StreamInfo, TrimPlan, next_id, parse_id, previous_id,
 };
 use crate::error::Result;
 use crate::wire::{RawEntry, dead_letter_stream, field};
@@ -44,6 +45,21 @@ fn millis(d: std::time::Duration) -> u64 {
 }
 
 impl RedisBroker {
+    /// Entries with ids after `low` and up to `high`, counted a page at a
+    /// time.
+    async fn count_between(&self, stream: &str, low: &str, high: &str) -> Result<u64> {
+        let mut count = 0u64;
+        let mut start = format!("({low}");
+        loop {
+            let page = self.range(stream, &start, high, COUNT_PAGE).await?;
+            count += page.len() as u64;
+            match page.last() {
+                Some(last) if page.len() == COUNT_PAGE => start = format!("({}", last.id),
+                _ => return Ok(count),
+            }
+        }
+    }
+
     /// Fills in redstream's details of pending entries: attempts and last
     /// error (the attempts hash), retry time (the retry schedule) and event
     /// type (the entry itself), in one round trip.
@@ -408,6 +424,107 @@ impl Admin for RedisBroker {
             .query_async(&mut self.conn())
             .await?;
         parse_entries(reply)
+    }
+
+    async fn create_group(&self, stream: &str, group: &str, from: &str) -> Result<bool> {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg(from)
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match created {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
+        let destroyed: redis::RedisResult<(u64,)> = redis::pipe()
+            .cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(stream)
+            .arg(group)
+            .cmd("DEL")
+            .arg(retry_key(stream, group))
+            .arg(attempts_key(stream, group))
+            .ignore()
+            .query_async(&mut self.conn())
+            .await;
+        match destroyed {
+            Ok((n,)) => Ok(n > 0),
+            Err(e) if no_such_key(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn remove_consumer(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<RemovedConsumer> {
+        let moved: u64 = self
+            .inner
+            .scripts
+            .remove_consumer
+            .key(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(ORPHANS)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(RemovedConsumer {
+            name: consumer.to_owned(),
+            moved,
+        })
+    }
+
+    async fn seek_plan(&self, stream: &str, group: &str, to: &SeekTo) -> Result<Option<SeekPlan>> {
+        let info = self.stream_info(stream).await?;
+        let Some(g) = info
+            .as_ref()
+            .and_then(|i| i.groups.iter().find(|g| g.name == group))
+        else {
+            return Ok(None);
+        };
+        let to_id = match to {
+            SeekTo::Start => "0-0".to_owned(),
+            SeekTo::End => info
+                .as_ref()
+                .and_then(|i| i.last_id.clone())
+                .unwrap_or_else(|| "0-0".to_owned()),
+            SeekTo::AfterId(id) => id.clone(),
+            SeekTo::Time(ms) => previous_id(&format!("{ms}-0")).unwrap_or_else(|| "0-0".to_owned()),
+        };
+        let from_id = g.last_delivered_id.clone();
+        let (low, high) = match (parse_id(&from_id), parse_id(&to_id)) {
+            (Some(f), Some(t)) if t < f => (&to_id, &from_id),
+            _ => (&from_id, &to_id),
+        };
+        let between = self.count_between(stream, low, high).await?;
+        let rereads = parse_id(&to_id) < parse_id(&from_id);
+        Ok(Some(SeekPlan {
+            reread: if rereads { between } else { 0 },
+            skipped: if rereads { 0 } else { between },
+            pending: g.pending,
+            from_id,
+            to_id,
+        }))
+    }
+
+    async fn seek(&self, stream: &str, group: &str, to_id: &str) -> Result<()> {
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("SETID").arg(stream).arg(group).arg(to_id);
+        if to_id == "0-0" {
+            // Everything is undelivered again: the lag is the length.
+            cmd.arg("ENTRIESREAD").arg(0);
+        }
+        let _: () = cmd.query_async(&mut self.conn()).await?;
+        Ok(())
     }
 
     async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64> {

@@ -227,6 +227,25 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
 return 1
 "#;
 
+/// Removes a consumer without dropping what it holds: its pending entries
+/// are first claimed by ARGV[3] (the orphans consumer) keeping their idle
+/// time and delivery count, so the reclaimer hands them on; then
+/// `DELCONSUMER`. KEYS = stream; ARGV = group, consumer, orphans. Returns
+/// how many entries moved.
+pub(super) const REMOVE_CONSUMER_LUA: &str = r#"
+local moved = 0
+while true do
+  local rows = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
+  if #rows == 0 then break end
+  for _, r in ipairs(rows) do
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, r[1], 'IDLE', r[3], 'RETRYCOUNT', r[4], 'FORCE', 'JUSTID')
+    moved = moved + 1
+  end
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return moved
+"#;
+
 pub(super) struct Scripts {
     pub(super) ack_delete: Script,
     pub(super) heartbeat: Script,
@@ -234,6 +253,7 @@ pub(super) struct Scripts {
     pub(super) dead_letter: Script,
     pub(super) claim_due: Script,
     pub(super) schedule_retries: Script,
+    pub(super) remove_consumer: Script,
     pub(super) lease_acquire: Script,
     pub(super) lease_release: Script,
     pub(super) latest_put: Script,
@@ -248,6 +268,7 @@ impl Scripts {
             remove_idle_consumers: Script::new(REMOVE_IDLE_CONSUMERS_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
             schedule_retries: Script::new(SCHEDULE_RETRIES_LUA),
+            remove_consumer: Script::new(REMOVE_CONSUMER_LUA),
             lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
             lease_release: Script::new(LEASE_RELEASE_LUA),
             latest_put: Script::new(LATEST_PUT_LUA),
