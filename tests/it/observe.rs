@@ -67,9 +67,10 @@ async fn metrics_show_known_traffic() {
     )
     .await;
     // The gauges come from the pending check (every 100 ms in tests).
+    let by_stream = [("stream", stream.as_str())];
     eventually(Duration::from_secs(5), "gauges updated", || async {
         let text = prometheus.render();
-        sample(&text, "redstream_dead_letters", &labels) == Some(2.0)
+        sample(&text, "redstream_dead_letters", &by_stream) == Some(2.0)
             && sample(&text, "redstream_group_pending", &labels) == Some(0.0)
     })
     .await;
@@ -103,11 +104,150 @@ async fn metrics_show_known_traffic() {
         Some(26.0)
     );
     assert_eq!(sample(&text, "redstream_group_lag", &labels), Some(0.0));
+    // Restarts and lost entries per member, one series each.
+    let status = processor.group_status(&stream, "g").await.unwrap();
+    for m in &status.members {
+        let member = [
+            ("stream", stream.as_str()),
+            ("group", "g"),
+            ("member", m.name.as_str()),
+        ];
+        for name in [
+            "redstream_consumer_restarts_total",
+            "redstream_ownership_lost_total",
+        ] {
+            assert_eq!(sample(&text, name, &member), Some(0.0), "{name} {member:?}");
+        }
+    }
     assert_eq!(
-        sample(&text, "redstream_consumer_restarts_total", &labels),
-        Some(0.0)
+        series(&text, "redstream_consumer_restarts_total", &stream).len(),
+        status.members.len()
+    );
+    assert_eq!(
+        sample(&text, "redstream_group_members", &labels),
+        Some(status.members.len() as f64)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "redstream_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
     );
     assert!(sample(&text, "redstream_producer_capacity", &[]).is_some());
+    processor.shutdown().await.unwrap();
+    let text = prometheus.render();
+    assert_eq!(
+        sample(&text, "redstream_group_members", &labels),
+        Some(0.0),
+        "no member runs once stopped"
+    );
+}
+
+/// The sample lines of metric `name` (not of its `_total`, `_count`…
+/// relatives) whose labels mention `stream`.
+fn series<'a>(text: &'a str, name: &str, stream: &str) -> Vec<&'a str> {
+    let quoted = format!("stream=\"{stream}\"");
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+                && line.contains(&quoted)
+        })
+        .collect()
+}
+
+/// Two groups read one stream and dead-letter every event into its one
+/// dead-letter stream: one `redstream_dead_letters` series for the stream
+/// (summing it over groups no longer counts the DLQ twice). A handler panic
+/// restarts one member: its `member` series counts it, its sibling's not.
+#[actix_rt::test]
+async fn metrics_count_one_dlq_per_stream_and_restarts_per_member() {
+    let prometheus = prometheus();
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("fanned");
+    let a = handler_fn(|v: serde_json::Value, meta: Meta| async move {
+        if v["n"] == 0 && meta.attempt() == 1 {
+            panic!("poison for group a");
+        }
+        Ok(Outcome::dead_letter("not wanted by a"))
+    });
+    let b = handler_fn(|_: serde_json::Value, _: Meta| async {
+        Ok(Outcome::dead_letter("not wanted by b"))
+    });
+    let processor = Processor::builder(ctx.settings())
+        .group(Group::new(&stream, "a", a).with_members(2))
+        .group(Group::new(&stream, "b", b).with_members(1))
+        .start()
+        .await
+        .unwrap();
+    let events = (0..4).map(numbered).collect();
+    processor
+        .producer()
+        .publish_batch(&stream, events)
+        .await
+        .unwrap();
+    let dlq = redstream::dead_letter_stream(&stream);
+    eventually(Duration::from_secs(10), "8 dead letters", || async {
+        ctx.xlen(&dlq).await == 8
+    })
+    .await;
+    let by_stream = [("stream", stream.as_str())];
+    eventually(Duration::from_secs(5), "the gauge shows 8", || async {
+        sample(&prometheus.render(), "redstream_dead_letters", &by_stream) == Some(8.0)
+    })
+    .await;
+    let text = prometheus.render();
+    let dead_letters = series(&text, "redstream_dead_letters", &stream);
+    assert_eq!(
+        dead_letters.len(),
+        1,
+        "one series per stream: {dead_letters:?}"
+    );
+    assert!(!dead_letters[0].contains("group="), "{dead_letters:?}");
+
+    let status = processor.group_status(&stream, "a").await.unwrap();
+    let crashed = status
+        .members
+        .iter()
+        .find(|m| m.restarts == 1)
+        .unwrap_or_else(|| panic!("one member of a restarted: {status:?}"));
+    let restarts = |member: &str| {
+        sample(
+            &text,
+            "redstream_consumer_restarts_total",
+            &[
+                ("stream", stream.as_str()),
+                ("group", "a"),
+                ("member", member),
+            ],
+        )
+    };
+    for m in &status.members {
+        let expected = if m.name == crashed.name { 1.0 } else { 0.0 };
+        assert_eq!(restarts(&m.name), Some(expected), "{}: {text}", m.name);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "both members of a running",
+        || async {
+            let text = prometheus.render();
+            sample(
+                &text,
+                "redstream_group_members",
+                &[("stream", stream.as_str()), ("group", "a")],
+            ) == Some(2.0)
+                && sample(
+                    &text,
+                    "redstream_group_members",
+                    &[("stream", stream.as_str()), ("group", "b")],
+                ) == Some(1.0)
+        },
+    )
+    .await;
     processor.shutdown().await.unwrap();
 }
 

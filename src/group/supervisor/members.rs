@@ -34,6 +34,7 @@ impl GroupSupervisor {
         });
         slot.addr = Some(addr.clone());
         slot.started_at = Instant::now();
+        self.members_changed();
         if self.lifecycle.reads_paused() {
             ctx.spawn(
                 addr.send(SetPaused(true))
@@ -42,6 +43,12 @@ impl GroupSupervisor {
                     .in_span(&self.runtime.span),
             );
         }
+    }
+
+    /// After a member started or stopped: the members gauge.
+    pub(super) fn members_changed(&mut self) {
+        let running = self.members.iter().filter(|s| s.addr.is_some()).count();
+        self.runtime.metrics.members.set(running as f64);
     }
 
     /// Restarts a member once every write its last run caused has settled,

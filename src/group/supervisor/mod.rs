@@ -388,11 +388,18 @@ impl Handler<ConsumerStopped> for GroupSupervisor {
             return;
         }
         slot.addr = None;
-        if !self.lifecycle.runs_members() || slot.lease_lost {
+        let lease_lost = slot.lease_lost;
+        self.members_changed();
+        if !self.lifecycle.runs_members() || lease_lost {
             return;
         }
+        let slot = &mut self.members[msg.member];
         slot.restarts += 1;
-        self.runtime.metrics.restarts.increment(1);
+        self.runtime
+            .metrics
+            .member(msg.member)
+            .restarts
+            .increment(1);
         let description = describe(&msg.exit);
         slot.last_error = Some(description.clone());
         if slot.started_at.elapsed() >= self.runtime.options.restart.healthy_run {
@@ -535,7 +542,8 @@ impl Handler<StopGroup> for GroupSupervisor {
             }
             .into_actor(act)
         })
-        .map(|report, _act, ctx| {
+        .map(|report, act, ctx| {
+            act.runtime.metrics.members.set(0.0);
             tracing::info!(
                 released = report.released, settled = report.settled,
                 "group stopped",
