@@ -35,6 +35,9 @@ pub struct GroupStatus {
     pub dead_letters: Option<u64>,
     /// Age of the oldest pending entry in milliseconds, at the last check.
     pub oldest_pending_ms: Option<u64>,
+    /// How long, in milliseconds, no member of the group has been running
+    /// in this process; `None` while at least one runs.
+    pub no_member_for_ms: Option<u64>,
 }
 
 impl GroupStatus {
@@ -46,6 +49,11 @@ impl GroupStatus {
     /// Whether every member's consumer is running.
     pub fn all_alive(&self) -> bool {
         self.members.iter().all(|m| m.alive)
+    }
+
+    /// How many members' consumers are running.
+    pub fn running(&self) -> usize {
+        self.members.iter().filter(|m| m.alive).count()
     }
 }
 

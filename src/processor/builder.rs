@@ -340,6 +340,7 @@ fn start_groups(
             stream: Arc::clone(rt.target.stream_arc()),
             group: Arc::clone(rt.target.name_arc()),
             addr: supervisor,
+            unready_after: rt.options.unready_after,
         });
     }
     groups

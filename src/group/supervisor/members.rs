@@ -45,10 +45,16 @@ impl GroupSupervisor {
         }
     }
 
-    /// After a member started or stopped: the members gauge.
+    /// After a member started or stopped: the members gauge, and since when
+    /// none runs (for readiness, `supervision.unready_after_ms`).
     pub(super) fn members_changed(&mut self) {
         let running = self.members.iter().filter(|s| s.addr.is_some()).count();
         self.runtime.metrics.members.set(running as f64);
+        if running > 0 {
+            self.no_member_since = None;
+        } else if self.no_member_since.is_none() {
+            self.no_member_since = Some(Instant::now());
+        }
     }
 
     /// Restarts a member once every write its last run caused has settled,

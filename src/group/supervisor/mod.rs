@@ -153,6 +153,8 @@ pub(crate) struct GroupSupervisor {
     last_pending: Option<PendingSummary>,
     lease: Lease,
     counters: Counters,
+    /// Since when no member has been running (`None` while one runs).
+    no_member_since: Option<Instant>,
 }
 
 impl GroupSupervisor {
@@ -192,6 +194,8 @@ impl GroupSupervisor {
             last_pending: None,
             lease,
             counters: Counters::default(),
+            // Members start once the first pending check is done.
+            no_member_since: Some(Instant::now()),
         }
     }
 
@@ -310,6 +314,9 @@ impl GroupSupervisor {
                 .as_ref()
                 .and_then(|p| p.oldest_age)
                 .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+            no_member_for_ms: self
+                .no_member_since
+                .map(|since| u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)),
         }
     }
 }
