@@ -7,7 +7,7 @@ use std::time::Duration;
 use redstream::prelude::*;
 use redstream::{CheckStatus, Health, HealthCheck};
 
-use crate::support::{TestContext, eventually, numbered, start_group};
+use crate::support::{TestContext, eventually, numbered, publish_all, start_group};
 
 /// The process-wide Prometheus recorder (one per test binary).
 fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
@@ -185,12 +185,12 @@ async fn metrics_count_one_dlq_per_stream_and_restarts_per_member() {
         .start()
         .await
         .unwrap();
-    let events = (0..4).map(numbered).collect();
-    processor
-        .producer()
-        .publish_batch(&stream, events)
-        .await
-        .unwrap();
+    publish_all(
+        &processor.producer(),
+        &stream,
+        (0..4).map(numbered).collect(),
+    )
+    .await;
     let dlq = redstream::dead_letter_stream(&stream);
     eventually(Duration::from_secs(10), "8 dead letters", || async {
         ctx.xlen(&dlq).await == 8
@@ -364,12 +364,12 @@ async fn a_restarting_member_leaves_readiness_true_and_shows_degraded() {
         h.ready && !h.degraded && group_check(&h, &stream).status == CheckStatus::Ok
     })
     .await;
-    let events = (0..6).map(numbered).collect();
-    processor
-        .producer()
-        .publish_batch(&stream, events)
-        .await
-        .unwrap();
+    publish_all(
+        &processor.producer(),
+        &stream,
+        (0..6).map(numbered).collect(),
+    )
+    .await;
 
     // Watch the restart: every answer is ready; one is degraded.
     let started = std::time::Instant::now();
