@@ -17,6 +17,7 @@
 //! open http://127.0.0.1:8080/ops/status
 //! ```
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -98,6 +99,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "warn,redstream=info".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     // The application installs the recorder, before the processor starts.
     let prometheus = redstream::metrics::install_prometheus()?;

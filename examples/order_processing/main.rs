@@ -13,6 +13,8 @@
 //! cargo run --example order_processing produce --count N      # publish N valid orders
 //! ```
 //!
+//! Logs go to stderr (`RUST_LOG` filters them), summaries to stdout.
+//!
 //! Settings come from `settings/` and `REDSTREAM__…` variables: Redis from
 //! `REDSTREAM__REDIS__URL`, the database from `REDSTREAM__DATABASE__URL`
 //! (default: the SQLite file `redstream.db` in the working directory;
@@ -24,6 +26,7 @@
 
 mod orders;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -87,6 +90,8 @@ async fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "warn,redstream=info".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {

@@ -48,6 +48,7 @@
 mod saga;
 mod world;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -110,13 +111,14 @@ fn number(args: &[String], name: &str) -> Result<Option<u64>, AnyError> {
 #[actix::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // Transient failures are expected here: keep the library's
                 // per-entry retry warnings out of the way.
                 .unwrap_or_else(|_| "warn,redstream=error".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {

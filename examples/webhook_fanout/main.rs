@@ -47,6 +47,7 @@ mod retention;
 mod webhooks;
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,6 +129,8 @@ async fn main() -> ExitCode {
                 // library's per-entry warnings out of the summary.
                 .unwrap_or_else(|_| "warn,redstream=error".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run().await {
         Ok(code) => code,
