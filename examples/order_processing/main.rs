@@ -11,6 +11,7 @@
 //! cargo run --example order_processing                        # demo: publish a few hundred orders (some invalid, some duplicated), process them, print a summary, exit
 //! cargo run --example order_processing consume [--members N]  # run the consumers until SIGINT/SIGTERM, then stop gracefully
 //! cargo run --example order_processing produce --count N      # publish N valid orders
+//! cargo run --example order_processing -- --help              # usage
 //! ```
 //!
 //! Logs go to stderr (`RUST_LOG` filters them), summaries to stdout.
@@ -38,6 +39,22 @@ use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFi
 use orders::{GROUP, ORDER_CREATED, Orders, order, sample_order};
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+const USAGE: &str = "\
+usage: order_processing [consume [--members N] | produce --count N]
+
+  (no argument)        demo: publish a few hundred orders (some invalid, some
+                       duplicated), process them, print a summary, exit
+  consume              run the consumers until SIGINT/SIGTERM, then stop
+                       gracefully (--members N, or ORDERS_MEMBERS; default 4)
+  produce --count N    publish N valid orders
+  -h, --help           this text
+
+Redis from REDSTREAM__REDIS__URL, the database from REDSTREAM__DATABASE__URL
+(default: the SQLite file redstream.db); streams ORDERS_STREAM (orders) and
+ORDER_EVENTS_STREAM (order-events). Logs go to stderr (RUST_LOG), summaries
+to stdout.
+";
 
 struct Config {
     orders_stream: String,
@@ -96,12 +113,16 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         None => demo(&args).await,
+        Some("-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
         Some("consume") => consume(&args).await,
         Some("produce") => produce(&args).await,
-        Some(other) => Err(format!(
-            "unknown mode `{other}`: use no argument, `consume` or `produce --count N`"
-        )
-        .into()),
+        Some(other) => {
+            eprint!("error: unknown mode `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(code) => code,

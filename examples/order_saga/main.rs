@@ -36,6 +36,7 @@
 //! cargo run --example order_saga consume [--members N]         # run the five steps until SIGINT/SIGTERM
 //! cargo run --example order_saga produce --count N [--seed S]  # open a run: accounts, stock, N orders placed
 //! cargo run --example order_saga check [--run RUN]             # check the books (of one run, or all); exit 0 iff they balance
+//! cargo run --example order_saga -- --help                     # usage
 //! ```
 //!
 //! Settings come from `settings/` and `REDSTREAM__…` variables: Redis from
@@ -58,6 +59,26 @@ use redstream::{GroupStatus, ProcessorBuilder, dead_letter_stream};
 use saga::{Inventory, Payment, Refund, Release, Shipping, Streams};
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+const USAGE: &str = "\
+usage: order_saga [--orders N] [--seed S]
+       order_saga consume [--members N]
+       order_saga produce --count N [--seed S]
+       order_saga check [--run RUN]
+
+  (no mode)    demo: N seeded orders (default 300, seed 20), a summary, the
+               invariants checked; exit 0 only if they hold
+  consume      run the five steps until SIGINT/SIGTERM (--members N, or
+               SAGA_MEMBERS; default 2 per step)
+  produce      open a run: accounts, stock, N orders placed
+  check        check the books (of one run, or all); exit 0 only if they
+               balance
+  -h, --help   this text
+
+Redis from REDSTREAM__REDIS__URL, the database from REDSTREAM__DATABASE__URL
+(default: the SQLite file redstream.db); SAGA_STREAM_PREFIX (default saga)
+names the streams. Logs go to stderr (RUST_LOG), summaries to stdout.
+";
 
 struct Config {
     streams: Streams,
@@ -122,15 +143,19 @@ async fn main() -> ExitCode {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        _ if args.iter().any(|a| a == "-h" || a == "--help") => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
         None => demo(&args).await,
         Some(a) if a.starts_with("--") => demo(&args).await,
         Some("consume") => consume(&args).await,
         Some("produce") => produce(&args).await,
         Some("check") => check(&args).await,
-        Some(other) => Err(format!(
-            "unknown mode `{other}`: use no argument, `consume`, `produce --count N` or `check`"
-        )
-        .into()),
+        Some(other) => {
+            eprint!("error: unknown mode `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(code) => code,

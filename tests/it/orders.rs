@@ -241,3 +241,54 @@ on_both_databases!(
     a_killed_consumer_restarts_with_every_order_exactly_once_postgres,
     kill9_mid_run_then_restart
 );
+
+/// The example run as a user runs it: no `RUST_LOG` (its default filter),
+/// stdout and stderr captured (pipes, not a terminal), a SQLite file in a
+/// temporary directory, the test's streams.
+fn run_as_user(ctx: &TestContext, args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    let binary = build_example("order_processing", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("REDSTREAM__REDIS__URL", &ctx.url)
+        .env(
+            "REDSTREAM__DATABASE__URL",
+            format!("sqlite://{}/orders.db?mode=rwc", dir.path().display()),
+        )
+        .env(
+            "REDSTREAM__INSTANCE__NAME",
+            format!("user-{}", &ctx.prefix[ctx.prefix.len() - 6..]),
+        )
+        .env("ORDERS_STREAM", ctx.stream("orders"))
+        .env("ORDER_EVENTS_STREAM", ctx.stream("order-events"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run the example")
+}
+
+/// `--help` and `-h` print the usage on stdout and exit 0; an unknown mode
+/// is bad usage (2), with the usage on stderr.
+#[actix_rt::test]
+async fn help_prints_usage_and_exits_0() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    for flag in ["--help", "-h"] {
+        let output = run_as_user(&ctx, &[flag], &[]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{flag}: {output:?}");
+        assert!(stdout.starts_with("usage: order_processing"), "{stdout}");
+        assert!(stdout.contains("produce --count N"), "{stdout}");
+    }
+    let output = run_as_user(&ctx, &["--bogus"], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        stderr.contains("unknown mode `--bogus`") && stderr.contains("usage:"),
+        "{stderr}"
+    );
+}
