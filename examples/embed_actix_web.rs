@@ -107,10 +107,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let settings = Settings::load()?;
     let audit = Arc::new(Audit::default());
     // Started once, before HttpServer::new: the app factory runs per worker.
+    let redis = settings.redis.url.clone();
     let processor = Processor::builder(settings)
         .group(Group::new(STREAM, "order-audit", Arc::clone(&audit)).with_members(2))
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let handle = processor.handle();
     let producer = web::Data::new(processor.producer());
     let listen = std::env::var("LISTEN_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_owned());

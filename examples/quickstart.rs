@@ -62,12 +62,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stream = "examples:quickstart:payments";
     let payments = Arc::new(Payments::default());
 
+    let redis = settings.redis.url.clone(); // shown without its password
     let processor = Processor::builder(settings)
         // One group reads this stream, so trimming by length is safe.
         .stream_max_len(stream, 1_000)
         .group(Group::new(stream, "ledger", Arc::clone(&payments)).with_members(2))
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
 
     let events: Vec<Event> = (0..100)
         .map(|i| {

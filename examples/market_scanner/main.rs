@@ -133,9 +133,14 @@ async fn main() -> ExitCode {
 async fn run(args: &[String]) -> Result<(), AnyError> {
     let config = config(args)?;
     let settings = Settings::load()?;
-    let store = Store::connect(&settings.database).await?;
+    let store = Store::connect(&settings.database)
+        .await
+        .map_err(|e| format!("database at {}: {e}", settings.database.url))?;
     market::create_tables(store.connection()).await?;
-    let broker = RedisBroker::connect(&settings.redis, "market-scanner").await?;
+    let redis = settings.redis.url.clone();
+    let broker = RedisBroker::connect(&settings.redis, "market-scanner")
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let latest = LatestValues::new(&broker, &config.latest_key);
 
     let mut builder = Processor::builder(settings).group(Group::transactional(
@@ -149,7 +154,10 @@ async fn run(args: &[String]) -> Result<(), AnyError> {
     for schedule in market::schedules(&config.stream, &config.watchlist, config.seed) {
         builder = builder.schedule(schedule);
     }
-    let processor = builder.start().await?;
+    let processor = builder
+        .start()
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     println!(
         "scanning {} on stream `{}` (group `{GROUP}`, latest values in `{}`); {}",
         config.watchlist.join(", "),

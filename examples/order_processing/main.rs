@@ -137,6 +137,7 @@ async fn start(settings: Settings, config: &Config, store: &Store) -> Result<Pro
     let handler = Orders {
         confirmations: config.events_stream.clone(),
     };
+    let redis = settings.redis.url.clone();
     let processor = Processor::builder(settings)
         .outbox(store)
         .group(
@@ -144,13 +145,16 @@ async fn start(settings: Settings, config: &Config, store: &Store) -> Result<Pro
                 .with_members(config.members),
         )
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     Ok(processor)
 }
 
 async fn connect() -> Result<(Settings, Store), AnyError> {
     let settings = Settings::load()?;
-    let store = Store::connect(&settings.database).await?;
+    let store = Store::connect(&settings.database)
+        .await
+        .map_err(|e| format!("database at {}: {e}", settings.database.url))?;
     // A role without DDL rights (`database.migrate = false`) finds the
     // table made by the role that ran the migrations.
     if settings.database.migrate {
@@ -181,7 +185,11 @@ async fn produce(args: &[String]) -> Result<ExitCode, AnyError> {
     let config = config(args)?;
     let count = flag(args, "--count")?.ok_or("produce needs --count N")?;
     let settings = Settings::load()?;
-    let processor = Processor::builder(settings).start().await?;
+    let redis = settings.redis.url.clone();
+    let processor = Processor::builder(settings)
+        .start()
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let events = (0..count)
         .map(|i| {

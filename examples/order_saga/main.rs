@@ -184,7 +184,9 @@ fn groups(builder: ProcessorBuilder, config: &Config, store: &Store) -> Processo
 }
 
 async fn connect(settings: &Settings) -> Result<Store, AnyError> {
-    let store = Store::connect(&settings.database).await?;
+    let store = Store::connect(&settings.database)
+        .await
+        .map_err(|e| format!("database at {}: {e}", settings.database.url))?;
     saga::create_tables(store.connection()).await?;
     Ok(store)
 }
@@ -194,9 +196,11 @@ async fn consume(args: &[String]) -> Result<ExitCode, AnyError> {
     let config = config(args)?;
     let settings = Settings::load()?;
     let store = connect(&settings).await?;
+    let redis = settings.redis.url.clone();
     let processor = groups(Processor::builder(settings).outbox(&store), &config, &store)
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     println!(
         "consuming the saga's streams `{}` … with {} members per step; Ctrl-C to stop",
         config.streams.orders, config.members
@@ -217,7 +221,12 @@ async fn produce(args: &[String]) -> Result<ExitCode, AnyError> {
     let seed = number(args, "--seed")?.unwrap_or_else(rand::random);
     let settings = Settings::load()?;
     let store = connect(&settings).await?;
-    let processor = Processor::builder(settings).outbox(&store).start().await?;
+    let redis = settings.redis.url.clone();
+    let processor = Processor::builder(settings)
+        .outbox(&store)
+        .start()
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let run = ulid::Ulid::new().to_string().to_lowercase();
     world::open(
         store.connection(),
@@ -265,9 +274,11 @@ async fn demo(args: &[String]) -> Result<ExitCode, AnyError> {
     settings.retry.max_delay_ms = settings.retry.max_delay_ms.min(2_000);
     let store = connect(&settings).await?;
     let started = Instant::now();
+    let redis = settings.redis.url.clone();
     let processor = groups(Processor::builder(settings).outbox(&store), &config, &store)
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let plan = world::plan(&run, seed, count);
     let glitched = plan

@@ -237,8 +237,9 @@ async fn set_enabled(store: &Store, name: &str, enabled: bool) -> Result<ExitCod
 async fn run() -> Result<ExitCode, AnyError> {
     let args = <Cli as clap::Parser>::parse();
     let settings = Settings::load()?;
+    let database = |e: redstream::Error| format!("database at {}: {e}", settings.database.url);
     if let Some(Command::Endpoints(command)) = args.command {
-        let store = Store::connect(&settings.database).await?;
+        let store = Store::connect(&settings.database).await.map_err(database)?;
         webhooks::create_tables(store.connection()).await?;
         return manage(&store, command).await;
     }
@@ -250,7 +251,7 @@ async fn run() -> Result<ExitCode, AnyError> {
         Err(_) => 7,
     };
 
-    let store = Store::connect(&settings.database).await?;
+    let store = Store::connect(&settings.database).await.map_err(database)?;
     webhooks::create_tables(store.connection()).await?;
 
     // The receivers. The healthy one checks signatures and answers 401 to
@@ -335,7 +336,12 @@ async fn run() -> Result<ExitCode, AnyError> {
         members: 2,
         in_flight: 16,
     };
-    let admin = Arc::new(RedisBroker::connect(&settings.redis, "webhook-retention").await?);
+    let redis = settings.redis.url.clone();
+    let admin = Arc::new(
+        RedisBroker::connect(&settings.redis, "webhook-retention")
+            .await
+            .map_err(|e| format!("Redis at {redis}: {e}"))?,
+    );
     let mut builder = Processor::builder(settings.clone()).outbox(&store);
     // The demo's groups start at the end of `orders`, so a first run does
     // not deliver the stream's history to these loopback receivers.
@@ -345,7 +351,10 @@ async fn run() -> Result<ExitCode, AnyError> {
     for group in wiring.delivery_groups(&store)? {
         builder = builder.group(group);
     }
-    let processor = builder.start().await?;
+    let processor = builder
+        .start()
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     // New endpoints get their delivery group here, within a refresh.
     let watcher = EndpointWatcher::spawn(
         wiring.clone(),

@@ -292,3 +292,38 @@ async fn help_prints_usage_and_exits_0() {
         "{stderr}"
     );
 }
+
+/// A Redis or database that cannot be reached: the error names the address
+/// tried, without the password.
+#[actix_rt::test]
+async fn connection_errors_name_the_address_without_the_password() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    // Nothing listens on port 1.
+    let output = run_as_user(
+        &ctx,
+        &[],
+        &[(
+            "REDSTREAM__REDIS__URL",
+            "redis://app:hunter2@127.0.0.1:1".into(),
+        )],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        stderr.contains("error: Redis at redis://app:***@127.0.0.1:1: "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let missing = tempfile::tempdir().unwrap().path().join("no/such/dir");
+    let url = format!("sqlite://{}/orders.db?mode=rwc", missing.display());
+    let output = run_as_user(&ctx, &[], &[("REDSTREAM__DATABASE__URL", url.clone())]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        stderr.contains(&format!("error: database at {url}: ")),
+        "{stderr}"
+    );
+}
