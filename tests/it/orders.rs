@@ -270,6 +270,79 @@ fn run_as_user(ctx: &TestContext, args: &[&str], env: &[(&str, String)]) -> std:
     command.output().expect("run the example")
 }
 
+/// A log line of the fmt subscriber: a timestamp, then a level.
+fn is_log_line(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let stamped = words
+        .next()
+        .is_some_and(|w| w.len() > 20 && w.as_bytes()[4] == b'-' && w.contains('T'));
+    let level = words
+        .next()
+        .is_some_and(|w| ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&w));
+    stamped && level
+}
+
+/// The demo's stdout is its summary, with no log line, and counts this
+/// run's dead letters by reason; its logs go to stderr without colours
+/// (stderr is a pipe), and the expected dead letters are not one warning
+/// each there.
+#[actix_rt::test]
+async fn the_demo_prints_its_summary_on_stdout_and_logs_on_stderr() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let output = run_as_user(&ctx, &[], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("\nsummary\n"), "{stdout}");
+    assert!(
+        stdout.contains("orders processed (rows in `orders`): 300"),
+        "{stdout}"
+    );
+    let dead_lettered = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("dead-lettered:"))
+        .unwrap_or_else(|| panic!("no dead-letter count: {stdout}"));
+    assert!(dead_lettered.contains(" 30 "), "{dead_lettered}");
+    // Six of each kind of invalid order, by the reason in its letter.
+    for reason in [
+        "bad_json: EOF while parsing",
+        "bad_json: missing field `customer_id`",
+        "rejected: no items",
+        "rejected: item s: qty must be positive, got 0",
+        "rejected: item s: negative price -5",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with("6  ") && l.contains(reason)),
+            "no line `6  {reason}`: {stdout}"
+        );
+    }
+    let logged: Vec<&str> = stdout.lines().filter(|l| is_log_line(l)).collect();
+    assert!(logged.is_empty(), "log lines on stdout: {logged:?}");
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "colour codes on stdout: {stdout:?}"
+    );
+    // The logs are on stderr, plain: the group's start and stop.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| is_log_line(l) && l.contains("group started")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes on a pipe: {stderr:?}"
+    );
+    assert!(
+        !stderr.contains("dead-lettered"),
+        "the expected dead letters are counted in the summary, not logged: {stderr}"
+    );
+}
+
 /// `--help` and `-h` print the usage on stdout and exit 0; an unknown mode
 /// is bad usage (2), with the usage on stderr.
 #[actix_rt::test]
