@@ -17,6 +17,7 @@
 //! open http://127.0.0.1:8080/ops/status
 //! ```
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -98,16 +99,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "warn,redstream=info".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     // The application installs the recorder, before the processor starts.
     let prometheus = redstream::metrics::install_prometheus()?;
     let settings = Settings::load()?;
     let audit = Arc::new(Audit::default());
     // Started once, before HttpServer::new: the app factory runs per worker.
+    let redis = settings.redis.url.clone();
     let processor = Processor::builder(settings)
         .group(Group::new(STREAM, "order-audit", Arc::clone(&audit)).with_members(2))
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let handle = processor.handle();
     let producer = web::Data::new(processor.producer());
     let listen = std::env::var("LISTEN_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_owned());

@@ -10,6 +10,7 @@
 //! cargo run --example quickstart
 //! ```
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -53,18 +54,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "warn,redstream=info".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let mut settings = Settings::load()?;
     settings.retry.initial_delay_ms = 100;
     let stream = "examples:quickstart:payments";
     let payments = Arc::new(Payments::default());
 
+    let redis = settings.redis.url.clone(); // shown without its password
     let processor = Processor::builder(settings)
         // One group reads this stream, so trimming by length is safe.
         .stream_max_len(stream, 1_000)
         .group(Group::new(stream, "ledger", Arc::clone(&payments)).with_members(2))
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
 
     let events: Vec<Event> = (0..100)
         .map(|i| {

@@ -24,6 +24,9 @@ pub(crate) struct GroupHandle {
     pub(crate) stream: Arc<str>,
     pub(crate) group: Arc<str>,
     pub(crate) addr: Addr<GroupSupervisor>,
+    /// How long the group may have no member running before readiness
+    /// turns false (`supervision.unready_after_ms`).
+    pub(crate) unready_after: Duration,
 }
 
 pub(crate) struct Inner {
@@ -41,11 +44,13 @@ pub(crate) struct Inner {
 ///
 /// ```no_run
 /// # async fn demo(processor: redstream::Processor) {
+/// use redstream::CheckStatus;
+///
 /// let handle = processor.handle();
 /// let health = handle.health().await;
-/// if !health.ready {
-///     for check in health.checks.iter().filter(|c| !c.ok) {
-///         eprintln!("{}: {}", check.name, check.detail);
+/// if !health.ready || health.degraded {
+///     for check in health.checks.iter().filter(|c| c.status != CheckStatus::Ok) {
+///         eprintln!("{} {:?}: {}", check.name, check.status, check.detail);
 ///     }
 /// }
 /// # }
@@ -64,6 +69,21 @@ impl std::fmt::Debug for ProcessorHandle {
     }
 }
 
+/// How one check of a health probe came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum CheckStatus {
+    /// All is well.
+    Ok,
+    /// Working, with something to look at: a group some of whose members
+    /// are restarting (in their restart backoff). Does not make the
+    /// process unready.
+    Degraded,
+    /// Cannot do its job: the process is not ready.
+    Failed,
+}
+
 /// One check of a health probe.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -71,10 +91,24 @@ pub struct HealthCheck {
     /// What was checked: `redis`, `database`, `group <stream>/<group>`,
     /// `processor`.
     pub name: String,
-    /// Whether it passed.
+    /// How it came out.
+    pub status: CheckStatus,
+    /// Whether it passed: false only when `status` is `failed` (a degraded
+    /// check passes; kept for readers of the older answer).
     pub ok: bool,
     /// What was seen.
     pub detail: String,
+}
+
+impl HealthCheck {
+    fn new(name: &str, status: CheckStatus, detail: String) -> Self {
+        HealthCheck {
+            name: name.to_owned(),
+            status,
+            ok: status != CheckStatus::Failed,
+            detail,
+        }
+    }
 }
 
 /// The answer of a health probe.
@@ -83,9 +117,15 @@ pub struct HealthCheck {
 pub struct Health {
     /// The actor system answers (restart the process when this is false).
     pub live: bool,
-    /// Redis and every database answer (and take writes), and every group's
-    /// consumers run (send traffic only when this is true).
+    /// The process can do its job (send traffic only when this is true):
+    /// not stopping, Redis and every database answer (and take writes),
+    /// no group has failed, every supervisor answers, and every group has
+    /// had a member running within `supervision.unready_after_ms`. Members
+    /// that are restarting do not make it false (see `degraded`).
     pub ready: bool,
+    /// Some check is degraded: ready, with something to look at (members
+    /// restarting).
+    pub degraded: bool,
     /// Each check, passed or not.
     pub checks: Vec<HealthCheck>,
 }
@@ -141,15 +181,21 @@ impl ProcessorHandle {
     }
 
     /// Checks Redis, the databases and every group. Liveness only needs the
-    /// actors to answer; readiness needs everything, and is false once a
-    /// stop has begun.
+    /// actors to answer; readiness needs every check to pass (`ok` or
+    /// `degraded`), and is false once a stop has begun.
+    ///
+    /// A group is `ok` when every member runs; `degraded` while some do
+    /// not (they are in their restart backoff), or none does for less than
+    /// `supervision.unready_after_ms`; `failed` when it has given up
+    /// (policy `fail`), its supervisor does not answer, or no member has
+    /// run for `unready_after_ms` (restarts alone never take that long).
     pub async fn health(&self) -> Health {
         let mut checks = Vec::new();
         let stopping = self.is_stopping();
-        checks.push(HealthCheck {
-            name: "processor".to_owned(),
-            ok: !stopping,
-            detail: if stopping { "stopping" } else { "running" }.to_owned(),
+        checks.push(if stopping {
+            HealthCheck::new("processor", CheckStatus::Failed, "stopping".to_owned())
+        } else {
+            HealthCheck::new("processor", CheckStatus::Ok, "running".to_owned())
         });
         let redis = tokio::time::timeout(CHECK_TIMEOUT, self.inner.broker.ping()).await;
         checks.push(check(
@@ -164,6 +210,7 @@ impl ProcessorHandle {
             );
             // A full disk still answers a ping: failing writes count too.
             if let Some(outage) = store.outage() {
+                db_check.status = CheckStatus::Failed;
                 db_check.ok = false;
                 db_check.detail = format!(
                     "writes failing for {:.1} s ({} failures): {}",
@@ -178,35 +225,24 @@ impl ProcessorHandle {
         for g in &self.inner.groups {
             let name = format!("group {}/{}", g.stream, g.group);
             let answer = tokio::time::timeout(CHECK_TIMEOUT, g.addr.send(GetStatus)).await;
-            let (ok, detail) = match answer {
-                Ok(Ok(status)) if status.failed => (
-                    false,
-                    "failed: its Redis group is gone and the policy is `fail`".to_owned(),
-                ),
-                Ok(Ok(status)) => {
-                    let down: Vec<&str> = status
-                        .members
-                        .iter()
-                        .filter(|m| !m.alive)
-                        .map(|m| m.name.as_str())
-                        .collect();
-                    if down.is_empty() {
-                        (true, format!("{} members running", status.members.len()))
-                    } else {
-                        (false, format!("members not running: {}", down.join(", ")))
-                    }
-                }
+            let (status, detail) = match answer {
+                Ok(Ok(status)) => group_check(&status, g.unready_after),
                 _ => {
                     live = false;
-                    (false, "its supervisor does not answer".to_owned())
+                    (
+                        CheckStatus::Failed,
+                        "its supervisor does not answer".to_owned(),
+                    )
                 }
             };
-            checks.push(HealthCheck { name, ok, detail });
+            checks.push(HealthCheck::new(&name, status, detail));
         }
-        let ready = checks.iter().all(|c| c.ok);
+        let ready = checks.iter().all(|c| c.status != CheckStatus::Failed);
+        let degraded = checks.iter().any(|c| c.status == CheckStatus::Degraded);
         Health {
             live,
             ready,
+            degraded,
             checks,
         }
     }
@@ -217,14 +253,55 @@ impl ProcessorHandle {
 }
 
 fn check(name: &str, result: std::result::Result<Result<()>, String>) -> HealthCheck {
-    let (ok, detail) = match result {
-        Ok(Ok(())) => (true, "answers".to_owned()),
-        Ok(Err(e)) => (false, e.to_string()),
-        Err(timeout) => (false, timeout),
-    };
-    HealthCheck {
-        name: name.to_owned(),
-        ok,
-        detail,
+    match result {
+        Ok(Ok(())) => HealthCheck::new(name, CheckStatus::Ok, "answers".to_owned()),
+        Ok(Err(e)) => HealthCheck::new(name, CheckStatus::Failed, e.to_string()),
+        Err(timeout) => HealthCheck::new(name, CheckStatus::Failed, timeout),
+    }
+}
+
+/// A group's check from its status (see [`ProcessorHandle::health`]).
+fn group_check(status: &GroupStatus, unready_after: Duration) -> (CheckStatus, String) {
+    if status.failed {
+        return (
+            CheckStatus::Failed,
+            "failed: its Redis group is gone and the policy is `fail`".to_owned(),
+        );
+    }
+    let down: Vec<String> = status
+        .members
+        .iter()
+        .filter(|m| !m.alive)
+        .map(|m| match &m.last_error {
+            Some(error) => format!("{} ({} restarts, last: {error})", m.name, m.restarts),
+            None => m.name.clone(),
+        })
+        .collect();
+    if down.is_empty() {
+        return (
+            CheckStatus::Ok,
+            format!("{} members running", status.members.len()),
+        );
+    }
+    let bound = unready_after.as_millis();
+    match status.no_member_for_ms {
+        Some(for_ms) if u128::from(for_ms) >= bound => (
+            CheckStatus::Failed,
+            format!(
+                "no member running for {:.1} s (the bound is {:.1} s): {}",
+                for_ms as f64 / 1000.0,
+                bound as f64 / 1000.0,
+                down.join(", ")
+            ),
+        ),
+        _ => (
+            CheckStatus::Degraded,
+            format!(
+                "{} of {} members running; not running: {}",
+                status.running(),
+                status.members.len(),
+                down.join(", ")
+            ),
+        ),
     }
 }

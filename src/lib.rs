@@ -111,7 +111,7 @@ mod wire;
 
 pub use broker::{Admin, Broker, RedisBroker, ServerFeatures, ServerReport};
 pub use error::{BoxError, Error, Result};
-pub use handle::{Health, HealthCheck, ProcessorHandle};
+pub use handle::{CheckStatus, Health, HealthCheck, ProcessorHandle};
 pub use handler::{
     FnHandler, Handler, HandlerResult, Meta, Outcome, OwnershipLost, RetryPolicy, Schema,
     handler_fn,

@@ -484,6 +484,12 @@ pub struct SupervisionSettings {
     pub restart_min_ms: u64,
     /// Longest pause between restarts of one consumer. Default 30000.
     pub restart_max_ms: u64,
+    /// How long a group may have no member running in this process before
+    /// readiness turns false. Members that are restarting make a group
+    /// degraded, not unready; a restart waits at most `restart_max_ms`, so
+    /// this must be above it. Default 60000 (twice the default
+    /// `restart_max_ms`).
+    pub unready_after_ms: u64,
 }
 
 impl Default for SupervisionSettings {
@@ -491,6 +497,7 @@ impl Default for SupervisionSettings {
         SupervisionSettings {
             restart_min_ms: 100,
             restart_max_ms: 30_000,
+            unready_after_ms: 60_000,
         }
     }
 }
@@ -695,6 +702,15 @@ impl Settings {
             return Err(Error::settings(
                 "supervision.restart_max_ms",
                 "must not be below supervision.restart_min_ms",
+            ));
+        }
+        if s.unready_after_ms <= s.restart_max_ms {
+            return Err(Error::settings(
+                "supervision.unready_after_ms",
+                format!(
+                    "must be above supervision.restart_max_ms ({}), or a group whose members are only restarting turns unready",
+                    s.restart_max_ms
+                ),
             ));
         }
         Ok(())

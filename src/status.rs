@@ -41,6 +41,9 @@ pub struct GroupStatus {
     /// The age of the oldest entry not yet delivered to the group (queue
     /// latency), in ms, at the last check: what grows during a backlog.
     pub queue_latency_ms: Option<u64>,
+    /// How long, in milliseconds, no member of the group has been running
+    /// in this process; `None` while at least one runs.
+    pub no_member_for_ms: Option<u64>,
 }
 
 impl GroupStatus {
@@ -52,6 +55,11 @@ impl GroupStatus {
     /// Whether every member's consumer is running.
     pub fn all_alive(&self) -> bool {
         self.members.iter().all(|m| m.alive)
+    }
+
+    /// How many members' consumers are running.
+    pub fn running(&self) -> usize {
+        self.members.iter().filter(|m| m.alive).count()
     }
 }
 

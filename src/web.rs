@@ -2,7 +2,7 @@
 //!
 //! | route | answers |
 //! |---|---|
-//! | `GET …/health` | readiness: `200` when Redis, the databases and every group's consumers are fine, else `503`; JSON with each check |
+//! | `GET …/health` | readiness: `200` when the process can do its job (not stopping; Redis and the databases answer and take writes; no group failed; every group had a member running within `supervision.unready_after_ms`), else `503`; JSON with `ready`, `degraded` (members restarting) and each check with its `status` (`ok`, `degraded`, `failed`) |
 //! | `GET …/health/live` | liveness: `200` while the actors answer, else `503` |
 //! | `GET …/metrics` | the Prometheus exposition text (when a renderer is given) |
 //! | `GET …/status` | a small HTML page for people: each stream and group at a glance (lag, pending, throughput, dead letters, consumers and restarts), refreshing itself; no external assets |
@@ -197,7 +197,8 @@ const STATUS_PAGE: &str = r##"<!doctype html>
   th { background: #eef1f5; font-weight: 600; }
   #checks th, #checks td { text-align: left; }
   .members span { display: inline-block; margin: 0 .3rem .2rem 0; padding: 0 .4rem; border-radius: .6rem; background: #e6f4ea; }
-  .members span.down { background: #fce8e6; }
+  .members span.down { background: #fef7e0; }
+  .group-failed .members span.down { background: #fce8e6; }
   ul.warnings { margin: .2rem 0 1rem; }
 </style>
 </head>
@@ -231,19 +232,26 @@ function render(data, at) {
   const h = data.health;
   document.getElementById("meta").replaceChildren(
     text("span", "instance " + data.instance + " · " + data.server + " (newer commands: " + data.newer_commands + ") · up " + age(data.uptime_ms) + " · "),
-    text("span", h.ready ? "ready" : (data.stopping ? "stopping" : "not ready"), h.ready ? "ok" : "bad"),
+    text("span", !h.ready ? (data.stopping ? "stopping" : "not ready") : (h.degraded ? "ready, degraded" : "ready"), !h.ready ? "bad" : (h.degraded ? "warn" : "ok")),
     text("span", " · producer " + data.producer.buffered + "/" + data.producer.capacity + " buffered, " + data.producer.written + " written, " + data.producer.failed + " failed"));
   document.getElementById("warnings").replaceChildren(...data.warnings.map(w => text("li", w, "warn")));
+  const groupChecks = {};
+  h.checks.forEach(c => { groupChecks[c.name] = c.status; });
   const rows = data.groups.map(g => {
     const tr = document.createElement("tr");
     const key = g.stream + "/" + g.group;
+    if (groupChecks["group " + key] === "failed") tr.className = "group-failed";
     let rate = "–";
     if (previous && previous.rates[key] !== undefined && at > previous.at) {
       rate = ((g.acked - previous.rates[key]) * 1000 / (at - previous.at)).toFixed(1);
     }
     const members = document.createElement("td");
     members.className = "members";
-    members.replaceChildren(...g.members.map(m => text("span", m.name + " (" + m.restarts + ")", m.alive ? "" : "down")));
+    members.replaceChildren(...g.members.map(m => {
+      const el = text("span", m.name + " (" + m.restarts + ")" + (m.alive ? "" : " not running"), m.alive ? "" : "down");
+      if (m.last_error) el.title = m.last_error;
+      return el;
+    }));
     tr.replaceChildren(text("td", g.stream), text("td", g.group + (g.failed ? " (failed)" : g.paused ? " (paused)" : ""), g.failed ? "bad" : ""),
       text("td", g.lag), text("td", g.pending), text("td", g.waiting_retry), text("td", age(g.longest_pending_ms)), text("td", age(g.queue_latency_ms)),
       text("td", rate), text("td", g.acked), text("td", g.retried),
@@ -253,7 +261,8 @@ function render(data, at) {
   document.querySelector("#groups tbody").replaceChildren(...rows);
   document.querySelector("#checks tbody").replaceChildren(...h.checks.map(c => {
     const tr = document.createElement("tr");
-    tr.replaceChildren(text("td", c.name), text("td", c.ok ? "ok" : "failing", c.ok ? "ok" : "bad"), text("td", c.detail));
+    const cls = { ok: "ok", degraded: "warn", failed: "bad" }[c.status] || "bad";
+    tr.replaceChildren(text("td", c.name), text("td", c.status, cls), text("td", c.detail));
     return tr;
   }));
   const rates = {};

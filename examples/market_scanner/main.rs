@@ -27,6 +27,7 @@
 mod market;
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -116,6 +117,8 @@ async fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args).await {
@@ -130,9 +133,14 @@ async fn main() -> ExitCode {
 async fn run(args: &[String]) -> Result<(), AnyError> {
     let config = config(args)?;
     let settings = Settings::load()?;
-    let store = Store::connect(&settings.database).await?;
+    let store = Store::connect(&settings.database)
+        .await
+        .map_err(|e| format!("database at {}: {e}", settings.database.url))?;
     market::create_tables(store.connection()).await?;
-    let broker = RedisBroker::connect(&settings.redis, "market-scanner").await?;
+    let redis = settings.redis.url.clone();
+    let broker = RedisBroker::connect(&settings.redis, "market-scanner")
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let latest = LatestValues::new(&broker, &config.latest_key);
 
     let mut builder = Processor::builder(settings).group(Group::transactional(
@@ -146,7 +154,10 @@ async fn run(args: &[String]) -> Result<(), AnyError> {
     for schedule in market::schedules(&config.stream, &config.watchlist, config.seed) {
         builder = builder.schedule(schedule);
     }
-    let processor = builder.start().await?;
+    let processor = builder
+        .start()
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     println!(
         "scanning {} on stream `{}` (group `{GROUP}`, latest values in `{}`); {}",
         config.watchlist.join(", "),

@@ -11,7 +11,13 @@
 //! cargo run --example order_processing                        # demo: publish a few hundred orders (some invalid, some duplicated), process them, print a summary, exit
 //! cargo run --example order_processing consume [--members N]  # run the consumers until SIGINT/SIGTERM, then stop gracefully
 //! cargo run --example order_processing produce --count N      # publish N valid orders
+//! cargo run --example order_processing -- --help              # usage
 //! ```
+//!
+//! Logs go to stderr (`RUST_LOG` filters them), summaries to stdout. The
+//! demo's invalid orders are expected dead letters: its default filter
+//! hides the library's line per dead letter (target
+//! `redstream::dead_lettered`), and the summary counts them by reason.
 //!
 //! Settings come from `settings/` and `REDSTREAM__…` variables: Redis from
 //! `REDSTREAM__REDIS__URL`, the database from `REDSTREAM__DATABASE__URL`
@@ -24,6 +30,8 @@
 
 mod orders;
 
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -35,6 +43,22 @@ use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFi
 use orders::{GROUP, ORDER_CREATED, Orders, order, sample_order};
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+const USAGE: &str = "\
+usage: order_processing [consume [--members N] | produce --count N]
+
+  (no argument)        demo: publish a few hundred orders (some invalid, some
+                       duplicated), process them, print a summary, exit
+  consume              run the consumers until SIGINT/SIGTERM, then stop
+                       gracefully (--members N, or ORDERS_MEMBERS; default 4)
+  produce --count N    publish N valid orders
+  -h, --help           this text
+
+Redis from REDSTREAM__REDIS__URL, the database from REDSTREAM__DATABASE__URL
+(default: the SQLite file redstream.db); streams ORDERS_STREAM (orders) and
+ORDER_EVENTS_STREAM (order-events). Logs go to stderr (RUST_LOG), summaries
+to stdout.
+";
 
 struct Config {
     orders_stream: String,
@@ -82,21 +106,33 @@ fn flag(args: &[String], name: &str) -> Result<Option<usize>, AnyError> {
 
 #[actix::main]
 async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // The demo's invalid orders are expected dead letters: its summary
+    // counts them, so their one line each stays out of the way.
+    let default_filter = match args.first() {
+        None => "warn,redstream=info,redstream::dead_lettered=error",
+        Some(_) => "warn,redstream=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,redstream=info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         None => demo(&args).await,
+        Some("-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
         Some("consume") => consume(&args).await,
         Some("produce") => produce(&args).await,
-        Some(other) => Err(format!(
-            "unknown mode `{other}`: use no argument, `consume` or `produce --count N`"
-        )
-        .into()),
+        Some(other) => {
+            eprint!("error: unknown mode `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(code) => code,
@@ -111,6 +147,7 @@ async fn start(settings: Settings, config: &Config, store: &Store) -> Result<Pro
     let handler = Orders {
         confirmations: config.events_stream.clone(),
     };
+    let redis = settings.redis.url.clone();
     let processor = Processor::builder(settings)
         .outbox(store)
         .group(
@@ -118,13 +155,16 @@ async fn start(settings: Settings, config: &Config, store: &Store) -> Result<Pro
                 .with_members(config.members),
         )
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     Ok(processor)
 }
 
 async fn connect() -> Result<(Settings, Store), AnyError> {
     let settings = Settings::load()?;
-    let store = Store::connect(&settings.database).await?;
+    let store = Store::connect(&settings.database)
+        .await
+        .map_err(|e| format!("database at {}: {e}", settings.database.url))?;
     // A role without DDL rights (`database.migrate = false`) finds the
     // table made by the role that ran the migrations.
     if settings.database.migrate {
@@ -155,7 +195,11 @@ async fn produce(args: &[String]) -> Result<ExitCode, AnyError> {
     let config = config(args)?;
     let count = flag(args, "--count")?.ok_or("produce needs --count N")?;
     let settings = Settings::load()?;
-    let processor = Processor::builder(settings).start().await?;
+    let redis = settings.redis.url.clone();
+    let processor = Processor::builder(settings)
+        .start()
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let events = (0..count)
         .map(|i| {
@@ -194,6 +238,7 @@ struct Published {
 async fn demo(args: &[String]) -> Result<ExitCode, AnyError> {
     let config = config(args)?;
     let (settings, store) = connect().await?;
+    let redis = settings.redis.url.clone();
     let processor = start(settings, &config, &store).await?;
     let producer = processor.producer();
     let run = ulid::Ulid::new().to_string().to_lowercase();
@@ -221,20 +266,34 @@ async fn demo(args: &[String]) -> Result<ExitCode, AnyError> {
             published.same_order_again += 1;
         }
     }
-    let bad = |json: String| Event::from_json(ORDER_CREATED, json.into_bytes());
+    // Invalid orders, with event ids of this run (their dead letters carry
+    // them, so the summary finds this run's letters).
+    let bad = |id: String, json: String| {
+        Event::from_json(ORDER_CREATED, json.into_bytes()).with_id(format!("{run}-bad-{id}"))
+    };
     for i in 0..6 {
         let id = format!("{run}-bad-{i}");
-        events.push(bad("{\"order_id\": \"truncated".into()));
-        events.push(bad(format!(r#"{{"order_id": "{id}a", "items": []}}"#)));
-        events.push(bad(format!(
-            r#"{{"order_id": "{id}b", "customer_id": "c-1", "items": []}}"#
-        )));
-        events.push(bad(format!(
-            r#"{{"order_id": "{id}c", "customer_id": "c-1", "items": [{{"sku": "s", "qty": 0, "unit_price_cents": 100}}]}}"#
-        )));
-        events.push(bad(format!(
-            r#"{{"order_id": "{id}d", "customer_id": "c-1", "items": [{{"sku": "s", "qty": 2, "unit_price_cents": -5}}]}}"#
-        )));
+        events.push(bad(format!("{i}t"), "{\"order_id\": \"truncated".into()));
+        events.push(bad(
+            format!("{i}a"),
+            format!(r#"{{"order_id": "{id}a", "items": []}}"#),
+        ));
+        events.push(bad(
+            format!("{i}b"),
+            format!(r#"{{"order_id": "{id}b", "customer_id": "c-1", "items": []}}"#),
+        ));
+        events.push(bad(
+            format!("{i}c"),
+            format!(
+                r#"{{"order_id": "{id}c", "customer_id": "c-1", "items": [{{"sku": "s", "qty": 0, "unit_price_cents": 100}}]}}"#
+            ),
+        ));
+        events.push(bad(
+            format!("{i}d"),
+            format!(
+                r#"{{"order_id": "{id}d", "customer_id": "c-1", "items": [{{"sku": "s", "qty": 2, "unit_price_cents": -5}}]}}"#
+            ),
+        ));
         published.invalid += 5;
     }
     let total = events.len();
@@ -274,7 +333,12 @@ async fn demo(args: &[String]) -> Result<ExitCode, AnyError> {
     };
     let stats = store.stats();
     let duplicates = published.same_event_again + published.same_order_again;
-    print_summary(&config, &status, rows, duplicates, stats).await;
+    let dlq = dead_letter_stream(stream);
+    // Best effort: a least-privilege worker may not read streams by range.
+    let reasons = dead_letter_reasons(&redis, &dlq, &run, published.invalid)
+        .await
+        .map_err(|e| e.to_string());
+    print_summary(&config, &status, rows, duplicates, stats, reasons);
     processor.shutdown().await?;
 
     let ok = rows as usize == published.valid && status.dead_lettered as usize == published.invalid;
@@ -306,12 +370,46 @@ async fn unsent_confirmations(store: &Store, run: &str) -> Result<u64, AnyError>
         .unwrap_or(0) as u64)
 }
 
-async fn print_summary(
+/// This run's dead letters (their original event id starts with `run`),
+/// counted by reason: the last `expected × 2` entries of the dead-letter
+/// stream are read.
+async fn dead_letter_reasons(
+    redis: &redstream::RedisUrl,
+    dlq: &str,
+    run: &str,
+    expected: usize,
+) -> Result<BTreeMap<String, usize>, AnyError> {
+    let mut conn = redis::Client::open(redis.expose())?
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(dlq)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(expected * 2)
+        .query_async(&mut conn)
+        .await?;
+    let mut reasons = BTreeMap::new();
+    for letter in reply.ids {
+        let ours = letter
+            .get::<String>("id")
+            .is_some_and(|id| id.starts_with(run));
+        if let (true, Some(reason)) = (ours, letter.get::<String>("reason")) {
+            *reasons.entry(reason).or_insert(0) += 1;
+        }
+    }
+    Ok(reasons)
+}
+
+fn print_summary(
     config: &Config,
     status: &GroupStatus,
     rows: u64,
     duplicates: usize,
     stats: redstream::StoreStats,
+    reasons: Result<BTreeMap<String, usize>, String>,
 ) {
     println!();
     println!("summary");
@@ -321,10 +419,18 @@ async fn print_summary(
         stats.duplicates
     );
     println!(
-        "  dead-lettered:                       {} (see `{}`)",
+        "  dead-lettered:                       {} (the invalid orders, to `{}`), by reason:",
         status.dead_lettered,
         dead_letter_stream(&config.orders_stream)
     );
+    match reasons {
+        Ok(reasons) => {
+            for (reason, n) in reasons {
+                println!("    {n:>4}  {reason}");
+            }
+        }
+        Err(e) => println!("    (not read back: {e})"),
+    }
     println!(
         "  confirmations relayed:               {rows} to `{}`",
         config.events_stream

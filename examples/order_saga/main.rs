@@ -36,6 +36,7 @@
 //! cargo run --example order_saga consume [--members N]         # run the five steps until SIGINT/SIGTERM
 //! cargo run --example order_saga produce --count N [--seed S]  # open a run: accounts, stock, N orders placed
 //! cargo run --example order_saga check [--run RUN]             # check the books (of one run, or all); exit 0 iff they balance
+//! cargo run --example order_saga -- --help                     # usage
 //! ```
 //!
 //! Settings come from `settings/` and `REDSTREAM__…` variables: Redis from
@@ -48,6 +49,7 @@
 mod saga;
 mod world;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -57,6 +59,26 @@ use redstream::{GroupStatus, ProcessorBuilder, dead_letter_stream};
 use saga::{Inventory, Payment, Refund, Release, Shipping, Streams};
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+const USAGE: &str = "\
+usage: order_saga [--orders N] [--seed S]
+       order_saga consume [--members N]
+       order_saga produce --count N [--seed S]
+       order_saga check [--run RUN]
+
+  (no mode)    demo: N seeded orders (default 300, seed 20), a summary, the
+               invariants checked; exit 0 only if they hold
+  consume      run the five steps until SIGINT/SIGTERM (--members N, or
+               SAGA_MEMBERS; default 2 per step)
+  produce      open a run: accounts, stock, N orders placed
+  check        check the books (of one run, or all); exit 0 only if they
+               balance
+  -h, --help   this text
+
+Redis from REDSTREAM__REDIS__URL, the database from REDSTREAM__DATABASE__URL
+(default: the SQLite file redstream.db); SAGA_STREAM_PREFIX (default saga)
+names the streams. Logs go to stderr (RUST_LOG), summaries to stdout.
+";
 
 struct Config {
     streams: Streams,
@@ -110,25 +132,30 @@ fn number(args: &[String], name: &str) -> Result<Option<u64>, AnyError> {
 #[actix::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // Transient failures are expected here: keep the library's
                 // per-entry retry warnings out of the way.
                 .unwrap_or_else(|_| "warn,redstream=error".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        _ if args.iter().any(|a| a == "-h" || a == "--help") => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
         None => demo(&args).await,
         Some(a) if a.starts_with("--") => demo(&args).await,
         Some("consume") => consume(&args).await,
         Some("produce") => produce(&args).await,
         Some("check") => check(&args).await,
-        Some(other) => Err(format!(
-            "unknown mode `{other}`: use no argument, `consume`, `produce --count N` or `check`"
-        )
-        .into()),
+        Some(other) => {
+            eprint!("error: unknown mode `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(code) => code,
@@ -157,7 +184,9 @@ fn groups(builder: ProcessorBuilder, config: &Config, store: &Store) -> Processo
 }
 
 async fn connect(settings: &Settings) -> Result<Store, AnyError> {
-    let store = Store::connect(&settings.database).await?;
+    let store = Store::connect(&settings.database)
+        .await
+        .map_err(|e| format!("database at {}: {e}", settings.database.url))?;
     saga::create_tables(store.connection()).await?;
     Ok(store)
 }
@@ -167,9 +196,11 @@ async fn consume(args: &[String]) -> Result<ExitCode, AnyError> {
     let config = config(args)?;
     let settings = Settings::load()?;
     let store = connect(&settings).await?;
+    let redis = settings.redis.url.clone();
     let processor = groups(Processor::builder(settings).outbox(&store), &config, &store)
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     println!(
         "consuming the saga's streams `{}` … with {} members per step; Ctrl-C to stop",
         config.streams.orders, config.members
@@ -190,7 +221,12 @@ async fn produce(args: &[String]) -> Result<ExitCode, AnyError> {
     let seed = number(args, "--seed")?.unwrap_or_else(rand::random);
     let settings = Settings::load()?;
     let store = connect(&settings).await?;
-    let processor = Processor::builder(settings).outbox(&store).start().await?;
+    let redis = settings.redis.url.clone();
+    let processor = Processor::builder(settings)
+        .outbox(&store)
+        .start()
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let run = ulid::Ulid::new().to_string().to_lowercase();
     world::open(
         store.connection(),
@@ -238,9 +274,11 @@ async fn demo(args: &[String]) -> Result<ExitCode, AnyError> {
     settings.retry.max_delay_ms = settings.retry.max_delay_ms.min(2_000);
     let store = connect(&settings).await?;
     let started = Instant::now();
+    let redis = settings.redis.url.clone();
     let processor = groups(Processor::builder(settings).outbox(&store), &config, &store)
         .start()
-        .await?;
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let plan = world::plan(&run, seed, count);
     let glitched = plan

@@ -47,6 +47,7 @@ mod retention;
 mod webhooks;
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,6 +129,8 @@ async fn main() -> ExitCode {
                 // library's per-entry warnings out of the summary.
                 .unwrap_or_else(|_| "warn,redstream=error".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run().await {
         Ok(code) => code,
@@ -234,8 +237,9 @@ async fn set_enabled(store: &Store, name: &str, enabled: bool) -> Result<ExitCod
 async fn run() -> Result<ExitCode, AnyError> {
     let args = <Cli as clap::Parser>::parse();
     let settings = Settings::load()?;
+    let database = |e: redstream::Error| format!("database at {}: {e}", settings.database.url);
     if let Some(Command::Endpoints(command)) = args.command {
-        let store = Store::connect(&settings.database).await?;
+        let store = Store::connect(&settings.database).await.map_err(database)?;
         webhooks::create_tables(store.connection()).await?;
         return manage(&store, command).await;
     }
@@ -247,7 +251,7 @@ async fn run() -> Result<ExitCode, AnyError> {
         Err(_) => 7,
     };
 
-    let store = Store::connect(&settings.database).await?;
+    let store = Store::connect(&settings.database).await.map_err(database)?;
     webhooks::create_tables(store.connection()).await?;
 
     // The receivers. The healthy one checks signatures and answers 401 to
@@ -332,7 +336,12 @@ async fn run() -> Result<ExitCode, AnyError> {
         members: 2,
         in_flight: 16,
     };
-    let admin = Arc::new(RedisBroker::connect(&settings.redis, "webhook-retention").await?);
+    let redis = settings.redis.url.clone();
+    let admin = Arc::new(
+        RedisBroker::connect(&settings.redis, "webhook-retention")
+            .await
+            .map_err(|e| format!("Redis at {redis}: {e}"))?,
+    );
     let mut builder = Processor::builder(settings.clone()).outbox(&store);
     // The demo's groups start at the end of `orders`, so a first run does
     // not deliver the stream's history to these loopback receivers.
@@ -342,7 +351,10 @@ async fn run() -> Result<ExitCode, AnyError> {
     for group in wiring.delivery_groups(&store)? {
         builder = builder.group(group);
     }
-    let processor = builder.start().await?;
+    let processor = builder
+        .start()
+        .await
+        .map_err(|e| format!("Redis at {redis}: {e}"))?;
     // New endpoints get their delivery group here, within a refresh.
     let watcher = EndpointWatcher::spawn(
         wiring.clone(),

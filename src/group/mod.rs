@@ -94,6 +94,9 @@ pub(crate) struct GroupOptions {
     /// Zero: never remove idle consumers.
     pub(crate) remove_idle_consumers: Duration,
     pub(crate) restart: RestartPolicy,
+    /// How long the group may have no member running before readiness
+    /// turns false (`supervision.unready_after_ms`).
+    pub(crate) unready_after: Duration,
     pub(crate) shutdown_deadline: Duration,
     /// Delete entries as they are acked (`retention.delete_acked`, and this
     /// group is the stream's only one, as checked at start-up).

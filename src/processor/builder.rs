@@ -87,6 +87,8 @@ impl ProcessorBuilder {
         }
         self.settings.validate()?;
         check_schedules(&self.schedules)?;
+        // For a host whose recorder was installed without `describe()`.
+        crate::metrics::build_info();
         let instance = self.settings.instance.resolved_name();
         let broker: Arc<dyn Broker> = match self.broker {
             Some(b) => b,
@@ -234,7 +236,7 @@ async fn prepare_groups(
         }
         let budget = ReadBudget::new(options.max_pending);
         runtimes.push(Arc::new(GroupRuntime {
-            metrics: GroupMetrics::new(&group.stream, &group.group),
+            metrics: GroupMetrics::new(&group.stream, &group.group, &options.member_names),
             streams: Arc::clone(broker) as Arc<dyn Streams>,
             redelivery: Arc::clone(broker).redelivery(),
             leases: Arc::clone(broker) as Arc<dyn Leases>,
@@ -354,6 +356,7 @@ fn start_groups(
             stream: Arc::clone(rt.target.stream_arc()),
             group: Arc::clone(rt.target.name_arc()),
             addr: supervisor,
+            unready_after: rt.options.unready_after,
         });
     }
     groups

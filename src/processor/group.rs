@@ -199,6 +199,7 @@ impl Group {
                 max: Duration::from_millis(s.supervision.restart_max_ms),
                 healthy_run: RestartPolicy::HEALTHY_RUN,
             },
+            unready_after: Duration::from_millis(s.supervision.unready_after_ms),
             shutdown_deadline: Duration::from_millis(s.shutdown.deadline_ms),
             // Decided at start-up, once the stream's groups are known.
             delete_acked: false,

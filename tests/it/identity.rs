@@ -142,6 +142,14 @@ async fn the_fail_policy_stops_the_group() {
     .await;
     let health = processor.health().await;
     assert!(!health.ready);
+    let group = format!("group {stream}/g");
+    assert!(
+        health
+            .checks
+            .iter()
+            .any(|c| c.name == group && c.status == redstream::CheckStatus::Failed && !c.ok),
+        "{health:?}"
+    );
     processor.shutdown().await.unwrap();
 }
 

@@ -5,8 +5,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use redstream::prelude::*;
+use redstream::{CheckStatus, Health, HealthCheck};
 
-use crate::support::{TestContext, eventually, numbered, start_group};
+use crate::support::{TestContext, eventually, numbered, publish_all, start_group};
 
 /// The process-wide Prometheus recorder (one per test binary).
 fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
@@ -67,9 +68,10 @@ async fn metrics_show_known_traffic() {
     )
     .await;
     // The gauges come from the pending check (every 100 ms in tests).
+    let by_stream = [("stream", stream.as_str())];
     eventually(Duration::from_secs(5), "gauges updated", || async {
         let text = prometheus.render();
-        sample(&text, "redstream_dead_letters", &labels) == Some(2.0)
+        sample(&text, "redstream_dead_letters", &by_stream) == Some(2.0)
             && sample(&text, "redstream_group_pending", &labels) == Some(0.0)
     })
     .await;
@@ -103,11 +105,150 @@ async fn metrics_show_known_traffic() {
         Some(26.0)
     );
     assert_eq!(sample(&text, "redstream_group_lag", &labels), Some(0.0));
+    // Restarts and lost entries per member, one series each.
+    let status = processor.group_status(&stream, "g").await.unwrap();
+    for m in &status.members {
+        let member = [
+            ("stream", stream.as_str()),
+            ("group", "g"),
+            ("member", m.name.as_str()),
+        ];
+        for name in [
+            "redstream_consumer_restarts_total",
+            "redstream_ownership_lost_total",
+        ] {
+            assert_eq!(sample(&text, name, &member), Some(0.0), "{name} {member:?}");
+        }
+    }
     assert_eq!(
-        sample(&text, "redstream_consumer_restarts_total", &labels),
-        Some(0.0)
+        series(&text, "redstream_consumer_restarts_total", &stream).len(),
+        status.members.len()
+    );
+    assert_eq!(
+        sample(&text, "redstream_group_members", &labels),
+        Some(status.members.len() as f64)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "redstream_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
     );
     assert!(sample(&text, "redstream_producer_capacity", &[]).is_some());
+    processor.shutdown().await.unwrap();
+    let text = prometheus.render();
+    assert_eq!(
+        sample(&text, "redstream_group_members", &labels),
+        Some(0.0),
+        "no member runs once stopped"
+    );
+}
+
+/// The sample lines of metric `name` (not of its `_total`, `_count`…
+/// relatives) whose labels mention `stream`.
+fn series<'a>(text: &'a str, name: &str, stream: &str) -> Vec<&'a str> {
+    let quoted = format!("stream=\"{stream}\"");
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+                && line.contains(&quoted)
+        })
+        .collect()
+}
+
+/// Two groups read one stream and dead-letter every event into its one
+/// dead-letter stream: one `redstream_dead_letters` series for the stream
+/// (summing it over groups no longer counts the DLQ twice). A handler panic
+/// restarts one member: its `member` series counts it, its sibling's not.
+#[actix_rt::test]
+async fn metrics_count_one_dlq_per_stream_and_restarts_per_member() {
+    let prometheus = prometheus();
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("fanned");
+    let a = handler_fn(|v: serde_json::Value, meta: Meta| async move {
+        if v["n"] == 0 && meta.attempt() == 1 {
+            panic!("poison for group a");
+        }
+        Ok(Outcome::dead_letter("not wanted by a"))
+    });
+    let b = handler_fn(|_: serde_json::Value, _: Meta| async {
+        Ok(Outcome::dead_letter("not wanted by b"))
+    });
+    let processor = Processor::builder(ctx.settings())
+        .group(Group::new(&stream, "a", a).with_members(2))
+        .group(Group::new(&stream, "b", b).with_members(1))
+        .start()
+        .await
+        .unwrap();
+    publish_all(
+        &processor.producer(),
+        &stream,
+        (0..4).map(numbered).collect(),
+    )
+    .await;
+    let dlq = redstream::dead_letter_stream(&stream);
+    eventually(Duration::from_secs(10), "8 dead letters", || async {
+        ctx.xlen(&dlq).await == 8
+    })
+    .await;
+    let by_stream = [("stream", stream.as_str())];
+    eventually(Duration::from_secs(5), "the gauge shows 8", || async {
+        sample(&prometheus.render(), "redstream_dead_letters", &by_stream) == Some(8.0)
+    })
+    .await;
+    let text = prometheus.render();
+    let dead_letters = series(&text, "redstream_dead_letters", &stream);
+    assert_eq!(
+        dead_letters.len(),
+        1,
+        "one series per stream: {dead_letters:?}"
+    );
+    assert!(!dead_letters[0].contains("group="), "{dead_letters:?}");
+
+    let status = processor.group_status(&stream, "a").await.unwrap();
+    let crashed = status
+        .members
+        .iter()
+        .find(|m| m.restarts == 1)
+        .unwrap_or_else(|| panic!("one member of a restarted: {status:?}"));
+    let restarts = |member: &str| {
+        sample(
+            &text,
+            "redstream_consumer_restarts_total",
+            &[
+                ("stream", stream.as_str()),
+                ("group", "a"),
+                ("member", member),
+            ],
+        )
+    };
+    for m in &status.members {
+        let expected = if m.name == crashed.name { 1.0 } else { 0.0 };
+        assert_eq!(restarts(&m.name), Some(expected), "{}: {text}", m.name);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "both members of a running",
+        || async {
+            let text = prometheus.render();
+            sample(
+                &text,
+                "redstream_group_members",
+                &[("stream", stream.as_str()), ("group", "a")],
+            ) == Some(2.0)
+                && sample(
+                    &text,
+                    "redstream_group_members",
+                    &[("stream", stream.as_str()), ("group", "b")],
+                ) == Some(1.0)
+        },
+    )
+    .await;
     processor.shutdown().await.unwrap();
 }
 
@@ -134,22 +275,228 @@ async fn health_goes_unready_while_redis_is_down_and_ready_after() {
         "unready, Redis failing",
         || async {
             let h = handle.health().await;
-            !h.ready && h.live && h.checks.iter().any(|c| c.name == "redis" && !c.ok)
+            !h.ready
+                && h.live
+                && h.checks
+                    .iter()
+                    .any(|c| c.name == "redis" && !c.ok && c.status == CheckStatus::Failed)
         },
     )
     .await;
+    // Over HTTP too: 503, with the failed check in the JSON.
+    let (code, json) = health_over_http(&handle).await;
+    assert_eq!(code, 503, "{json}");
+    assert_eq!(json["ready"], false, "{json}");
+    let redis = json["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "redis")
+        .unwrap();
+    assert_eq!(redis["status"], "failed", "{json}");
+    assert_eq!(redis["ok"], false, "{json}");
 
     server.restart(crate::support::redis_server::Stop::Kill9);
     eventually(Duration::from_secs(20), "ready again", || async {
         handle.health().await.ready
     })
     .await;
-    // The members that lost their connections run again.
+    // The members that lost their connections run again (restarting, they
+    // left the group degraded, not the process unready).
+    eventually(Duration::from_secs(5), "no longer degraded", || async {
+        let h = handle.health().await;
+        h.ready && !h.degraded
+    })
+    .await;
     let status = processor.group_status(&stream, "g").await.unwrap();
     assert!(status.all_alive(), "{status:?}");
     let report = processor.shutdown().await.unwrap();
     assert!(report.settled);
     assert!(!handle.health().await.ready, "not ready once stopped");
+}
+
+/// `/ops/health` answered in-process: the status code and the JSON.
+async fn health_over_http(handle: &redstream::ProcessorHandle) -> (u16, serde_json::Value) {
+    use actix_web::test::{TestRequest, call_service, init_service, read_body};
+    let app =
+        init_service(actix_web::App::new().service(redstream::web::scope("/ops", handle.clone())))
+            .await;
+    let response = call_service(&app, TestRequest::get().uri("/ops/health").to_request()).await;
+    let code = response.status().as_u16();
+    let body = read_body(response).await;
+    (code, serde_json::from_slice(&body).unwrap())
+}
+
+/// The check of group `g` on `stream`.
+fn group_check(health: &Health, stream: &str) -> HealthCheck {
+    let name = format!("group {stream}/g");
+    health
+        .checks
+        .iter()
+        .find(|c| c.name == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no check {name}: {health:?}"))
+}
+
+/// One poison event panics its handler: the only member restarts (a long
+/// backoff here, so the restart can be watched). The whole time readiness
+/// stays true; the group shows degraded, then ok again.
+#[actix_rt::test]
+async fn a_restarting_member_leaves_readiness_true_and_shows_degraded() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("degraded");
+    let mut settings = ctx.settings();
+    settings.supervision.restart_min_ms = 2_000;
+    settings.supervision.restart_max_ms = 2_000;
+    settings.supervision.unready_after_ms = 30_000;
+    let handler = handler_fn(|v: serde_json::Value, meta: Meta| async move {
+        if v["n"] == 3 && meta.attempt() == 1 {
+            panic!("poison event 3");
+        }
+        Ok(Outcome::Ack)
+    });
+    let processor = start_group(settings, Group::new(&stream, "g", handler).with_members(1)).await;
+    let handle = processor.handle();
+    eventually(Duration::from_secs(5), "ready, not degraded", || async {
+        let h = handle.health().await;
+        h.ready && !h.degraded && group_check(&h, &stream).status == CheckStatus::Ok
+    })
+    .await;
+    publish_all(
+        &processor.producer(),
+        &stream,
+        (0..6).map(numbered).collect(),
+    )
+    .await;
+
+    // Watch the restart: every answer is ready; one is degraded.
+    let started = std::time::Instant::now();
+    let degraded = loop {
+        let h = handle.health().await;
+        assert!(
+            h.ready,
+            "a restarting member made the process unready: {h:?}"
+        );
+        if h.degraded {
+            break h;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never degraded: {h:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let check = group_check(&degraded, &stream);
+    assert_eq!(check.status, CheckStatus::Degraded, "{degraded:?}");
+    assert!(check.ok, "a degraded check passes: {check:?}");
+    assert!(
+        check.detail.contains("0 of 1 members running") && check.detail.contains("poison event 3"),
+        "{check:?}"
+    );
+    // Over HTTP, still within the 2 s backoff: 200, and the JSON says
+    // degraded.
+    let (code, json) = health_over_http(&handle).await;
+    assert_eq!(code, 200, "{json}");
+    assert_eq!(
+        (&json["ready"], &json["degraded"]),
+        (&true.into(), &true.into()),
+        "{json}"
+    );
+    let group = json["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == format!("group {stream}/g"))
+        .unwrap();
+    assert_eq!(group["status"], "degraded", "{json}");
+    assert_eq!(group["ok"], true, "{json}");
+
+    // The member comes back and handles event 3 again: ok.
+    eventually(Duration::from_secs(10), "ok again", || async {
+        let h = handle.health().await;
+        assert!(h.ready, "{h:?}");
+        !h.degraded && group_check(&h, &stream).status == CheckStatus::Ok
+    })
+    .await;
+    ctx.eventually_nothing_pending(&stream, "g", Duration::from_secs(5))
+        .await;
+    let status = processor.group_status(&stream, "g").await.unwrap();
+    assert_eq!(status.restarts(), 1, "{status:?}");
+    processor.shutdown().await.unwrap();
+}
+
+/// A group with no member running for longer than
+/// `supervision.unready_after_ms` makes the process unready: here the only
+/// member's name lease is taken by someone else, so it stops and is not
+/// restarted. Degraded first, then failed; ready again once the lease is
+/// back.
+#[actix_rt::test]
+async fn a_group_without_a_running_member_past_the_bound_is_unready() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("no-member");
+    let mut settings = ctx.settings();
+    settings.supervision.unready_after_ms = 1_500;
+    let noop = handler_fn(|_: serde_json::Value, _: Meta| async { Ok(Outcome::Ack) });
+    let processor = start_group(settings, Group::new(&stream, "g", noop).with_members(1)).await;
+    let handle = processor.handle();
+    eventually(Duration::from_secs(5), "ready", || async {
+        handle.health().await.ready
+    })
+    .await;
+    let status = processor.group_status(&stream, "g").await.unwrap();
+    let lease = format!("{stream}:lease:g:{}", status.members[0].name);
+    let mut c = ctx.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(&lease)
+        .arg("another-process")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let mut seen_degraded = false;
+    let unready = loop {
+        let h = handle.health().await;
+        if !h.ready {
+            break h;
+        }
+        if group_check(&h, &stream).status == CheckStatus::Degraded {
+            seen_degraded = true;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never unready: {h:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        seen_degraded,
+        "degraded (and ready) before the bound passed"
+    );
+    let check = group_check(&unready, &stream);
+    assert_eq!(check.status, CheckStatus::Failed, "{unready:?}");
+    assert!(check.detail.contains("no member running for"), "{check:?}");
+    assert!(unready.live, "the actors still answer: {unready:?}");
+    let (code, json) = health_over_http(&handle).await;
+    assert_eq!(code, 503, "{json}");
+
+    let _: () = redis::cmd("DEL")
+        .arg(&lease)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "ready again", || async {
+        let h = handle.health().await;
+        h.ready && group_check(&h, &stream).status == CheckStatus::Ok
+    })
+    .await;
+    processor.shutdown().await.unwrap();
 }
 
 #[actix_rt::test]

@@ -348,3 +348,28 @@ on_both_databases!(
     order_saga_two_workers_at_once_postgres,
     two_workers_at_once
 );
+
+/// `--help` (also after a mode) prints the usage on stdout and exits 0,
+/// instead of running the demo; an unknown mode is bad usage (2).
+#[test]
+fn help_prints_usage_and_exits_0() {
+    for args in [&["--help"][..], &["-h"], &["consume", "--help"]] {
+        let output = Command::new(binary())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {output:?}");
+        assert!(stdout.starts_with("usage: order_saga"), "{stdout}");
+        assert!(output.stderr.is_empty(), "{output:?}");
+    }
+    let output = Command::new(binary())
+        .arg("bogus")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown mode `bogus`"));
+}

@@ -241,3 +241,162 @@ on_both_databases!(
     a_killed_consumer_restarts_with_every_order_exactly_once_postgres,
     kill9_mid_run_then_restart
 );
+
+/// The example run as a user runs it: no `RUST_LOG` (its default filter),
+/// stdout and stderr captured (pipes, not a terminal), a SQLite file in a
+/// temporary directory, the test's streams.
+fn run_as_user(ctx: &TestContext, args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    let binary = build_example("order_processing", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("REDSTREAM__REDIS__URL", &ctx.url)
+        .env(
+            "REDSTREAM__DATABASE__URL",
+            format!("sqlite://{}/orders.db?mode=rwc", dir.path().display()),
+        )
+        .env(
+            "REDSTREAM__INSTANCE__NAME",
+            format!("user-{}", &ctx.prefix[ctx.prefix.len() - 6..]),
+        )
+        .env("ORDERS_STREAM", ctx.stream("orders"))
+        .env("ORDER_EVENTS_STREAM", ctx.stream("order-events"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run the example")
+}
+
+/// A log line of the fmt subscriber: a timestamp, then a level.
+fn is_log_line(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let stamped = words
+        .next()
+        .is_some_and(|w| w.len() > 20 && w.as_bytes()[4] == b'-' && w.contains('T'));
+    let level = words
+        .next()
+        .is_some_and(|w| ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&w));
+    stamped && level
+}
+
+/// The demo's stdout is its summary, with no log line, and counts this
+/// run's dead letters by reason; its logs go to stderr without colours
+/// (stderr is a pipe), and the expected dead letters are not one warning
+/// each there.
+#[actix_rt::test]
+async fn the_demo_prints_its_summary_on_stdout_and_logs_on_stderr() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let output = run_as_user(&ctx, &[], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("\nsummary\n"), "{stdout}");
+    assert!(
+        stdout.contains("orders processed (rows in `orders`): 300"),
+        "{stdout}"
+    );
+    let dead_lettered = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("dead-lettered:"))
+        .unwrap_or_else(|| panic!("no dead-letter count: {stdout}"));
+    assert!(dead_lettered.contains(" 30 "), "{dead_lettered}");
+    // Six of each kind of invalid order, by the reason in its letter.
+    for reason in [
+        "bad_json: EOF while parsing",
+        "bad_json: missing field `customer_id`",
+        "rejected: no items",
+        "rejected: item s: qty must be positive, got 0",
+        "rejected: item s: negative price -5",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with("6  ") && l.contains(reason)),
+            "no line `6  {reason}`: {stdout}"
+        );
+    }
+    let logged: Vec<&str> = stdout.lines().filter(|l| is_log_line(l)).collect();
+    assert!(logged.is_empty(), "log lines on stdout: {logged:?}");
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "colour codes on stdout: {stdout:?}"
+    );
+    // The logs are on stderr, plain: the group's start and stop.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| is_log_line(l) && l.contains("group started")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes on a pipe: {stderr:?}"
+    );
+    assert!(
+        !stderr.contains("dead-lettered"),
+        "the expected dead letters are counted in the summary, not logged: {stderr}"
+    );
+}
+
+/// `--help` and `-h` print the usage on stdout and exit 0; an unknown mode
+/// is bad usage (2), with the usage on stderr.
+#[actix_rt::test]
+async fn help_prints_usage_and_exits_0() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    for flag in ["--help", "-h"] {
+        let output = run_as_user(&ctx, &[flag], &[]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{flag}: {output:?}");
+        assert!(stdout.starts_with("usage: order_processing"), "{stdout}");
+        assert!(stdout.contains("produce --count N"), "{stdout}");
+    }
+    let output = run_as_user(&ctx, &["--bogus"], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        stderr.contains("unknown mode `--bogus`") && stderr.contains("usage:"),
+        "{stderr}"
+    );
+}
+
+/// A Redis or database that cannot be reached: the error names the address
+/// tried, without the password.
+#[actix_rt::test]
+async fn connection_errors_name_the_address_without_the_password() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    // Nothing listens on port 1.
+    let output = run_as_user(
+        &ctx,
+        &[],
+        &[(
+            "REDSTREAM__REDIS__URL",
+            "redis://app:hunter2@127.0.0.1:1".into(),
+        )],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        stderr.contains("error: Redis at redis://app:***@127.0.0.1:1: "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let missing = tempfile::tempdir().unwrap().path().join("no/such/dir");
+    let url = format!("sqlite://{}/orders.db?mode=rwc", missing.display());
+    let output = run_as_user(&ctx, &[], &[("REDSTREAM__DATABASE__URL", url.clone())]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        stderr.contains(&format!("error: database at {url}: ")),
+        "{stderr}"
+    );
+}

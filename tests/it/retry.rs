@@ -37,6 +37,7 @@ async fn retries_back_off_and_end_in_a_dead_letter_with_every_field() {
         return;
     };
     let stream = ctx.stream("retries");
+    let (_logs, logged) = crate::support::capture_warnings();
     let attempts: Attempts = Arc::default();
     let sink = Arc::clone(&attempts);
     let handler = handler_fn(move |v: serde_json::Value, meta: Meta| {
@@ -87,6 +88,19 @@ async fn retries_back_off_and_end_in_a_dead_letter_with_every_field() {
     assert_eq!(
         field(fields, "error").as_deref(),
         Some("downstream refused attempt 4")
+    );
+    // The log line names the letter's reason and last error, under its own
+    // target.
+    let logged = String::from_utf8_lossy(&logged.lock().unwrap()).into_owned();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("dead-lettered: max_attempts_exceeded"))
+        .unwrap_or_else(|| panic!("no dead-letter line in: {logged}"));
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(line.contains("redstream::dead_lettered"), "{line}");
+    assert!(
+        line.contains("error=\"downstream refused attempt 4\""),
+        "{line}"
     );
     // The original fields travel with the letter.
     assert_eq!(field(fields, "id"), Some(published.event_id.clone()));

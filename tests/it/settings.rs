@@ -31,6 +31,16 @@ async fn processor_refuses_bad_settings_and_names_the_key() {
     assert_eq!(key_of(&e), "retry.jitter");
     assert!(e.to_string().contains("between 0.0 and 1.0"), "{e}");
 
+    // Readiness may not turn false before a restart could have come.
+    let mut s = ctx.settings();
+    s.supervision.unready_after_ms = s.supervision.restart_max_ms;
+    let e = Processor::builder(s)
+        .start()
+        .await
+        .expect_err("unready_after_ms at restart_max_ms");
+    assert_eq!(key_of(&e), "supervision.unready_after_ms");
+    assert!(e.to_string().contains("restart_max_ms"), "{e}");
+
     let stream = ctx.stream("s");
     let noop = || handler_fn(|_: serde_json::Value, _: Meta| async { Ok(Outcome::Ack) });
     let e = Processor::builder(ctx.settings())

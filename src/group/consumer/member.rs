@@ -33,6 +33,8 @@ pub(super) type Finished = Vec<(String, Receipt, std::result::Result<EntryResult
 /// The member's working state between loop turns.
 pub(super) struct Member {
     pub(super) runtime: Arc<GroupRuntime>,
+    /// The member's index in its group.
+    pub(super) index: usize,
     pub(super) info: Arc<MemberInfo>,
     pub(super) running: FuturesUnordered<BoxFuture<'static, Finished>>,
     pub(super) held: HashMap<String, Held>,
@@ -54,7 +56,7 @@ impl Member {
     /// A member holding nothing yet. After a restart under the same name it
     /// reads its own pending entries first, where the broker keeps them per
     /// member.
-    pub(super) fn new(runtime: Arc<GroupRuntime>, info: Arc<MemberInfo>) -> Self {
+    pub(super) fn new(runtime: Arc<GroupRuntime>, index: usize, info: Arc<MemberInfo>) -> Self {
         let source = if runtime.capabilities.per_member_pending {
             ReadFrom::PendingAfter(FROM_START.to_owned())
         } else {
@@ -62,6 +64,7 @@ impl Member {
         };
         Member {
             runtime,
+            index,
             info,
             running: FuturesUnordered::new(),
             held: HashMap::new(),

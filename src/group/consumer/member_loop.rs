@@ -124,7 +124,7 @@ impl MemberLoop {
         let mut heartbeat = tokio::time::interval(opts.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(MemberLoop {
-            member: Member::new(Arc::clone(&runtime), info),
+            member: Member::new(Arc::clone(&runtime), index, info),
             runtime,
             index,
             report_to,

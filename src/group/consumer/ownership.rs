@@ -56,7 +56,11 @@ impl Member {
                 entry_id = %id,
                 "entry was taken over by another member; dropping its handler before it commits",
             );
-            self.runtime.metrics.ownership_lost.increment(1);
+            self.runtime
+                .metrics
+                .member(self.index)
+                .ownership_lost
+                .increment(1);
             held.ownership.mark_lost();
             if held.in_batch {
                 // Its batch rolls back and runs again without it.

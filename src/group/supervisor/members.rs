@@ -34,6 +34,7 @@ impl GroupSupervisor {
         });
         slot.addr = Some(addr.clone());
         slot.started_at = Instant::now();
+        self.members_changed();
         if self.lifecycle.reads_paused() {
             ctx.spawn(
                 addr.send(SetPaused(true))
@@ -41,6 +42,18 @@ impl GroupSupervisor {
                     .map(|_, _, _| ())
                     .in_span(&self.runtime.span),
             );
+        }
+    }
+
+    /// After a member started or stopped: the members gauge, and since when
+    /// none runs (for readiness, `supervision.unready_after_ms`).
+    pub(super) fn members_changed(&mut self) {
+        let running = self.members.iter().filter(|s| s.addr.is_some()).count();
+        self.runtime.metrics.members.set(running as f64);
+        if running > 0 {
+            self.no_member_since = None;
+        } else if self.no_member_since.is_none() {
+            self.no_member_since = Some(Instant::now());
         }
     }
 

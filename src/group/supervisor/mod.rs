@@ -153,6 +153,8 @@ pub(crate) struct GroupSupervisor {
     last_pending: Option<PendingSummary>,
     lease: Lease,
     counters: Counters,
+    /// Since when no member has been running (`None` while one runs).
+    no_member_since: Option<Instant>,
 }
 
 impl GroupSupervisor {
@@ -192,6 +194,8 @@ impl GroupSupervisor {
             last_pending: None,
             lease,
             counters: Counters::default(),
+            // Members start once the first pending check is done.
+            no_member_since: Some(Instant::now()),
         }
     }
 
@@ -316,6 +320,9 @@ impl GroupSupervisor {
                 .as_ref()
                 .and_then(|p| p.queue_latency)
                 .map(millis),
+            no_member_for_ms: self
+                .no_member_since
+                .map(|since| u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)),
         }
     }
 }
@@ -398,11 +405,18 @@ impl Handler<ConsumerStopped> for GroupSupervisor {
             return;
         }
         slot.addr = None;
-        if !self.lifecycle.runs_members() || slot.lease_lost {
+        let lease_lost = slot.lease_lost;
+        self.members_changed();
+        if !self.lifecycle.runs_members() || lease_lost {
             return;
         }
+        let slot = &mut self.members[msg.member];
         slot.restarts += 1;
-        self.runtime.metrics.restarts.increment(1);
+        self.runtime
+            .metrics
+            .member(msg.member)
+            .restarts
+            .increment(1);
         let description = describe(&msg.exit);
         slot.last_error = Some(description.clone());
         if slot.started_at.elapsed() >= self.runtime.options.restart.healthy_run {
@@ -545,7 +559,8 @@ impl Handler<StopGroup> for GroupSupervisor {
             }
             .into_actor(act)
         })
-        .map(|report, _act, ctx| {
+        .map(|report, act, ctx| {
+            act.runtime.metrics.members.set(0.0);
             tracing::info!(
                 released = report.released, settled = report.settled,
                 "group stopped",

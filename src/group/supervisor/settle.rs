@@ -19,6 +19,14 @@ use crate::wire::DeadLetter;
 /// entry pending for the reclaimer.
 const WRITE_TRIES: u32 = 3;
 
+/// The log target of the one line per dead letter (WARN, with the entry
+/// id, attempts, reason and last error), so that a filter can set its
+/// level apart from the group's other warnings: e.g.
+/// `RUST_LOG=warn,redstream::dead_lettered=error` where dead letters are
+/// expected. (Not a prefix of any module path, so such a filter hides
+/// nothing else.)
+const DEAD_LETTERED_TARGET: &str = "redstream::dead_lettered";
+
 impl GroupSupervisor {
     pub(super) fn settled(&self) -> bool {
         self.writes_in_flight == 0 && self.acks.receipts.is_empty() && !self.acks.flushing
@@ -183,7 +191,8 @@ impl GroupSupervisor {
             act.runtime.metrics.dead_lettered.increment(written.len() as u64);
             for (_, l) in &written {
                 tracing::warn!(
-                    entry_id = %l.origin_id, attempts = l.attempts,
+                    target: DEAD_LETTERED_TARGET,
+                    entry_id = %l.origin_id, attempts = l.attempts, error = l.error.as_deref(),
                     "dead-lettered: {}", l.reason,
                 );
             }

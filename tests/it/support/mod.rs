@@ -44,6 +44,35 @@ pub fn init_tracing_at(default: &str) {
         .try_init();
 }
 
+/// Log lines written on this thread while the guard lives (plain text,
+/// WARN and above), for tests of what the library logs. The group
+/// supervisors run on the thread that starts the processor.
+pub fn capture_warnings() -> (
+    tracing::subscriber::DefaultGuard,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    #[derive(Clone)]
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = std::sync::Arc::<std::sync::Mutex<Vec<u8>>>::default();
+    let sink = Sink(std::sync::Arc::clone(&buffer));
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_target(true)
+        .with_writer(move || sink.clone())
+        .finish();
+    (tracing::subscriber::set_default(subscriber), buffer)
+}
+
 /// One test's isolation: a unique key prefix on the shared Redis, and every
 /// key under it deleted on drop.
 pub struct TestContext {
