@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use serde::Serialize;
 
-use crate::broker::{Diagnostics, ServerReport};
+use crate::broker::{Diagnostics, GroupRef, ServerReport};
 use crate::error::{Error, Result};
-use crate::group::supervisor::{GetStatus, GroupSupervisor};
+use crate::group::supervisor::{GetHistory, GetStatus, GroupSupervisor};
 use crate::producer::Producer;
-use crate::status::GroupStatus;
+use crate::status::{DeployedMember, GroupDeployment, GroupHistory, GroupStatus};
 use crate::store::Store;
 
 /// How long a health check may take before it counts as failed.
@@ -161,6 +161,67 @@ impl ProcessorHandle {
         let mut out = Vec::with_capacity(self.inner.groups.len());
         for g in &self.inner.groups {
             out.push(g.addr.send(GetStatus).await.map_err(|_| Error::Stopped)?);
+        }
+        Ok(out)
+    }
+
+    /// Every process's members of this process's groups, as each process
+    /// last recorded them (every `reclaim.lease_ttl_ms / 3`): who serves the
+    /// deployment, not only this process. A group whose records cannot be
+    /// read is listed with none.
+    ///
+    /// ```no_run
+    /// # async fn demo(handle: redstream::ProcessorHandle) {
+    /// for g in handle.deployment().await {
+    ///     println!("{}/{}: {} live members in {} processes", g.stream, g.group, g.live_members(), g.live_processes());
+    /// }
+    /// # }
+    /// ```
+    pub async fn deployment(&self) -> Vec<GroupDeployment> {
+        let now = crate::clock::now_ms();
+        let mut out = Vec::with_capacity(self.inner.groups.len());
+        for g in &self.inner.groups {
+            let target = GroupRef::new(Arc::clone(&g.stream), Arc::clone(&g.group));
+            let read =
+                tokio::time::timeout(CHECK_TIMEOUT, self.inner.broker.presence(&target)).await;
+            let records = match read {
+                Ok(Ok(records)) => records,
+                Ok(Err(e)) => {
+                    tracing::debug!(
+                        "reading the members of {}/{} failed: {e}",
+                        g.stream,
+                        g.group
+                    );
+                    Vec::new()
+                }
+                Err(_) => Vec::new(),
+            };
+            out.push(GroupDeployment {
+                stream: g.stream.to_string(),
+                group: g.group.to_string(),
+                members: records
+                    .into_iter()
+                    .map(|presence| DeployedMember {
+                        live: presence.fresh_at(now),
+                        seen_ago_ms: now.saturating_sub(presence.seen_ms),
+                        presence,
+                    })
+                    .collect(),
+            });
+        }
+        out
+    }
+
+    /// The last hour of each group, a sample every
+    /// [`HISTORY_EVERY_MS`](crate::HISTORY_EVERY_MS), oldest first.
+    pub async fn history(&self) -> Result<Vec<GroupHistory>> {
+        let mut out = Vec::with_capacity(self.inner.groups.len());
+        for g in &self.inner.groups {
+            out.push(GroupHistory {
+                stream: g.stream.to_string(),
+                group: g.group.to_string(),
+                samples: g.addr.send(GetHistory).await.map_err(|_| Error::Stopped)?,
+            });
         }
         Ok(out)
     }

@@ -121,7 +121,10 @@ pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};
 pub use producer::{Producer, ProducerStats, Published};
 pub use schedule::{Cadence, JobResult, Schedule, ScheduleStats, Tick};
 pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};
-pub use status::{GroupStatus, MemberStatus};
+pub use status::{
+    DeployedMember, GroupDeployment, GroupHistory, GroupStatus, HISTORY_EVERY_MS, HISTORY_LEN,
+    HistorySample, MemberStatus,
+};
 pub use store::{DatabaseOutage, Store, StoreStats, TxHandler, enqueue};
 pub use wire::{
     DeadLetterReason, DecodeError, Entry, Event, MAX_EVENT_ID_BYTES, MAX_FIELDS, RawEntry,

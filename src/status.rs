@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::broker::MemberPresence;
+
 /// The state of one consumer group in this process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -41,6 +43,9 @@ pub struct GroupStatus {
     /// The age of the oldest entry not yet delivered to the group (queue
     /// latency), in ms, at the last check: what grows during a backlog.
     pub queue_latency_ms: Option<u64>,
+    /// The group's `reclaim.min_idle_ms`: an entry pending longer is taken
+    /// for stuck (the status page compares `longest_pending_ms` with it).
+    pub min_idle_ms: u64,
     /// How long, in milliseconds, no member of the group has been running
     /// in this process; `None` while at least one runs.
     pub no_member_for_ms: Option<u64>,
@@ -76,3 +81,85 @@ pub struct MemberStatus {
     /// Why it last stopped, if it did.
     pub last_error: Option<String>,
 }
+
+/// A group of this process as every process serving it recorded itself:
+/// what the status page shows of the deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct GroupDeployment {
+    /// The stream.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// Each member any process recorded, this one's included.
+    pub members: Vec<DeployedMember>,
+}
+
+impl GroupDeployment {
+    /// Members whose process recorded them within its lease lifetime.
+    pub fn live_members(&self) -> usize {
+        self.members.iter().filter(|m| m.live).count()
+    }
+
+    /// The distinct processes with a live member.
+    pub fn live_processes(&self) -> usize {
+        let mut processes: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|m| m.live)
+            .map(|m| m.presence.process.as_str())
+            .collect();
+        processes.sort_unstable();
+        processes.dedup();
+        processes.len()
+    }
+}
+
+/// One member of a [`GroupDeployment`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DeployedMember {
+    /// What its process recorded.
+    #[serde(flatten)]
+    pub presence: MemberPresence,
+    /// Whether the record is fresh (written within the process's lease
+    /// lifetime, by this process's clock).
+    pub live: bool,
+    /// How long ago it was written, in ms.
+    pub seen_ago_ms: u64,
+}
+
+/// One point of a group's recent history, kept by its supervisor every
+/// [`HISTORY_EVERY_MS`] for the last hour (the status page draws it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct HistorySample {
+    /// When, ms since the Unix epoch (this process's clock).
+    pub at_ms: u64,
+    /// Entries acknowledged so far (a counter).
+    pub acked: u64,
+    /// Entries not yet delivered.
+    pub lag: Option<u64>,
+    /// Length of the dead-letter stream.
+    pub dead_letters: Option<u64>,
+    /// Consumer restarts so far (a counter).
+    pub restarts: u64,
+}
+
+/// A group's recent history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct GroupHistory {
+    /// The stream.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// Oldest first.
+    pub samples: Vec<HistorySample>,
+}
+
+/// How often a group's history is sampled, in ms.
+pub const HISTORY_EVERY_MS: u64 = 10_000;
+
+/// How many samples a group keeps: an hour's.
+pub const HISTORY_LEN: usize = 360;

@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use crate::handle::{Health, ProcessorHandle};
 use crate::producer::ProducerStats;
-use crate::status::GroupStatus;
+use crate::status::{GroupDeployment, GroupHistory, GroupStatus};
 
 type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -122,6 +122,12 @@ struct StatusReport {
     stopping: bool,
     producer: ProducerView,
     groups: Vec<GroupStatus>,
+    /// Every process's members of these groups.
+    deployment: Vec<GroupDeployment>,
+    /// The last hour of each group: in the page's embedded data only (the
+    /// page adds its own samples as it polls).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    history: Option<Vec<GroupHistory>>,
     health: Health,
 }
 
@@ -146,7 +152,7 @@ impl From<(&crate::Producer, ProducerStats)> for ProducerView {
     }
 }
 
-async fn report(handle: &ProcessorHandle) -> StatusReport {
+async fn report(handle: &ProcessorHandle, with_history: bool) -> StatusReport {
     let producer = handle.producer();
     StatusReport {
         instance: handle.instance().to_owned(),
@@ -158,6 +164,11 @@ async fn report(handle: &ProcessorHandle) -> StatusReport {
         stopping: handle.is_stopping(),
         producer: ProducerView::from((&producer, producer.stats())),
         groups: handle.status().await.unwrap_or_default(),
+        deployment: handle.deployment().await,
+        history: match with_history {
+            true => Some(handle.history().await.unwrap_or_default()),
+            false => None,
+        },
         health: handle.health().await,
     }
 }
@@ -165,11 +176,12 @@ async fn report(handle: &ProcessorHandle) -> StatusReport {
 async fn status_json(ops: web::Data<Ops>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(report(&ops.handle).await)
+        .json(report(&ops.handle, false).await)
 }
 
 async fn status_page(ops: web::Data<Ops>) -> HttpResponse {
-    let data = serde_json::to_string(&report(&ops.handle).await).unwrap_or_else(|_| "{}".into());
+    let data =
+        serde_json::to_string(&report(&ops.handle, true).await).unwrap_or_else(|_| "{}".into());
     // `</` cannot end the script element early once escaped.
     let data = data.replace("</", "<\\/");
     HttpResponse::Ok()
@@ -178,105 +190,7 @@ async fn status_page(ops: web::Data<Ops>) -> HttpResponse {
         .body(STATUS_PAGE.replace("/*DATA*/null", &data))
 }
 
-/// The status page: the initial data is embedded, the script renders it and
-/// then polls `status.json` every two seconds.
-const STATUS_PAGE: &str = r##"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>redstream status</title>
-<style>
-  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #1d2330; background: #fafbfc; }
-  h1 { font-size: 1.3rem; margin: 0 0 .2rem; }
-  .meta { color: #5b6475; margin-bottom: 1rem; }
-  .ok { color: #137333; } .bad { color: #b3261e; font-weight: 600; } .warn { color: #8a5a00; }
-  table { border-collapse: collapse; margin: .5rem 0 1.5rem; background: #fff; min-width: 60%; }
-  th, td { border: 1px solid #d8dce3; padding: .3rem .6rem; text-align: right; }
-  th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
-  th { background: #eef1f5; font-weight: 600; }
-  #checks th, #checks td { text-align: left; }
-  .members span { display: inline-block; margin: 0 .3rem .2rem 0; padding: 0 .4rem; border-radius: .6rem; background: #e6f4ea; }
-  .members span.down { background: #fef7e0; }
-  .group-failed .members span.down { background: #fce8e6; }
-  ul.warnings { margin: .2rem 0 1rem; }
-</style>
-</head>
-<body>
-<h1>redstream</h1>
-<div class="meta" id="meta"></div>
-<ul class="warnings" id="warnings"></ul>
-<table id="groups">
-  <thead><tr><th>stream</th><th>group</th><th>lag</th><th>pending</th><th>waiting retry</th><th>longest pending</th><th>queue latency</th><th>acked/s</th><th>acked</th><th>retried</th><th>dead letters</th><th>consumers (restarts)</th></tr></thead>
-  <tbody></tbody>
-</table>
-<table id="checks"><thead><tr><th>check</th><th>state</th><th>detail</th></tr></thead><tbody></tbody></table>
-<script id="initial" type="application/json">/*DATA*/null</script>
-<script>
-"use strict";
-let previous = null;
-function text(tag, value, cls) {
-  const el = document.createElement(tag);
-  el.textContent = value === null || value === undefined ? "–" : String(value);
-  if (cls) el.className = cls;
-  return el;
-}
-function age(ms) {
-  if (ms === null || ms === undefined) return "–";
-  if (ms < 1000) return ms + " ms";
-  if (ms < 120000) return (ms / 1000).toFixed(1) + " s";
-  return Math.round(ms / 60000) + " min";
-}
-function render(data, at) {
-  if (!data) return;
-  const h = data.health;
-  document.getElementById("meta").replaceChildren(
-    text("span", "instance " + data.instance + " · " + data.server + " (newer commands: " + data.newer_commands + ") · up " + age(data.uptime_ms) + " · "),
-    text("span", !h.ready ? (data.stopping ? "stopping" : "not ready") : (h.degraded ? "ready, degraded" : "ready"), !h.ready ? "bad" : (h.degraded ? "warn" : "ok")),
-    text("span", " · producer " + data.producer.buffered + "/" + data.producer.capacity + " buffered, " + data.producer.written + " written, " + data.producer.failed + " failed"));
-  document.getElementById("warnings").replaceChildren(...data.warnings.map(w => text("li", w, "warn")));
-  const groupChecks = {};
-  h.checks.forEach(c => { groupChecks[c.name] = c.status; });
-  const rows = data.groups.map(g => {
-    const tr = document.createElement("tr");
-    const key = g.stream + "/" + g.group;
-    if (groupChecks["group " + key] === "failed") tr.className = "group-failed";
-    let rate = "–";
-    if (previous && previous.rates[key] !== undefined && at > previous.at) {
-      rate = ((g.acked - previous.rates[key]) * 1000 / (at - previous.at)).toFixed(1);
-    }
-    const members = document.createElement("td");
-    members.className = "members";
-    members.replaceChildren(...g.members.map(m => {
-      const el = text("span", m.name + " (" + m.restarts + ")" + (m.alive ? "" : " not running"), m.alive ? "" : "down");
-      if (m.last_error) el.title = m.last_error;
-      return el;
-    }));
-    tr.replaceChildren(text("td", g.stream), text("td", g.group + (g.failed ? " (failed)" : g.paused ? " (paused)" : ""), g.failed ? "bad" : ""),
-      text("td", g.lag), text("td", g.pending), text("td", g.waiting_retry), text("td", age(g.longest_pending_ms)), text("td", age(g.queue_latency_ms)),
-      text("td", rate), text("td", g.acked), text("td", g.retried),
-      text("td", g.dead_letters, g.dead_letters > 0 ? "warn" : ""), members);
-    return tr;
-  });
-  document.querySelector("#groups tbody").replaceChildren(...rows);
-  document.querySelector("#checks tbody").replaceChildren(...h.checks.map(c => {
-    const tr = document.createElement("tr");
-    const cls = { ok: "ok", degraded: "warn", failed: "bad" }[c.status] || "bad";
-    tr.replaceChildren(text("td", c.name), text("td", c.status, cls), text("td", c.detail));
-    return tr;
-  }));
-  const rates = {};
-  data.groups.forEach(g => { rates[g.stream + "/" + g.group] = g.acked; });
-  previous = { at: at, rates: rates };
-}
-render(JSON.parse(document.getElementById("initial").textContent), Date.now());
-setInterval(() => {
-  fetch("status.json", { cache: "no-store" })
-    .then(r => r.json())
-    .then(d => render(d, Date.now()))
-    .catch(() => {});
-}, 2000);
-</script>
-</body>
-</html>
-"##;
+/// The status page (`status_page.html`): the initial data is embedded, the
+/// script renders it and then polls `status.json` every two seconds,
+/// keeping an hour of history in the page.
+const STATUS_PAGE: &str = include_str!("status_page.html");

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use super::GroupRef;
 use crate::error::Result;
@@ -48,6 +49,61 @@ impl PendingSummary {
     /// Pending entries that hold up the group: not waiting for a retry.
     pub fn active(&self) -> u64 {
         self.pending.saturating_sub(self.waiting_retry)
+    }
+}
+
+/// One member of a group as its process last told: what the status page
+/// and `redstream consumers` show of processes other than their own. Written
+/// by each process for its members every `reclaim.lease_ttl_ms / 3` (with
+/// its lease renewal) and withdrawn when it stops; times are the writer's
+/// wall clock, for people (liveness itself is the member-name lease).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MemberPresence {
+    /// The member (consumer) name.
+    pub name: String,
+    /// The process: its lease token, `<host>/<pid>/<ulid>`.
+    pub process: String,
+    /// The host it runs on.
+    pub host: String,
+    /// Its process id.
+    pub pid: u32,
+    /// When its consumer last started, ms since the Unix epoch.
+    pub since_ms: u64,
+    /// When this record was written, ms since the Unix epoch.
+    pub seen_ms: u64,
+    /// Whether its consumer was running (not in a restart backoff).
+    pub running: bool,
+    /// Its restarts in that process.
+    pub restarts: u64,
+    /// Why it last stopped, if it did.
+    pub last_error: Option<String>,
+    /// The process's lease lifetime: without a new record within it, the
+    /// member is no longer live.
+    pub lease_ttl_ms: u64,
+}
+
+impl MemberPresence {
+    /// Whether the record is fresh at `now_ms` (the reader's wall clock):
+    /// written within its lease lifetime.
+    pub fn fresh_at(&self, now_ms: u64) -> bool {
+        now_ms <= self.seen_ms.saturating_add(self.lease_ttl_ms)
+    }
+
+    /// A member for the record of `process` (a lease token
+    /// `<host>/<pid>/<ulid>`), with host and pid read from it.
+    pub fn of_process(name: impl Into<String>, process: impl Into<String>) -> Self {
+        let process = process.into();
+        let mut parts = process.split('/');
+        let host = parts.next().unwrap_or_default().to_owned();
+        let pid = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        MemberPresence {
+            name: name.into(),
+            host,
+            pid,
+            process,
+            ..MemberPresence::default()
+        }
     }
 }
 
@@ -126,4 +182,26 @@ pub trait Diagnostics: Send + Sync + 'static {
     /// The broker's clock: ms since the Unix epoch (Redis `TIME`). The one
     /// clock for times several processes must agree on.
     async fn server_time_ms(&self) -> Result<u64>;
+
+    /// Records this process's members of a group for operators, replacing
+    /// their previous records; the group's records expire after `ttl`
+    /// without a write. A backend that keeps no presence does nothing.
+    async fn publish_presence(
+        &self,
+        _group: &GroupRef,
+        _members: &[MemberPresence],
+        _ttl: Duration,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Removes the records of these members (a stopping process).
+    async fn withdraw_presence(&self, _group: &GroupRef, _names: &[String]) -> Result<()> {
+        Ok(())
+    }
+
+    /// The members of a group that processes recorded, every process's.
+    async fn presence(&self, _group: &GroupRef) -> Result<Vec<MemberPresence>> {
+        Ok(Vec::new())
+    }
 }

@@ -42,7 +42,7 @@ use std::sync::Arc;
 
 pub use self::admin::Admin;
 pub use self::diagnostics::{
-    Diagnostics, PENDING_SAMPLE, PendingSummary, ServerFeatures, ServerReport,
+    Diagnostics, MemberPresence, PENDING_SAMPLE, PendingSummary, ServerFeatures, ServerReport,
 };
 pub use self::leases::Leases;
 pub use self::receipt::{Delivery, Receipt};

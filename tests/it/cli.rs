@@ -440,6 +440,20 @@ async fn status_shows_live_members_and_both_ages() {
             .any(|c| c["held_by"].as_str().is_some_and(|h| h.contains(&me))),
         "a member held by this process ({me}): {consumers}"
     );
+    // Each process records its members: restarts, since, its pid.
+    let pid = std::process::id();
+    eventually(Duration::from_secs(5), "the member's record", || async {
+        let out = cli(&ctx)
+            .args(["--json", "consumers", &stream, "g"])
+            .assert()
+            .success();
+        json(&out.get_output().stdout)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["record"]["pid"] == pid && c["record"]["running"] == true)
+    })
+    .await;
     processor.shutdown().await.unwrap();
     let g = status_json(&ctx, &stream).await;
     assert_eq!(

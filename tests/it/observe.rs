@@ -556,37 +556,30 @@ async fn the_status_page_and_json_show_real_data() {
     let health = http_get(&format!("{base}/health")).await;
     assert!(health.contains("\"ready\":true"), "{health}");
 
+    // Every process's members: this one's, live, with its pid.
+    let deployment = json["deployment"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["stream"] == stream.as_str())
+        .unwrap();
+    eventually(Duration::from_secs(5), "members recorded", || async {
+        handle
+            .deployment()
+            .await
+            .iter()
+            .any(|d| d.stream == stream && d.live_members() == 2)
+    })
+    .await;
+    let _ = deployment;
+
     // The page, rendered by a real browser: its script must have built the
-    // group table from the data.
+    // group table, the processes and the problems from the data.
     match chromium() {
         Some(browser) => {
-            // Off this thread: the page's handlers ask the actors that run
-            // on it.
-            let url = format!("{base}/status");
-            let profile = tempfile::tempdir().unwrap();
-            let profile_arg = format!("--user-data-dir={}", profile.path().display());
-            let dom = actix_rt::task::spawn_blocking(move || {
-                std::process::Command::new(browser)
-                    .args([
-                        "--headless",
-                        "--no-sandbox",
-                        "--disable-gpu",
-                        "--disable-quic",
-                        "--no-first-run",
-                        "--disable-background-networking",
-                        "--disable-component-update",
-                        "--disable-sync",
-                        &profile_arg,
-                        "--virtual-time-budget=3000",
-                        "--dump-dom",
-                        &url,
-                    ])
-                    .output()
-                    .expect("chromium runs")
-            })
-            .await
-            .unwrap();
-            let dom = String::from_utf8_lossy(&dom.stdout);
+            let artifacts = artifacts_dir();
+            // At rest: the group row, this process live, no problem.
+            let dom = browse(browser, &format!("{base}/status"), Browse::Dom).await;
             let row = format!("<td>{stream}</td><td>billing</td>");
             assert!(
                 dom.contains(&row),
@@ -596,6 +589,118 @@ async fn the_status_page_and_json_show_real_data() {
                 dom.contains("<td class=\"ok\">ok</td><td>answers</td>"),
                 "{dom}"
             );
+            let pid = format!("<td>{}</td><td class=\"ok\">live</td>", std::process::id());
+            assert!(dom.contains(&pid), "this process is listed live: {dom}");
+            assert!(dom.contains("<li class=\"ok\">none seen</li>"), "{dom}");
+            browse(
+                browser,
+                &format!("{base}/status"),
+                Browse::Shot(artifacts.join("status-rest.png"), (1280, 900)),
+            )
+            .await;
+            browse(
+                browser,
+                &format!("{base}/status"),
+                Browse::Shot(artifacts.join("status-narrow.png"), (420, 900)),
+            )
+            .await;
+
+            // Under load and failing: every event makes the handler panic
+            // (after a moment, so it lasts): members restart, dead letters
+            // rise, a backlog waits.
+            let stuck = ctx.stream("status-failing");
+            let poison = handler_fn(|_: serde_json::Value, _: Meta| async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                panic!("poison event");
+                #[allow(unreachable_code)]
+                Ok(Outcome::Ack)
+            });
+            let stuck_processor = start_group(
+                ctx.settings(),
+                Group::new(&stuck, "failing", poison)
+                    .with_members(1)
+                    .with_in_flight(1)
+                    .with_retry(RetryPolicy::default().with_max_attempts(1)),
+            )
+            .await;
+            publish_all(
+                &stuck_processor.producer(),
+                &stuck,
+                (0..100).map(numbered).collect(),
+            )
+            .await;
+            let stuck_handle = stuck_processor.handle();
+            eventually(Duration::from_secs(10), "a restart", || async {
+                stuck_handle
+                    .group_status(&stuck, "failing")
+                    .await
+                    .unwrap()
+                    .restarts()
+                    > 0
+            })
+            .await;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let stuck_port = listener.local_addr().unwrap().port();
+            let scope_handle = stuck_handle.clone();
+            let stuck_server = HttpServer::new(move || {
+                App::new().service(redstream::web::scope("/ops", scope_handle.clone()))
+            })
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .unwrap()
+            .run();
+            let stuck_server_handle = stuck_server.handle();
+            actix_rt::spawn(stuck_server);
+            let stuck_url = format!("http://127.0.0.1:{stuck_port}/ops/status");
+            let dom = browse(browser, &stuck_url, Browse::Dom).await;
+            assert!(
+                dom.contains("restarted")
+                    && dom.contains("poison event")
+                    && dom.contains("new dead letters in"),
+                "restarts and rising dead letters are problems, in words: {dom}"
+            );
+            assert!(dom.contains("<li class=\"warn\">"), "{dom}");
+            browse(
+                browser,
+                &stuck_url,
+                Browse::Shot(artifacts.join("status-failure.png"), (1280, 900)),
+            )
+            .await;
+
+            // Offline: the page saved to a file cannot poll; it says so.
+            let page = http_get(&format!("{base}/status")).await;
+            let body = page
+                .split_once("\r\n\r\n")
+                .map_or(page.as_str(), |(_, b)| b);
+            let saved = artifacts.join("status-saved.html");
+            std::fs::write(&saved, body).unwrap();
+            let file_url = format!("file://{}", saved.display());
+            let dom = browse(browser, &file_url, Browse::Dom).await;
+            assert!(
+                dom.contains("offline: this process has not answered")
+                    || dom.contains("stale: the last update failed"),
+                "{dom}"
+            );
+            browse(
+                browser,
+                &file_url,
+                Browse::Shot(artifacts.join("status-offline.png"), (1280, 900)),
+            )
+            .await;
+            for shot in [
+                "status-rest.png",
+                "status-narrow.png",
+                "status-failure.png",
+                "status-offline.png",
+            ] {
+                let size = std::fs::metadata(artifacts.join(shot))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                assert!(size > 1_000, "{shot} was taken ({size} bytes)");
+            }
+            stuck_server_handle.stop(false).await;
+            stuck_processor.shutdown().await.unwrap();
         }
         None => {
             assert!(!crate::support::in_ci(), "chromium is missing, and CI=true");
@@ -604,6 +709,58 @@ async fn the_status_page_and_json_show_real_data() {
     }
     server_handle.stop(false).await;
     processor.shutdown().await.unwrap();
+}
+
+/// Where the browser tests leave their screenshots: `target/test-artifacts`.
+fn artifacts_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// What to take from a page in headless Chromium.
+enum Browse {
+    /// The DOM after the page's scripts ran.
+    Dom,
+    /// A screenshot at this window size.
+    Shot(std::path::PathBuf, (u32, u32)),
+}
+
+/// Opens `url` in headless Chromium (off this thread: the page's handlers
+/// ask the actors that run on it) and returns the DOM, or takes a shot.
+async fn browse(browser: &'static str, url: &str, what: Browse) -> String {
+    let url = url.to_owned();
+    let profile = tempfile::tempdir().unwrap();
+    let profile_arg = format!("--user-data-dir={}", profile.path().display());
+    let out = actix_rt::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(browser);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            &profile_arg,
+        ]);
+        match &what {
+            Browse::Dom => {
+                cmd.args(["--virtual-time-budget=3000", "--dump-dom"]);
+            }
+            Browse::Shot(path, (w, h)) => {
+                cmd.arg("--virtual-time-budget=3000")
+                    .arg(format!("--screenshot={}", path.display()))
+                    .arg(format!("--window-size={w},{h}"));
+            }
+        }
+        cmd.arg(&url).output().expect("chromium runs")
+    })
+    .await
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn chromium() -> Option<&'static str> {

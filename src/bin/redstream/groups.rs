@@ -1,11 +1,21 @@
 //! `status`, `server` and `consumers`: what the groups are doing and who
 //! serves them.
 
-use redstream::broker::Diagnostics;
+use redstream::broker::admin::ConsumerInfo;
+use redstream::broker::{Diagnostics, GroupRef, MemberPresence};
 use redstream::{Admin, RedisBroker};
 use serde::Serialize;
 
-use crate::output::{human, human_or_dash, print_json, table};
+use crate::output::{human, human_or_dash, now_ms, print_json, table};
+
+/// A consumer as Redis knows it, with what its process last recorded.
+#[derive(Serialize)]
+struct ConsumerView {
+    #[serde(flatten)]
+    consumer: ConsumerInfo,
+    /// The process's record of this member (restarts, since, last error).
+    record: Option<MemberPresence>,
+}
 use crate::{Failure, check_group};
 
 #[derive(Serialize)]
@@ -125,18 +135,41 @@ pub(crate) async fn consumers(
 ) -> Result<(), Failure> {
     check_group(broker, stream, group).await?;
     let consumers = broker.consumers(stream, group).await?;
+    // What each process last recorded of its members (restarts, since);
+    // a user that may not read the records gets the rest.
+    let presence = broker
+        .presence(&GroupRef::new(stream, group))
+        .await
+        .unwrap_or_default();
+    let views: Vec<ConsumerView> = consumers
+        .into_iter()
+        .map(|c| ConsumerView {
+            record: presence.iter().find(|p| p.name == c.name).cloned(),
+            consumer: c,
+        })
+        .collect();
     if json {
-        return print_json(&consumers);
+        return print_json(&views);
     }
-    let rows: Vec<Vec<String>> = consumers
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = views
         .iter()
-        .map(|c| {
+        .map(|v| {
+            let c = &v.consumer;
+            let record = v.record.as_ref();
             vec![
                 c.name.clone(),
-                if c.live() { "live" } else { "stale" }.to_owned(),
+                match (c.live(), record.is_some_and(|r| !r.running)) {
+                    (true, true) => "live, restarting",
+                    (true, false) => "live",
+                    (false, _) => "stale",
+                }
+                .to_owned(),
                 c.held_by.clone().unwrap_or_else(|| "-".to_owned()),
                 human(c.idle_ms),
                 c.pending.to_string(),
+                record.map_or_else(|| "-".to_owned(), |r| r.restarts.to_string()),
+                record.map_or_else(|| "-".to_owned(), |r| human(now.saturating_sub(r.since_ms))),
             ]
         })
         .collect();
@@ -147,6 +180,8 @@ pub(crate) async fn consumers(
             "HELD BY (host/pid/process)",
             "IDLE",
             "PENDING",
+            "RESTARTS",
+            "UP",
         ],
         &rows,
         &format!("group `{group}` has no consumers"),

@@ -10,9 +10,9 @@ use redis::Value;
 use redis::aio::ConnectionManager;
 
 use super::reply::{group_field, int, major_version, parse_entries, text, unexpected};
-use super::{RedisBroker, lease_prefix, retry_key, server_ms};
+use super::{RedisBroker, lease_prefix, presence_key, retry_key, server_ms};
 use crate::broker::PENDING_SAMPLE;
-use crate::broker::{Diagnostics, GroupRef, PendingSummary, ServerReport};
+use crate::broker::{Diagnostics, GroupRef, MemberPresence, PendingSummary, ServerReport};
 use crate::error::Result;
 use crate::wire::dead_letter_stream;
 
@@ -299,5 +299,57 @@ impl Diagnostics for RedisBroker {
     async fn server_time_ms(&self) -> Result<u64> {
         let time: Vec<String> = redis::cmd("TIME").query_async(&mut self.conn()).await?;
         server_ms(&time)
+    }
+
+    async fn publish_presence(
+        &self,
+        group: &GroupRef,
+        members: &[MemberPresence],
+        ttl: Duration,
+    ) -> Result<()> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let key = presence_key(group.stream(), group.name());
+        let mut pipe = redis::pipe();
+        let hset = pipe.cmd("HSET").arg(&key);
+        for m in members {
+            let record = serde_json::to_string(m).map_err(crate::Error::Encode)?;
+            hset.arg(&m.name).arg(record);
+        }
+        pipe.ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .ignore();
+        let () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn withdraw_presence(&self, group: &GroupRef, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let () = redis::cmd("HDEL")
+            .arg(presence_key(group.stream(), group.name()))
+            .arg(names)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn presence(&self, group: &GroupRef) -> Result<Vec<MemberPresence>> {
+        let records: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(presence_key(group.stream(), group.name()))
+            .query_async(&mut self.conn())
+            .await?;
+        // A record another version wrote and this one cannot read is left
+        // out, not an error: it is for people.
+        let mut members: Vec<MemberPresence> = records
+            .into_iter()
+            .filter_map(|(_, json)| serde_json::from_str(&json).ok())
+            .collect();
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(members)
     }
 }

@@ -137,6 +137,11 @@ fn clip(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// The hash of a group's member records (field: member name, value: JSON).
+fn presence_key(stream: &str, group: &str) -> String {
+    format!("{stream}:members:{group}")
+}
+
 fn lease_prefix(stream: &str, group: &str) -> String {
     format!("{stream}:lease:{group}:")
 }

@@ -9,12 +9,18 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::{GroupSupervisor, Lifecycle};
+use crate::broker::MemberPresence;
+use crate::clock::now_ms;
 use crate::group::InSpanExt;
 use crate::group::consumer::ConsumerActor;
 use crate::group::{ConsumerStopped, EntriesHandled, SetPaused, StopConsumer};
 
 /// How often a restart waiting for writes to settle checks again.
 const SETTLE_POLL: Duration = Duration::from_millis(20);
+
+/// How many lease lifetimes a group's member records outlive their last
+/// write.
+const PRESENCE_TTL_FACTOR: u32 = 30;
 
 impl GroupSupervisor {
     pub(super) fn start_member(&mut self, index: usize, ctx: &mut Context<Self>) {
@@ -113,6 +119,46 @@ impl GroupSupervisor {
                     act.restart_when_settled(index, ctx);
                 }
             }
+            act.publish_presence(ctx);
         }).in_span(&self.runtime.span));
+    }
+
+    /// Records the members this process holds for operators (the status
+    /// page and `redstream consumers` of every process read them).
+    pub(super) fn publish_presence(&mut self, ctx: &mut Context<Self>) {
+        let now = now_ms();
+        let members: Vec<MemberPresence> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| !slot.lease_lost)
+            .map(|(index, slot)| {
+                let mut m = MemberPresence::of_process(self.member_name(index), &*self.lease.token);
+                m.since_ms = now.saturating_sub(
+                    u64::try_from(slot.started_at.elapsed().as_millis()).unwrap_or(u64::MAX),
+                );
+                m.seen_ms = now;
+                m.running = slot.addr.is_some();
+                m.restarts = slot.restarts;
+                m.last_error = slot.last_error.clone();
+                m.lease_ttl_ms =
+                    u64::try_from(self.runtime.options.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+                m
+            })
+            .collect();
+        let rt = Arc::clone(&self.runtime);
+        // Kept a while after the last write: a process that died is shown
+        // as not seen since, then its records go with the key.
+        let ttl = rt.options.lease_ttl * PRESENCE_TTL_FACTOR;
+        let fut = async move {
+            if let Err(e) = rt
+                .diagnostics
+                .publish_presence(&rt.target, &members, ttl)
+                .await
+            {
+                tracing::debug!("recording members for operators failed: {e}");
+            }
+        };
+        ctx.spawn(fut.into_actor(self).in_span(&self.runtime.span));
     }
 }

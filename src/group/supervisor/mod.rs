@@ -28,6 +28,7 @@ mod members;
 mod pending;
 mod settle;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,7 @@ use crate::broker::{PendingSummary, Receipt, RetrySchedule};
 use crate::clock::{Backoff, now_ms};
 use crate::group::InSpanExt;
 use crate::handler::{Outcome, Verdict};
-use crate::status::{GroupStatus, MemberStatus};
+use crate::status::{GroupStatus, HISTORY_EVERY_MS, HISTORY_LEN, HistorySample, MemberStatus};
 use crate::wire::{DeadLetter, DeadLetterReason, DecodeError};
 
 /// Stop the group: members finish by the deadline, decisions are written,
@@ -68,6 +69,11 @@ pub(crate) struct GroupStopReport {
 #[derive(Message, Debug)]
 #[rtype(result = "GroupStatus")]
 pub(crate) struct GetStatus;
+
+/// Ask for the group's recent history, oldest first.
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<HistorySample>")]
+pub(crate) struct GetHistory;
 
 /// The process's hold on its member names.
 #[derive(Clone, Debug)]
@@ -155,6 +161,8 @@ pub(crate) struct GroupSupervisor {
     counters: Counters,
     /// Since when no member has been running (`None` while one runs).
     no_member_since: Option<Instant>,
+    /// The last hour, a sample every `HISTORY_EVERY_MS`.
+    history: VecDeque<HistorySample>,
 }
 
 impl GroupSupervisor {
@@ -196,6 +204,7 @@ impl GroupSupervisor {
             counters: Counters::default(),
             // Members start once the first pending check is done.
             no_member_since: Some(Instant::now()),
+            history: VecDeque::with_capacity(HISTORY_LEN),
         }
     }
 
@@ -320,6 +329,7 @@ impl GroupSupervisor {
                 .as_ref()
                 .and_then(|p| p.queue_latency)
                 .map(millis),
+            min_idle_ms: millis(self.runtime.options.min_idle),
             no_member_for_ms: self
                 .no_member_since
                 .map(|since| u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)),
@@ -361,6 +371,7 @@ impl Actor for GroupSupervisor {
                     for index in 0..act.members.len() {
                         act.start_member(index, ctx);
                     }
+                    act.publish_presence(ctx);
                 })
                 .in_span(&self.runtime.span),
         );
@@ -490,6 +501,40 @@ impl Handler<EntriesClaimed> for GroupSupervisor {
     }
 }
 
+impl GroupSupervisor {
+    /// Adds a history sample when the last is `HISTORY_EVERY_MS` old (after
+    /// a pending check, so its figures are fresh).
+    pub(super) fn record_history(&mut self) {
+        let now = now_ms();
+        if self
+            .history
+            .back()
+            .is_some_and(|last| now.saturating_sub(last.at_ms) < HISTORY_EVERY_MS)
+        {
+            return;
+        }
+        if self.history.len() == HISTORY_LEN {
+            self.history.pop_front();
+        }
+        let status = self.status();
+        self.history.push_back(HistorySample {
+            at_ms: now,
+            acked: status.acked,
+            lag: status.lag,
+            dead_letters: status.dead_letters,
+            restarts: status.restarts(),
+        });
+    }
+}
+
+impl Handler<GetHistory> for GroupSupervisor {
+    type Result = MessageResult<GetHistory>;
+
+    fn handle(&mut self, _msg: GetHistory, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.history.iter().copied().collect())
+    }
+}
+
 impl Handler<GetStatus> for GroupSupervisor {
     type Result = MessageResult<GetStatus>;
 
@@ -554,6 +599,10 @@ impl Handler<StopGroup> for GroupSupervisor {
                 }
                 if let Err(e) = rt.leases.release_leases(&lease.keys, &lease.token).await {
                     tracing::warn!("releasing leases failed: {e}");
+                }
+                let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+                if let Err(e) = rt.diagnostics.withdraw_presence(&rt.target, &names).await {
+                    tracing::debug!("withdrawing the members' records failed: {e}");
                 }
                 GroupStopReport { released, settled }
             }

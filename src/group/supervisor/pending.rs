@@ -33,6 +33,7 @@ impl GroupSupervisor {
                             act.apply_backpressure(&summary, ctx);
                             act.record_gauges(&summary);
                             act.last_pending = Some(summary);
+                            act.record_history();
                         }
                         Err(e) if e.is_missing_group() => act.recover_group(ctx),
                         Err(e) => {
