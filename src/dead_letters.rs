@@ -148,6 +148,41 @@ impl DeadLetterEntry {
     }
 }
 
+/// Dead letters counted by reason code and group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ReasonCount {
+    /// The reason's code (`rejected`, `max_attempts_exceeded`, `bad_json`, …).
+    pub reason: String,
+    /// The group that gave up on them.
+    pub group: String,
+    /// How many.
+    pub count: u64,
+    /// The newest letter's error (or its reason, when it has none).
+    pub newest_error: Option<String>,
+}
+
+/// Counts letters (oldest first) by reason code and group, most first.
+pub fn by_reason<'a>(letters: impl IntoIterator<Item = &'a DeadLetterEntry>) -> Vec<ReasonCount> {
+    let mut by: std::collections::BTreeMap<(String, String), ReasonCount> = Default::default();
+    for letter in letters {
+        let code = DeadLetterReason::code_of(&letter.reason).to_owned();
+        let entry = by
+            .entry((code.clone(), letter.group.clone()))
+            .or_insert_with(|| ReasonCount {
+                reason: code,
+                group: letter.group.clone(),
+                ..ReasonCount::default()
+            });
+        entry.count += 1;
+        // Oldest first: the last one seen is the newest.
+        entry.newest_error = letter.error.clone().or_else(|| Some(letter.reason.clone()));
+    }
+    let mut counts: Vec<ReasonCount> = by.into_values().collect();
+    counts.sort_by_key(|c| std::cmp::Reverse(c.count));
+    counts
+}
+
 /// Which dead letters to redrive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]

@@ -10,12 +10,17 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use serde::Serialize;
 
-use crate::broker::{Diagnostics, GroupRef, ServerReport};
+use crate::broker::{Admin, Diagnostics, GroupRef, ServerReport};
+use crate::dead_letters::{DeadLetterEntry, by_reason};
 use crate::error::{Error, Result};
 use crate::group::supervisor::{GetHistory, GetStatus, GroupSupervisor};
 use crate::producer::Producer;
-use crate::status::{DeployedMember, GroupDeployment, GroupHistory, GroupStatus};
+use crate::status::{
+    DETAILS_DEAD_LETTERS, DETAILS_PENDING, DeployedMember, GroupDeployment, GroupDetails,
+    GroupHistory, GroupStatus,
+};
 use crate::store::Store;
+use crate::wire::dead_letter_stream;
 
 /// How long a health check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,6 +38,8 @@ pub(crate) struct Inner {
     pub(crate) producer: Producer,
     pub(crate) groups: Vec<GroupHandle>,
     pub(crate) broker: Arc<dyn Diagnostics>,
+    /// The broker's operator operations, where it has them.
+    pub(crate) admin: Option<Arc<dyn Admin>>,
     pub(crate) stores: Vec<Store>,
     pub(crate) server: ServerReport,
     pub(crate) instance: String,
@@ -224,6 +231,39 @@ impl ProcessorHandle {
             });
         }
         Ok(out)
+    }
+
+    /// One group's pending entries (the oldest
+    /// [`DETAILS_PENDING`](crate::DETAILS_PENDING)) and its dead
+    /// letters by reason (of the oldest
+    /// [`DETAILS_DEAD_LETTERS`](crate::DETAILS_DEAD_LETTERS)):
+    /// the status page's drill-down. `None` when this process does not run
+    /// the group or its broker has no operator operations.
+    pub async fn group_details(&self, stream: &str, group: &str) -> Result<Option<GroupDetails>> {
+        let runs_it = self
+            .inner
+            .groups
+            .iter()
+            .any(|g| &*g.stream == stream && &*g.group == group);
+        let Some(admin) = self.inner.admin.as_ref().filter(|_| runs_it) else {
+            return Ok(None);
+        };
+        let pending = admin
+            .pending_entries(stream, group, DETAILS_PENDING, None)
+            .await?;
+        let letters: Vec<DeadLetterEntry> = admin
+            .range(&dead_letter_stream(stream), "-", "+", DETAILS_DEAD_LETTERS)
+            .await?
+            .into_iter()
+            .filter_map(DeadLetterEntry::parse)
+            .collect();
+        Ok(Some(GroupDetails {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            pending,
+            dead_letters: by_reason(letters.iter().filter(|l| l.group == group)),
+            dead_letters_read: letters.len(),
+        }))
     }
 
     /// The status of one group.

@@ -163,3 +163,27 @@ pub const HISTORY_EVERY_MS: u64 = 10_000;
 
 /// How many samples a group keeps: an hour's.
 pub const HISTORY_LEN: usize = 360;
+
+/// What the status page shows of one group when asked: its pending entries
+/// and its dead letters by reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct GroupDetails {
+    /// The stream.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// The oldest pending entries: owner, idle, attempts, next retry, type,
+    /// last error.
+    pub pending: Vec<crate::broker::admin::PendingEntry>,
+    /// The stream's dead letters this group wrote, by reason.
+    pub dead_letters: Vec<crate::dead_letters::ReasonCount>,
+    /// How many of the oldest dead letters were read to count them.
+    pub dead_letters_read: usize,
+}
+
+/// Most pending entries [`GroupDetails`] lists.
+pub const DETAILS_PENDING: usize = 100;
+
+/// Most dead letters [`GroupDetails`] reads to count them.
+pub const DETAILS_DEAD_LETTERS: usize = 1_000;

@@ -77,6 +77,7 @@ fn build(path: &str, ops: Ops) -> Scope {
         .route("/metrics", web::get().to(metrics))
         .route("/status", web::get().to(status_page))
         .route("/status.json", web::get().to(status_json))
+        .route("/status/group.json", web::get().to(group_json))
 }
 
 async fn ready(ops: web::Data<Ops>) -> HttpResponse {
@@ -177,6 +178,27 @@ async fn status_json(ops: web::Data<Ops>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(report(&ops.handle, false).await)
+}
+
+/// `?stream=…&group=…` of the drill-down.
+#[derive(serde::Deserialize)]
+struct GroupQuery {
+    stream: String,
+    group: String,
+}
+
+async fn group_json(ops: web::Data<Ops>, query: web::Query<GroupQuery>) -> HttpResponse {
+    match ops.handle.group_details(&query.stream, &query.group).await {
+        Ok(Some(details)) => HttpResponse::Ok()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(details),
+        Ok(None) => HttpResponse::NotFound().json(serde_json::json!({
+            "error": format!("this process runs no group `{}` on `{}`", query.group, query.stream)
+        })),
+        Err(e) => {
+            HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e.to_string() }))
+        }
+    }
 }
 
 async fn status_page(ops: web::Data<Ops>) -> HttpResponse {

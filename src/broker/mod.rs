@@ -233,6 +233,13 @@ impl Capabilities {
 pub trait Broker: Streams + Leases + Diagnostics {
     /// The pending-list operations, if the broker has them.
     fn redelivery(self: Arc<Self>) -> Option<Arc<dyn Redelivery>>;
+
+    /// The operator operations (pending entries with their details, dead
+    /// letters), if the broker has them: the status page's drill-down
+    /// reads through them. `None` by default.
+    fn admin(self: Arc<Self>) -> Option<Arc<dyn Admin>> {
+        None
+    }
 }
 
 impl Capabilities {

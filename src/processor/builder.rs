@@ -130,6 +130,7 @@ impl ProcessorBuilder {
                 inner: Arc::new(HandleInner {
                     producer,
                     groups,
+                    admin: Arc::clone(&broker).admin(),
                     broker: broker as Arc<dyn Diagnostics>,
                     stores,
                     server,

@@ -605,7 +605,7 @@ async fn dlq_list_shows_causes_filters_and_counts() {
     let counts = list(&["--by-reason"]);
     assert_eq!(counts[0]["reason"], "max_attempts_exceeded", "{counts}");
     assert_eq!(counts[0]["count"], 2);
-    assert_eq!(counts[0]["last_error"], "bank said 503");
+    assert_eq!(counts[0]["newest_error"], "bank said 503");
     assert_eq!(
         (counts[1]["reason"].as_str(), counts[1]["count"].as_u64()),
         (Some("rejected"), Some(1))

@@ -580,7 +580,9 @@ async fn the_status_page_and_json_show_real_data() {
             let artifacts = artifacts_dir();
             // At rest: the group row, this process live, no problem.
             let dom = browse(browser, &format!("{base}/status"), Browse::Dom).await;
-            let row = format!("<td>{stream}</td><td>billing</td>");
+            let row = format!(
+                "<td>{stream}</td><td><button class=\"link\" title=\"pending entries and dead letters of {stream}/billing\">billing</button></td>"
+            );
             assert!(
                 dom.contains(&row),
                 "the browser rendered the group row: {dom}"
@@ -668,6 +670,45 @@ async fn the_status_page_and_json_show_real_data() {
             )
             .await;
 
+            // The drill-down: the dead letters by reason with their error,
+            // as JSON and on the page.
+            let details = http_get(&format!(
+                "http://127.0.0.1:{stuck_port}/ops/status/group.json?stream={stuck}&group=failing"
+            ))
+            .await;
+            let details: serde_json::Value = serde_json::from_str(&details).unwrap();
+            let reasons = details["dead_letters"].as_array().unwrap();
+            assert_eq!(reasons[0]["reason"], "max_attempts_exceeded", "{details}");
+            assert!(reasons[0]["count"].as_u64().unwrap() > 0);
+            assert!(
+                reasons[0]["newest_error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("poison event"),
+                "{details}"
+            );
+            let missing = http_get(&format!(
+                "http://127.0.0.1:{stuck_port}/ops/status/group.json?stream={stuck}&group=nope"
+            ))
+            .await;
+            assert!(missing.contains("this process runs no group"), "{missing}");
+            let key = format!("{stuck}/failing")
+                .replace(':', "%3A")
+                .replace('/', "%2F");
+            let details_url = format!("{stuck_url}#details={key}");
+            let dom = browse(browser, &details_url, Browse::Dom).await;
+            assert!(
+                dom.contains("Dead letters by reason")
+                    && dom.contains("<td>max_attempts_exceeded</td><td>failing</td>"),
+                "the drill-down rendered: {dom}"
+            );
+            browse(
+                browser,
+                &details_url,
+                Browse::Shot(artifacts.join("status-details.png"), (1280, 1400)),
+            )
+            .await;
+
             // Offline: the page saved to a file cannot poll; it says so.
             let page = http_get(&format!("{base}/status")).await;
             let body = page
@@ -692,6 +733,7 @@ async fn the_status_page_and_json_show_real_data() {
                 "status-rest.png",
                 "status-narrow.png",
                 "status-failure.png",
+                "status-details.png",
                 "status-offline.png",
             ] {
                 let size = std::fs::metadata(artifacts.join(shot))

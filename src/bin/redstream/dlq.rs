@@ -1,10 +1,10 @@
 //! `dlq list / show / redrive`: dead letters with their causes, and putting
 //! them back.
 
-use std::collections::BTreeMap;
-
 use clap::Subcommand;
-use redstream::dead_letters::{DeadLetterEntry, Selection, all_letters, redrive, select};
+use redstream::dead_letters::{
+    DeadLetterEntry, Selection, all_letters, by_reason, redrive, select,
+};
 use redstream::{Admin, DeadLetterReason, RedisBroker, dead_letter_stream};
 use serde::Serialize;
 
@@ -201,16 +201,6 @@ async fn list(
     Ok(())
 }
 
-/// Letters per reason code and group.
-#[derive(Serialize)]
-struct ReasonCount {
-    reason: String,
-    group: String,
-    count: u64,
-    /// The newest letter's error, as an example.
-    last_error: Option<String>,
-}
-
 async fn counts(
     broker: &RedisBroker,
     stream: &str,
@@ -218,26 +208,12 @@ async fn counts(
     json: bool,
 ) -> Result<(), Failure> {
     stream_info(broker, stream).await?;
-    let mut by: BTreeMap<(String, String), ReasonCount> = BTreeMap::new();
-    for letter in all_letters(broker, stream).await? {
-        if !filter.keeps(&letter) {
-            continue;
-        }
-        let code = DeadLetterReason::code_of(&letter.reason).to_owned();
-        let entry = by
-            .entry((code.clone(), letter.group.clone()))
-            .or_insert_with(|| ReasonCount {
-                reason: code,
-                group: letter.group.clone(),
-                count: 0,
-                last_error: None,
-            });
-        entry.count += 1;
-        // Oldest first: the last one seen is the newest.
-        entry.last_error = letter.error.clone().or_else(|| Some(letter.reason.clone()));
-    }
-    let mut counts: Vec<ReasonCount> = by.into_values().collect();
-    counts.sort_by_key(|c| std::cmp::Reverse(c.count));
+    let letters: Vec<DeadLetterEntry> = all_letters(broker, stream)
+        .await?
+        .into_iter()
+        .filter(|l| filter.keeps(l))
+        .collect();
+    let counts = by_reason(&letters);
     if json {
         return print_json(&counts);
     }
@@ -248,7 +224,7 @@ async fn counts(
                 c.reason.clone(),
                 c.group.clone(),
                 c.count.to_string(),
-                c.last_error
+                c.newest_error
                     .as_deref()
                     .map_or_else(|| "-".to_owned(), |e| cell(e, 60)),
             ]

@@ -58,7 +58,7 @@ mod settle;
 
 use self::reply::unexpected;
 use self::scripts::Scripts;
-use crate::broker::{Broker, Delivery, Receipt, Redelivery};
+use crate::broker::{Admin, Broker, Delivery, Receipt, Redelivery};
 use crate::wire::RawEntry;
 
 use super::ServerFeatures;
@@ -306,6 +306,10 @@ async fn detect_features(conn: &mut ConnectionManager) -> ServerFeatures {
 
 impl Broker for RedisBroker {
     fn redelivery(self: Arc<Self>) -> Option<Arc<dyn Redelivery>> {
+        Some(self)
+    }
+
+    fn admin(self: Arc<Self>) -> Option<Arc<dyn Admin>> {
         Some(self)
     }
 }
