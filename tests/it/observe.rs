@@ -501,8 +501,6 @@ async fn a_group_without_a_running_member_past_the_bound_is_unready() {
 
 #[actix_rt::test]
 async fn the_status_page_and_json_show_real_data() {
-    use actix_web::{App, HttpServer};
-
     let Some(ctx) = TestContext::new() else {
         return;
     };
@@ -525,19 +523,7 @@ async fn the_status_page_and_json_show_real_data() {
     })
     .await;
 
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let scope_handle = handle.clone();
-    let server = HttpServer::new(move || {
-        App::new().service(redstream::web::scope("/ops", scope_handle.clone()))
-    })
-    .workers(1)
-    .disable_signals()
-    .listen(listener)
-    .unwrap()
-    .run();
-    let server_handle = server.handle();
-    actix_rt::spawn(server);
+    let (port, server_handle) = serve_ops(&handle);
     let base = format!("http://127.0.0.1:{port}/ops");
 
     // JSON.
@@ -641,19 +627,7 @@ async fn the_status_page_and_json_show_real_data() {
                     > 0
             })
             .await;
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let stuck_port = listener.local_addr().unwrap().port();
-            let scope_handle = stuck_handle.clone();
-            let stuck_server = HttpServer::new(move || {
-                App::new().service(redstream::web::scope("/ops", scope_handle.clone()))
-            })
-            .workers(1)
-            .disable_signals()
-            .listen(listener)
-            .unwrap()
-            .run();
-            let stuck_server_handle = stuck_server.handle();
-            actix_rt::spawn(stuck_server);
+            let (stuck_port, stuck_server_handle) = serve_ops(&stuck_handle);
             let stuck_url = format!("http://127.0.0.1:{stuck_port}/ops/status");
             let dom = browse(browser, &stuck_url, Browse::Dom).await;
             assert!(
@@ -751,6 +725,24 @@ async fn the_status_page_and_json_show_real_data() {
     }
     server_handle.stop(false).await;
     processor.shutdown().await.unwrap();
+}
+
+/// Serves the ops scope of `handle` under `/ops` on a free loopback port.
+fn serve_ops(handle: &redstream::ProcessorHandle) -> (u16, actix_web::dev::ServerHandle) {
+    use actix_web::{App, HttpServer};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = handle.clone();
+    let server =
+        HttpServer::new(move || App::new().service(redstream::web::scope("/ops", handle.clone())))
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .unwrap()
+            .run();
+    let server_handle = server.handle();
+    actix_rt::spawn(server);
+    (port, server_handle)
 }
 
 /// Where the browser tests leave their screenshots: `target/test-artifacts`.

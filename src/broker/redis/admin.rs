@@ -40,6 +40,20 @@ fn no_such_key(e: &redis::RedisError) -> bool {
     e.to_string().contains("no such key")
 }
 
+/// One row of the extended `XPENDING`: id, consumer, idle ms, deliveries.
+fn pending_row(row: &Value) -> Option<PendingEntry> {
+    let Value::Array(cols) = row else {
+        return None;
+    };
+    Some(PendingEntry {
+        id: cols.first().and_then(text)?,
+        consumer: cols.get(1).and_then(text)?,
+        idle_ms: cols.get(2).and_then(int).unwrap_or(0),
+        deliveries: cols.get(3).and_then(int).unwrap_or(0),
+        ..PendingEntry::default()
+    })
+}
+
 fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -346,19 +360,7 @@ impl Admin for RedisBroker {
         let Value::Array(rows) = reply else {
             return Ok(Vec::new());
         };
-        let entries: Vec<PendingEntry> = rows
-            .iter()
-            .filter_map(|row| match row {
-                Value::Array(cols) => Some(PendingEntry {
-                    id: cols.first().and_then(text)?,
-                    consumer: cols.get(1).and_then(text)?,
-                    idle_ms: cols.get(2).and_then(int).unwrap_or(0),
-                    deliveries: cols.get(3).and_then(int).unwrap_or(0),
-                    ..PendingEntry::default()
-                }),
-                _ => None,
-            })
-            .collect();
+        let entries: Vec<PendingEntry> = rows.iter().filter_map(pending_row).collect();
         self.with_details(stream, group, entries).await
     }
 
@@ -392,16 +394,7 @@ impl Admin for RedisBroker {
         let entries: Vec<PendingEntry> = rows
             .iter()
             .filter_map(|reply| match reply {
-                Value::Array(rows) => match rows.first() {
-                    Some(Value::Array(cols)) => Some(PendingEntry {
-                        id: cols.first().and_then(text)?,
-                        consumer: cols.get(1).and_then(text)?,
-                        idle_ms: cols.get(2).and_then(int).unwrap_or(0),
-                        deliveries: cols.get(3).and_then(int).unwrap_or(0),
-                        ..PendingEntry::default()
-                    }),
-                    _ => None,
-                },
+                Value::Array(rows) => rows.first().and_then(pending_row),
                 _ => None,
             })
             .collect();
