@@ -400,3 +400,80 @@ async fn links_only_a_supplied_context_is_kept_and_failures_are_recorded() {
     assert_eq!(attr_str(processes[1], "redstream.outcome"), "ack");
     assert_eq!(attr(processes[1], "error.type"), None);
 }
+
+/// Spans leave through OTLP (gRPC) as a collector receives them: a fake
+/// collector runs in the test; the publish's `send` span arrives with its
+/// messaging attributes and the ids written into the entry.
+#[actix_rt::test]
+async fn spans_reach_an_otlp_collector() {
+    telemetry(); // the global propagator
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let mut collector = fake_opentelemetry_collector::FakeCollectorServer::start()
+        .await
+        .expect("a fake collector on loopback");
+    let provider = fake_opentelemetry_collector::setup_tracer_provider(&collector).await;
+    let stream = ctx.stream("otlp");
+    let processor = support::start_group(
+        ctx.settings(),
+        Group::new(
+            &stream,
+            "g",
+            handler_fn(|_: serde_json::Value, _: Meta| async { Ok(Outcome::Ack) }),
+        ),
+    )
+    .await;
+    let published = {
+        // The publish runs on this thread: a default subscriber of its own
+        // sees its `send` span.
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("otlp-test")));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let event = Event::new("otlp.checked", &serde_json::json!({})).unwrap();
+        processor.producer().publish(&stream, event).await.unwrap()
+    };
+    // The batch exporter sends from its own thread through the gRPC
+    // channel this runtime drives: flush without blocking it.
+    let flushing = provider.clone();
+    tokio::task::spawn_blocking(move || flushing.force_flush())
+        .await
+        .unwrap()
+        .expect("flushed to the collector");
+    let spans = collector.exported_spans(1, Duration::from_secs(10)).await;
+    processor.shutdown().await.unwrap();
+    let send = spans
+        .iter()
+        .find(|s| s.name == format!("send {stream}"))
+        .unwrap_or_else(|| panic!("a send span among {spans:?}"));
+    assert_eq!(send.kind, "SPAN_KIND_PRODUCER");
+    // The fake collector gives attribute values as the protobuf's debug
+    // text: `Some(AnyValue { value: Some(StringValue("…")) })`.
+    let string_attr = |key: &str| {
+        let text = send.attributes.get(key)?;
+        let start = text.find("StringValue(\"")? + "StringValue(\"".len();
+        let len = text[start..].find("\")")?;
+        Some(text[start..start + len].to_owned())
+    };
+    assert_eq!(string_attr("messaging.system").as_deref(), Some("redis"));
+    assert_eq!(
+        string_attr("messaging.destination.name"),
+        Some(stream.clone())
+    );
+    assert_eq!(
+        string_attr("messaging.message.id"),
+        Some(published.event_id.clone())
+    );
+    let traceparent = ctx.entries(&stream).await[0]
+        .1
+        .iter()
+        .find(|(k, _)| k == "traceparent")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        traceparent,
+        Some(format!("00-{}-{}-01", send.trace_id, send.span_id)),
+        "the entry carries the exported span's context"
+    );
+    let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    collector.abort();
+}
