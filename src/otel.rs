@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `send <stream>` | producer (client for a batch) | `Producer::publish`, `Producer::publish_batch` |
 //! | `create <stream>` | producer | each event of a batch, and `enqueue` into the outbox |
-//! | `process <stream>` | consumer | each handler call |
+//! | `process <stream>` | consumer | each handler call; each exactly-once batch (linked to every entry) |
 //! | `settle <stream>` | client | each ack batch and dead-letter write |
 
 use opentelemetry::Context;
@@ -123,6 +123,12 @@ pub(crate) fn add_link(span: &tracing::Span, cx: &Context) {
     span.add_link(cx.span().span_context().clone());
 }
 
+/// A count as an attribute: an integer (unsigned ones are exported as
+/// strings).
+fn count_attr(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// A `create <stream>` span (kind producer): one event's creation, a child
 /// of the current span.
 pub(crate) fn create_span(stream: &str) -> tracing::Span {
@@ -154,10 +160,32 @@ pub(crate) fn send_span(stream: &str, batch: Option<usize>) -> tracing::Span {
         messaging.operation.name = "send",
         messaging.operation.type = "send",
         messaging.destination.name = %stream,
-        messaging.batch.message_count = batch,
+        messaging.batch.message_count = batch.map(count_attr),
         messaging.message.id = tracing::field::Empty,
         error.type = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
+    )
+}
+
+/// The `process <stream>` span of an exactly-once batch (kind consumer): a
+/// root, linked to each entry's creation context (one transaction, many
+/// producers).
+pub(crate) fn batch_process_span(
+    member: &crate::handler::MemberInfo,
+    count: usize,
+) -> tracing::Span {
+    tracing::info_span!(
+        parent: None,
+        "redstream.batch",
+        otel.name = %format_args!("process {}", member.stream),
+        otel.kind = "consumer",
+        messaging.system = SYSTEM,
+        messaging.operation.name = "process",
+        messaging.operation.type = "process",
+        messaging.destination.name = %member.stream,
+        messaging.consumer.group.name = %member.group,
+        messaging.client.id = %member.member,
+        messaging.batch.message_count = count_attr(count),
     )
 }
 
@@ -180,7 +208,7 @@ pub(crate) fn settle_span(
         messaging.operation.type = "settle",
         messaging.destination.name = %stream,
         messaging.consumer.group.name = %group,
-        messaging.batch.message_count = count,
+        messaging.batch.message_count = count_attr(count),
         error.type = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     )

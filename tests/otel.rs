@@ -477,3 +477,78 @@ async fn spans_reach_an_otlp_collector() {
     let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
     collector.abort();
 }
+
+/// Counts the events an exactly-once batch handled.
+struct Ledger;
+
+impl redstream::TxHandler for Ledger {
+    type Event = serde_json::Value;
+
+    async fn handle(
+        &self,
+        _event: serde_json::Value,
+        _meta: &Meta,
+        _tx: &sea_orm::DatabaseTransaction,
+    ) -> HandlerResult {
+        Ok(Outcome::Ack)
+    }
+}
+
+/// An exactly-once batch runs in one `process` span, a root linked to the
+/// creation context of each of its entries.
+#[actix_rt::test]
+async fn an_exactly_once_batch_links_to_each_entry() {
+    telemetry();
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("ledger");
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let processor = Processor::builder(ctx.settings()).start().await.unwrap();
+    // Published before the group starts, so that one read takes them all.
+    let events = (0..3)
+        .map(|n| Event::new("ledger.entry", &serde_json::json!({ "n": n })).unwrap())
+        .collect();
+    let published = processor
+        .producer()
+        .publish_batch(&stream, events)
+        .await
+        .unwrap();
+    processor.shutdown().await.unwrap();
+    let processor = support::start_group(
+        ctx.settings(),
+        Group::transactional(&stream, "ledger", &store, Ledger),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "the batch acked", || async {
+        ctx.pending(&stream, "ledger").await == 0
+            && !named(&finished(), &format!("process {stream}")).is_empty()
+    })
+    .await;
+    processor.shutdown().await.unwrap();
+
+    let spans = finished();
+    let send = one(&spans, &format!("send {stream}"));
+    assert_eq!(send.span_kind, SpanKind::Client);
+    assert_eq!(
+        attr(send, "messaging.batch.message_count"),
+        Some(&Value::I64(3))
+    );
+    let creates = named(&spans, &format!("create {stream}"));
+    assert_eq!(creates.len(), 3, "a create span per event");
+    for c in &creates {
+        assert_eq!(c.parent_span_id, send.span_context.span_id());
+    }
+    assert_eq!(published.iter().filter(|r| r.is_ok()).count(), 3);
+    let process = one(&spans, &format!("process {stream}"));
+    assert_eq!(process.span_kind, SpanKind::Consumer);
+    assert_eq!(process.parent_span_id, SpanId::INVALID, "a root");
+    assert_eq!(attr_str(process, "messaging.consumer.group.name"), "ledger");
+    for c in &creates {
+        assert!(
+            links_to(process, c),
+            "the batch links to each creation context"
+        );
+    }
+}

@@ -269,6 +269,16 @@ impl Member {
             );
         }
         let run = handler.run_batch(metas);
+        #[cfg(feature = "opentelemetry")]
+        let run = {
+            let span = crate::otel::batch_process_span(&self.info, batch.len());
+            for (entry, _, _) in &batch {
+                if let Some(cx) = crate::otel::entry_context(entry) {
+                    crate::otel::add_link(&span, &cx);
+                }
+            }
+            tracing::Instrument::instrument(run, span)
+        };
         let metrics = self.runtime.metrics.clone();
         for (_, _, prior) in &batch {
             metrics.delivery_attempt.record(f64::from(prior + 1));
