@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 scripts/services.sh redis postgres chromium faketime
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/test}"
-cargo test --all-targets --features failpoints "$@"
+cargo test --all-targets --features failpoints,opentelemetry "$@"
 cargo test --doc
 
 [ "${REDSTREAM_NEWER_SERVERS:-1}" = "0" ] && exit 0

@@ -99,6 +99,8 @@ mod handle;
 mod handler;
 mod latest;
 pub mod metrics;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod processor;
 mod producer;
 mod schedule;

@@ -101,6 +101,9 @@ pub(crate) struct GroupOptions {
     /// Delete entries as they are acked (`retention.delete_acked`, and this
     /// group is the stream's only one, as checked at start-up).
     pub(crate) delete_acked: bool,
+    /// Parent `process` spans on the creation context (feature
+    /// `opentelemetry`; `Group::with_trace_links_only` turns it off).
+    pub(crate) trace_parent: bool,
 }
 
 /// How a stopped member, or a failed group recovery, is started again:

@@ -94,6 +94,10 @@ pub(crate) struct MemberInfo {
     pub(crate) group: Arc<str>,
     pub(crate) member: Arc<str>,
     pub(crate) check: Option<OwnershipCheck>,
+    /// Feature `opentelemetry`: parent each `process` span on the entry's
+    /// creation context (true), or only link to it.
+    #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
+    pub(crate) trace_parent: bool,
 }
 
 /// Longest the ownership check before a commit waits for the broker; if it
@@ -183,6 +187,7 @@ impl Meta {
                 group: group.into(),
                 member: "test-0".into(),
                 check: None,
+                trace_parent: true,
             }),
             attempt,
             Ownership::confirmed_now(receipt),
@@ -271,7 +276,8 @@ impl Meta {
 
 impl Meta {
     /// The tracing span of one entry's handling (`outcome` is recorded when
-    /// it ends).
+    /// it ends, with [`record_outcome`]).
+    #[cfg(not(feature = "opentelemetry"))]
     pub(crate) fn span(&self) -> tracing::Span {
         // A root: each delivery is its own trace, not a child of the
         // member's long-lived span that is current where it starts.
@@ -286,5 +292,56 @@ impl Meta {
             attempt = self.attempt,
             outcome = tracing::field::Empty,
         )
+    }
+
+    /// The `process <stream>` span of one handler call (kind consumer,
+    /// messaging conventions): linked to the entry's creation context and,
+    /// unless the group only links, parented on it; otherwise a root.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn span(&self) -> tracing::Span {
+        let span = tracing::info_span!(
+            parent: None,
+            "redstream.entry",
+            otel.name = %format_args!("process {}", self.member.stream),
+            otel.kind = "consumer",
+            messaging.system = crate::otel::SYSTEM,
+            messaging.operation.name = "process",
+            messaging.operation.type = "process",
+            messaging.destination.name = %self.member.stream,
+            messaging.consumer.group.name = %self.member.group,
+            messaging.client.id = %self.member.member,
+            messaging.message.id = self.entry.event_id(),
+            redstream.entry.id = %self.entry.id(),
+            redstream.event.type = self.entry.event_type().unwrap_or(""),
+            redstream.attempt = i64::from(self.attempt),
+            redstream.outcome = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if let Some(cx) = crate::otel::entry_context(&self.entry) {
+            crate::otel::add_link(&span, &cx);
+            if self.member.trace_parent {
+                crate::otel::set_parent(&span, cx);
+            }
+        }
+        span
+    }
+}
+
+/// Records how one handler call ended on its span (`outcome`; with the
+/// feature `opentelemetry`, `redstream.outcome`, and `error.type` when it
+/// failed).
+pub(crate) fn record_outcome(span: &tracing::Span, outcome: &'static str, failed: bool) {
+    #[cfg(not(feature = "opentelemetry"))]
+    {
+        let _ = failed;
+        span.record("outcome", outcome);
+    }
+    #[cfg(feature = "opentelemetry")]
+    {
+        span.record("redstream.outcome", outcome);
+        if failed {
+            crate::otel::record_error(span, outcome);
+        }
     }
 }

@@ -51,7 +51,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 pub(crate) use self::meta::{
-    ConfirmFn, MemberInfo, Ownership, OwnershipCheck, confirm_stale_ownership,
+    ConfirmFn, MemberInfo, Ownership, OwnershipCheck, confirm_stale_ownership, record_outcome,
 };
 pub use self::meta::{Meta, OwnershipLost};
 pub use self::outcome::{Outcome, RetryPolicy};

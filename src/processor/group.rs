@@ -36,6 +36,7 @@ pub struct Group {
     pub(super) start_from: Option<StartFrom>,
     pub(super) retry: Option<RetryPolicy>,
     pub(super) min_idle: Option<Duration>,
+    pub(super) trace_parent: bool,
 }
 
 impl std::fmt::Debug for Group {
@@ -67,6 +68,7 @@ impl Group {
             start_from: None,
             retry: None,
             min_idle: None,
+            trace_parent: true,
         }
     }
 
@@ -132,6 +134,16 @@ impl Group {
     /// cut to a third of it.
     pub fn with_min_idle(mut self, d: Duration) -> Self {
         self.min_idle = Some(d);
+        self
+    }
+
+    /// Feature `opentelemetry`: each `process` span only links to the
+    /// creation context its entry carries instead of being its child, so
+    /// that every delivery starts its own trace (the default parents it on
+    /// the creation context, one trace from publish to handler).
+    #[cfg(feature = "opentelemetry")]
+    pub fn with_trace_links_only(mut self) -> Self {
+        self.trace_parent = false;
         self
     }
 
@@ -203,6 +215,7 @@ impl Group {
             shutdown_deadline: Duration::from_millis(s.shutdown.deadline_ms),
             // Decided at start-up, once the stream's groups are known.
             delete_acked: false,
+            trace_parent: self.trace_parent,
         })
     }
 }

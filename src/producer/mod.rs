@@ -141,6 +141,13 @@ impl Producer {
     /// Publishes one event and waits until it is written. Waits first while
     /// the buffer is full. The event gets an id unless it has one.
     pub async fn publish(&self, stream: &str, event: Event) -> Result<Published> {
+        #[cfg(feature = "opentelemetry")]
+        return traced(stream, event, |event| self.publish_untraced(stream, event)).await;
+        #[cfg(not(feature = "opentelemetry"))]
+        self.publish_untraced(stream, event).await
+    }
+
+    async fn publish_untraced(&self, stream: &str, event: Event) -> Result<Published> {
         let stream: Arc<str> = Arc::from(stream);
         let item = self.prepare(&stream, event)?;
         let permit = Arc::clone(&self.inner.permits)
@@ -153,6 +160,16 @@ impl Producer {
     /// Like [`Producer::publish`], but fails at once with
     /// [`Error::BufferFull`] when the buffer is full.
     pub async fn try_publish(&self, stream: &str, event: Event) -> Result<Published> {
+        #[cfg(feature = "opentelemetry")]
+        return traced(stream, event, |event| {
+            self.try_publish_untraced(stream, event)
+        })
+        .await;
+        #[cfg(not(feature = "opentelemetry"))]
+        self.try_publish_untraced(stream, event).await
+    }
+
+    async fn try_publish_untraced(&self, stream: &str, event: Event) -> Result<Published> {
         let stream: Arc<str> = Arc::from(stream);
         let item = self.prepare(&stream, event)?;
         let permit = Arc::clone(&self.inner.permits)
@@ -188,6 +205,41 @@ impl Producer {
     /// producer per chunk; returns one result per event, in order. Invalid
     /// events (too large, reserved header) fail alone.
     pub async fn publish_batch(
+        &self,
+        stream: &str,
+        events: Vec<Event>,
+    ) -> Result<Vec<Result<Published>>> {
+        #[cfg(feature = "opentelemetry")]
+        return self.publish_batch_traced(stream, events).await;
+        #[cfg(not(feature = "opentelemetry"))]
+        self.publish_batch_untraced(stream, events).await
+    }
+
+    /// [`Producer::publish_batch`] in its `send` span.
+    #[cfg(feature = "opentelemetry")]
+    async fn publish_batch_traced(
+        &self,
+        stream: &str,
+        events: Vec<Event>,
+    ) -> Result<Vec<Result<Published>>> {
+        use tracing::Instrument;
+        let (span, events) = otel_send_batch(stream, events);
+        let results = self
+            .publish_batch_untraced(stream, events)
+            .instrument(span.clone())
+            .await;
+        match &results {
+            Ok(each) => {
+                if let Some(Err(e)) = each.iter().find(|r| r.is_err()) {
+                    crate::otel::record_error(&span, crate::otel::error_type(e));
+                }
+            }
+            Err(e) => crate::otel::record_error(&span, crate::otel::error_type(e)),
+        }
+        results
+    }
+
+    async fn publish_batch_untraced(
         &self,
         stream: &str,
         events: Vec<Event>,
@@ -247,6 +299,77 @@ impl Producer {
     pub(crate) fn close(&self) {
         self.inner.permits.close();
     }
+}
+
+/// The `send` span of one publish: a child of the event's own creation
+/// context when it carries one (the outbox relay, a caller-supplied
+/// `traceparent`, which is kept), of the current span otherwise; its
+/// context becomes the event's creation context.
+#[cfg(feature = "opentelemetry")]
+fn otel_send(stream: &str, event: Event) -> (tracing::Span, Event) {
+    let span = crate::otel::send_span(stream, None);
+    if let Some(cx) = crate::otel::event_context(&event) {
+        crate::otel::set_parent(&span, cx);
+    }
+    let event = crate::otel::inject(&span, event);
+    (span, event)
+}
+
+/// The `send` span of a batch (a child of the current span, or with none,
+/// of the first event's creation context, so that a relay's publish
+/// continues the trace that enqueued it), linked to every event's creation
+/// context; an event without one gets a `create` span, a child of the
+/// `send` span.
+#[cfg(feature = "opentelemetry")]
+fn otel_send_batch(stream: &str, events: Vec<Event>) -> (tracing::Span, Vec<Event>) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = crate::otel::send_span(stream, Some(events.len()));
+    let carried: Vec<Option<opentelemetry::Context>> =
+        events.iter().map(crate::otel::event_context).collect();
+    let no_current = !tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .is_valid();
+    if no_current && let Some(Some(first)) = carried.iter().find(|c| c.is_some()) {
+        crate::otel::set_parent(&span, first.clone());
+    }
+    for cx in carried.iter().flatten() {
+        crate::otel::add_link(&span, cx);
+    }
+    let events = events
+        .into_iter()
+        .zip(carried)
+        .map(|(event, carried)| {
+            if carried.is_some() {
+                return event;
+            }
+            let create = span.in_scope(|| crate::otel::create_span(stream));
+            crate::otel::inject(&create, event)
+        })
+        .collect();
+    (span, events)
+}
+
+/// Runs one publish in its `send` span and records its outcome there.
+#[cfg(feature = "opentelemetry")]
+async fn traced<F: std::future::Future<Output = Result<Published>>>(
+    stream: &str,
+    event: Event,
+    publish: impl FnOnce(Event) -> F,
+) -> Result<Published> {
+    use tracing::Instrument;
+    let (span, event) = otel_send(stream, event);
+    let span = &span;
+    let result = publish(event).instrument(span.clone()).await;
+    match &result {
+        Ok(published) => {
+            span.record("messaging.message.id", published.event_id.as_str());
+        }
+        Err(e) => crate::otel::record_error(span, crate::otel::error_type(e)),
+    }
+    result
 }
 
 #[cfg(test)]

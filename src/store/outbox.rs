@@ -29,6 +29,12 @@ pub(super) fn col(name: &str) -> Alias {
 /// the transaction commits). Returns the event id (assigned when the event
 /// has none).
 ///
+/// With the feature `opentelemetry`, the row keeps the trace context that
+/// is current here (a `create <stream>` span, a child of the current span),
+/// unless the event carries its own `traceparent`; the relay's publish and
+/// the handlers of the event continue that trace. (The outbox keeps
+/// `traceparent` only, not `tracestate`.)
+///
 /// ```no_run
 /// # async fn demo(store: redstream::Store) -> redstream::Result<()> {
 /// use sea_orm::TransactionTrait;
@@ -45,6 +51,12 @@ pub async fn enqueue<C: ConnectionTrait>(conn: &C, stream: &str, event: Event) -
     let id = match event.id() {
         Some(id) if !id.is_empty() => id.to_owned(),
         _ => new_event_id(IdFormat::Ulid),
+    };
+    #[cfg(feature = "opentelemetry")]
+    let event = {
+        let span = crate::otel::create_span(stream);
+        span.record("messaging.message.id", id.as_str());
+        crate::otel::inject(&span, event)
     };
     let data = std::str::from_utf8(event.data())
         .map_err(|_| Error::InvalidEvent {

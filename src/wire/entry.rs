@@ -27,6 +27,7 @@ pub struct Entry {
     published_at_ms: Option<u64>,
     key: Option<String>,
     traceparent: Option<String>,
+    tracestate: Option<String>,
     data: Option<usize>,
 }
 
@@ -228,6 +229,7 @@ impl Entry {
             published_at_ms: None,
             key: None,
             traceparent: None,
+            tracestate: None,
             data: None,
         };
         for (index, (name, value)) in fields.iter().enumerate() {
@@ -263,6 +265,10 @@ impl Entry {
                 field::TS => entry.published_at_ms = Some(number(value, name)?),
                 field::KEY => entry.key = Some(utf8(value, name)?),
                 field::TRACEPARENT => entry.traceparent = trace_context(id, value),
+                // A hint like `traceparent`: ignored unless UTF-8.
+                field::TRACESTATE => {
+                    entry.tracestate = std::str::from_utf8(value).ok().map(str::to_owned)
+                }
                 field::DATA => entry.data = Some(index),
                 _ => {}
             }
@@ -304,6 +310,11 @@ impl Entry {
     /// anything else: an invalid one is ignored, not an error).
     pub fn traceparent(&self) -> Option<&str> {
         self.traceparent.as_deref()
+    }
+
+    /// The `tracestate` field, if it is UTF-8.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.tracestate.as_deref()
     }
 
     /// The raw `data` field, if present.
@@ -514,5 +525,19 @@ mod tests {
         let future = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
         let entry = Entry::decode(raw(&[(b"traceparent", future.as_bytes())])).expect("decodes");
         assert_eq!(entry.traceparent(), Some(future));
+    }
+
+    #[test]
+    fn tracestate_is_read_beside_traceparent_and_ignored_unless_utf8() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let entry = Entry::decode(raw(&[
+            (b"traceparent", tp.as_bytes()),
+            (b"tracestate", b"vendor=abc"),
+        ]))
+        .expect("decodes");
+        assert_eq!(entry.tracestate(), Some("vendor=abc"));
+        let entry = Entry::decode(raw(&[(b"tracestate", b"\xff"), (b"data", b"{}")]))
+            .expect("a tracestate that is not UTF-8 does not fail the entry");
+        assert_eq!(entry.tracestate(), None);
     }
 }

@@ -29,6 +29,7 @@ pub struct Event {
     data: Vec<u8>,
     key: Option<String>,
     traceparent: Option<String>,
+    tracestate: Option<String>,
     headers: Vec<(String, String)>,
 }
 
@@ -50,6 +51,7 @@ impl Event {
             data: json.into(),
             key: None,
             traceparent: None,
+            tracestate: None,
             headers: Vec::new(),
         }
     }
@@ -77,6 +79,12 @@ impl Event {
     /// Sets the W3C `traceparent`.
     pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
         self.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// Sets the W3C `tracestate` (written only beside a `traceparent`).
+    pub fn with_tracestate(mut self, tracestate: impl Into<String>) -> Self {
+        self.tracestate = Some(tracestate.into());
         self
     }
 
@@ -114,6 +122,11 @@ impl Event {
     /// The W3C trace context, if set.
     pub fn traceparent(&self) -> Option<&str> {
         self.traceparent.as_deref()
+    }
+
+    /// The W3C trace state, if set.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.tracestate.as_deref()
     }
 
     /// Extra fields.
@@ -162,6 +175,9 @@ impl Event {
         }
         if let Some(tp) = self.traceparent {
             fields.push((Cow::Borrowed(field::TRACEPARENT), tp.into_bytes()));
+            if let Some(ts) = self.tracestate {
+                fields.push((Cow::Borrowed(field::TRACESTATE), ts.into_bytes()));
+            }
         }
         for (name, value) in self.headers {
             fields.push((Cow::Owned(name), value.into_bytes()));
@@ -187,5 +203,28 @@ impl OutgoingEntry {
     /// Encoded size of all names and values, in bytes.
     pub fn encoded_len(&self) -> usize {
         self.fields.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(event: Event) -> Vec<String> {
+        let entry = event.into_outgoing(|| "e-1".to_owned()).expect("valid");
+        entry.fields.iter().map(|(k, _)| k.to_string()).collect()
+    }
+
+    #[test]
+    fn tracestate_is_written_only_beside_a_traceparent() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let with_both = Event::from_json("t", "{}")
+            .with_traceparent(tp)
+            .with_tracestate("vendor=abc");
+        assert!(names(with_both).contains(&"tracestate".to_owned()));
+        let alone = Event::from_json("t", "{}").with_tracestate("vendor=abc");
+        assert!(!names(alone).contains(&"tracestate".to_owned()));
+        let header = Event::from_json("t", "{}").with_header("tracestate", "x");
+        assert!(header.check().is_err(), "a reserved name");
     }
 }

@@ -19,6 +19,7 @@
 //! | `ts` | publish time, milliseconds since the Unix epoch |
 //! | `key` | ordering / partition key |
 //! | `traceparent` | W3C trace context |
+//! | `tracestate` | W3C trace state, beside `traceparent` |
 //!
 //! An entry without `data` is delivered too: its non-reserved fields, as a
 //! JSON object of strings, are the payload. Decoding is per entry; an entry
@@ -50,11 +51,23 @@ pub mod field {
     pub const KEY: &str = "key";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state (vendor entries beside `traceparent`).
+    pub const TRACESTATE: &str = "tracestate";
     /// How many times the entry was redriven from the dead-letter stream
     /// (absent: never); a letter written for it again carries the count.
     pub const REDRIVES: &str = "redrives";
     /// All reserved field names.
-    pub const RESERVED: [&str; 8] = [ID, TYPE, VERSION, DATA, TS, KEY, TRACEPARENT, REDRIVES];
+    pub const RESERVED: [&str; 9] = [
+        ID,
+        TYPE,
+        VERSION,
+        DATA,
+        TS,
+        KEY,
+        TRACEPARENT,
+        TRACESTATE,
+        REDRIVES,
+    ];
 }
 
 /// Most fields an entry may have. An entry with more is dead-lettered

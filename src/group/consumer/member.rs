@@ -230,7 +230,11 @@ impl Member {
             metrics
                 .handler_seconds
                 .record(started.elapsed().as_secs_f64());
-            tracing::Span::current().record("outcome", verdict_name(&verdict));
+            crate::handler::record_outcome(
+                &tracing::Span::current(),
+                verdict_name(&verdict),
+                verdict_failed(&verdict),
+            );
             verdict
         }
         .instrument(span);
@@ -265,6 +269,16 @@ impl Member {
             );
         }
         let run = handler.run_batch(metas);
+        #[cfg(feature = "opentelemetry")]
+        let run = {
+            let span = crate::otel::batch_process_span(&self.info, batch.len());
+            for (entry, _, _) in &batch {
+                if let Some(cx) = crate::otel::entry_context(entry) {
+                    crate::otel::add_link(&span, &cx);
+                }
+            }
+            tracing::Instrument::instrument(run, span)
+        };
         let metrics = self.runtime.metrics.clone();
         for (_, _, prior) in &batch {
             metrics.delivery_attempt.record(f64::from(prior + 1));
@@ -376,6 +390,12 @@ impl Member {
     pub(super) fn idle(&self) -> bool {
         self.running.is_empty() && self.queued.is_empty() && self.done.is_empty()
     }
+}
+
+/// Whether a verdict is a failure of the handler (an error, a panic, an
+/// entry it could not read).
+fn verdict_failed(v: &Verdict) -> bool {
+    matches!(v, Verdict::Failed { .. } | Verdict::Undecodable(_))
 }
 
 fn verdict_name(v: &Verdict) -> &'static str {

@@ -112,6 +112,7 @@ impl MemberLoop {
             stream: Arc::clone(runtime.target.stream_arc()),
             group: Arc::clone(runtime.target.name_arc()),
             member: Arc::clone(&opts.member_names[index]),
+            trace_parent: opts.trace_parent,
             check: confirm.as_ref().map(|confirm| OwnershipCheck {
                 stale_after: opts.heartbeat * 3 / 2,
                 confirm: Arc::clone(confirm),

@@ -52,6 +52,8 @@ impl GroupSupervisor {
             return;
         }
         let receipts = std::mem::take(&mut self.acks.receipts);
+        #[cfg(feature = "opentelemetry")]
+        let receipts_len = receipts.len();
         let forget = std::mem::take(&mut self.acks.forget);
         self.acks.flushing = true;
         let rt = Arc::clone(&self.runtime);
@@ -68,8 +70,22 @@ impl GroupSupervisor {
             if result.is_ok() {
                 crate::failpoints::crash_point!("ack.after_xack");
             }
+            #[cfg(feature = "opentelemetry")]
+            if let Err(e) = &result {
+                crate::otel::record_error(&tracing::Span::current(), crate::otel::error_type(e));
+            }
             (receipts, forget, result)
         };
+        #[cfg(feature = "opentelemetry")]
+        let fut = tracing::Instrument::instrument(
+            fut,
+            crate::otel::settle_span(
+                self.runtime.target.stream(),
+                self.runtime.target.name(),
+                "ack",
+                receipts_len,
+            ),
+        );
         ctx.spawn(
             fut.into_actor(self)
                 .map(|(receipts, forget, result), act, ctx| {
@@ -151,6 +167,8 @@ impl GroupSupervisor {
             return;
         }
         self.writes_in_flight += 1;
+        #[cfg(feature = "opentelemetry")]
+        let letters_len = letters.len();
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
             let mut pending = letters;
@@ -182,8 +200,22 @@ impl GroupSupervisor {
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
             }
+            #[cfg(feature = "opentelemetry")]
+            if !pending.is_empty() {
+                crate::otel::record_error(&tracing::Span::current(), "dead_letter_write_failed");
+            }
             (written, pending, last_error)
         };
+        #[cfg(feature = "opentelemetry")]
+        let fut = tracing::Instrument::instrument(
+            fut,
+            crate::otel::settle_span(
+                self.runtime.target.stream(),
+                self.runtime.target.name(),
+                "dead_letter",
+                letters_len,
+            ),
+        );
         ctx.spawn(fut.into_actor(self).map(|(written, failed, error), act, _ctx| {
             act.writes_in_flight -= 1;
             act.counters.dead_lettered += written.len() as u64;
