@@ -19,8 +19,10 @@ version=$(cargo metadata --no-deps --format-version 1 \
   | python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "redstream"))')
 rm -f "$target/package/"*.crate
 cargo package --workspace --no-verify --quiet "${dirty[@]}"
-work=$(mktemp -d "${TMPDIR:-/tmp}/redstream-package.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+# A fixed place, so repeated runs leave one set of artefacts, not one per run.
+work="$target/package-check"
+rm -rf "$work"
+mkdir -p "$work"
 for crate in "$target/package/"*.crate; do
   tar -xzf "$crate" -C "$work"
 done
