@@ -2,31 +2,45 @@
 //!
 //! Shows: the actor system started inside the application's own actix
 //! runtime (no second runtime, no global state besides the metrics recorder
-//! the application chooses to install), the producer shared through
-//! `web::Data`, publishing from an HTTP handler (`POST /orders` answers
-//! `202` with the event id, or `503` with `Retry-After` when the producer's
-//! buffer is full), redstream's `/ops/health`, `/ops/metrics` and
-//! `/ops/status` mounted next to the application's routes, and an ordered
-//! shutdown on SIGTERM or SIGINT: the server stops accepting and finishes
-//! its requests, then the consumers drain and the producer flushes.
+//! the application chooses to install); `redstream::web::configure_with_metrics`
+//! mounting redstream's `/ops/health`, `/ops/metrics` and `/ops/status` next
+//! to the application's routes and registering `web::Data<ProcessorHandle>`,
+//! which the application's handlers take as an extractor: `POST /orders`
+//! publishes through it (answering `202` with the event id, or `503` with
+//! `Retry-After` when the producer's buffer is full) and `GET /orders/audit`
+//! reads the group's status through it; and `redstream::web::shutdown_signal`
+//! as the server's shutdown signal, so SIGTERM or SIGINT stops in the order
+//! a load balancer needs: readiness off (`/ops/health` answers `503`) while
+//! the consumers drain and the producer flushes, then the server stops.
+//!
+//! An order with `"work_ms": N` keeps its handler busy for N ms (at most
+//! 10 s), to watch the drain.
 //!
 //! ```text
 //! cargo run --example embed_actix_web            # listens on 127.0.0.1:8080 (LISTEN_ADDR to change)
 //! curl -i -X POST localhost:8080/orders -H 'content-type: application/json' \
 //!      -d '{"order_id": "o-1", "customer_id": "c-1", "items": []}'
+//! curl localhost:8080/orders/audit
 //! open http://127.0.0.1:8080/ops/status
 //! ```
 
 use std::io::IsTerminal;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use redstream::prelude::*;
-use redstream::{Error, Producer};
+use redstream::{Error, ProcessorHandle};
 
-/// The stream the HTTP handler publishes to and the group reads.
-const STREAM: &str = "web-orders";
+/// The stream the HTTP handler publishes to and the group reads
+/// (`WEB_ORDERS_STREAM`, default `web-orders`).
+static STREAM: LazyLock<String> = LazyLock::new(|| {
+    std::env::var("WEB_ORDERS_STREAM").unwrap_or_else(|_| "web-orders".to_owned())
+});
+/// The group that audits them.
+const GROUP: &str = "order-audit";
 
 /// Counts what the consumer group saw (a stand-in for real work).
 #[derive(Default)]
@@ -38,6 +52,9 @@ impl Handler for Audit {
     type Event = serde_json::Value;
 
     async fn handle(&self, order: serde_json::Value, meta: Meta) -> HandlerResult {
+        if let Some(ms) = order["work_ms"].as_u64() {
+            tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;
+        }
         self.seen.fetch_add(1, Ordering::Relaxed);
         tracing::info!(entry_id = meta.entry_id(), order_id = %order["order_id"], "order audited");
         Ok(Outcome::Ack)
@@ -45,7 +62,7 @@ impl Handler for Audit {
 }
 
 async fn create_order(
-    producer: web::Data<Producer>,
+    redstream: web::Data<ProcessorHandle>,
     body: web::Json<serde_json::Value>,
 ) -> HttpResponse {
     let order = body.into_inner();
@@ -59,7 +76,7 @@ async fn create_order(
             return HttpResponse::BadRequest().json(serde_json::json!({"error": e.to_string()}));
         }
     };
-    match producer.try_publish(STREAM, event).await {
+    match redstream.producer().try_publish(&STREAM, event).await {
         Ok(published) => HttpResponse::Accepted().json(serde_json::json!({
             "event_id": published.event_id,
             "entry_id": published.entry_id,
@@ -77,17 +94,19 @@ async fn create_order(
     }
 }
 
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+/// The audit group as the processor sees it, through the handle that
+/// `redstream::web::configure_with_metrics` registered.
+async fn audit_status(redstream: web::Data<ProcessorHandle>) -> HttpResponse {
+    match redstream.group_status(&STREAM, GROUP).await {
+        Ok(status) => HttpResponse::Ok().json(serde_json::json!({
+            "instance": redstream.instance(),
+            "stopping": redstream.is_stopping(),
+            "members_running": status.running(),
+            "acked": status.acked,
+            "pending": status.pending,
+        })),
+        Err(e) => {
+            HttpResponse::ServiceUnavailable().json(serde_json::json!({"error": e.to_string()}))
         }
     }
 }
@@ -109,39 +128,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Started once, before HttpServer::new: the app factory runs per worker.
     let redis = settings.redis.url.clone();
     let processor = Processor::builder(settings)
-        .group(Group::new(STREAM, "order-audit", Arc::clone(&audit)).with_members(2))
+        .group(Group::new(STREAM.as_str(), GROUP, Arc::clone(&audit)).with_members(2))
         .start()
         .await
         .map_err(|e| format!("Redis at {redis}: {e}"))?;
     let handle = processor.handle();
-    let producer = web::Data::new(processor.producer());
     let listen = std::env::var("LISTEN_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_owned());
+    // SIGTERM or SIGINT: readiness off, the processor drains, then the
+    // server stops accepting and finishes its requests.
+    let (stop_signal, drained) = redstream::web::shutdown_signal(processor);
 
     let server = HttpServer::new(move || {
         let prometheus = prometheus.clone();
         App::new()
-            .app_data(producer.clone())
-            .route("/orders", web::post().to(create_order))
-            .service(redstream::web::scope_with_metrics(
+            .configure(redstream::web::configure_with_metrics(
                 "/ops",
                 handle.clone(),
                 move || prometheus.render(),
             ))
+            .route("/orders", web::post().to(create_order))
+            .route("/orders/audit", web::get().to(audit_status))
     })
-    .disable_signals()
+    .shutdown_signal(stop_signal)
     .shutdown_timeout(10)
     .bind(&listen)?
     .run();
-    let server_handle = server.handle();
-    let server_task = actix_rt::spawn(server);
     println!("listening on http://{listen} (POST /orders, GET /ops/status); Ctrl-C to stop");
-
-    wait_for_stop_signal().await;
-    // 1. stop accepting and finish the requests in flight;
-    server_handle.stop(true).await;
-    let _ = server_task.await;
-    // 2. consumers drain, decisions are written, the producer flushes.
-    let report = processor.shutdown().await?;
+    server.await?;
+    let report = drained.await?;
     println!(
         "stopped: {} orders audited, {} entries released, all written: {}",
         audit.seen.load(Ordering::Relaxed),

@@ -1,6 +1,6 @@
 //! Named crash points for the fault-injection suite (`tests/chaos`).
 //!
-//! With the `failpoints` feature, each point is a [`fail`] failpoint that a
+//! With the `failpoints` feature, each point is a [`fail`](https://docs.rs/fail) failpoint that a
 //! test process configures (`fail::cfg`, `fail::cfg_callback`, or the
 //! `FAILPOINTS` environment variable with `fail::FailScenario`), typically to
 //! abort the process at a known step. Without the feature (the default),
@@ -71,7 +71,7 @@ pub fn crash_at(point: &str, hit: u64) -> crate::Result<()> {
 }
 
 /// Every database fault point: the statements of the exactly-once path and
-/// of the outbox relay where [`inject_db_fault`] can make the database fail.
+/// of the outbox relay where `inject_db_fault` (feature `failpoints`) can make the database fail.
 ///
 /// | point | where |
 /// |---|---|
@@ -79,7 +79,7 @@ pub fn crash_at(point: &str, hit: u64) -> crate::Result<()> {
 /// | `db.keys` | the insert of the batch's keys into `processed_events` |
 /// | `db.savepoint` | an entry's `SAVEPOINT` (the careful run) |
 /// | `db.release` | an entry's `RELEASE SAVEPOINT` after its handler acked |
-/// | `db.handler` | a handler's own statement (the handler calls [`db_point`]) |
+/// | `db.handler` | a handler's own statement (the handler calls `db_point`) |
 /// | `db.commit` | the batch's `COMMIT` |
 /// | `outbox.lease` | the relay takes or renews its lease |
 /// | `outbox.select` | the relay reads unsent rows |
@@ -96,7 +96,7 @@ pub const DB_POINTS: [&str; 9] = [
     "outbox.mark",
 ];
 
-/// A class of database error, as [`inject_db_fault`] makes it happen.
+/// A class of database error, as `inject_db_fault` (feature `failpoints`) makes it happen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DbFault {
     /// The disk is full: SQLite `SQLITE_FULL` (13), PostgreSQL `53100`.

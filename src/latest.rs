@@ -123,7 +123,10 @@ pub struct Latest<T> {
 }
 
 /// The newest value per field in one Redis hash, written only forward in
-/// [`Version`] order (see the [module docs](self) for the rule).
+/// [`Version`] order: a write lands only if its version is greater than
+/// the stored one (time first, then tiebreak), so an older event never
+/// overwrites a newer one, and the same version written twice is a no-op
+/// ([`Applied::Unchanged`]).
 ///
 /// ```no_run
 /// # async fn demo() -> redstream::Result<()> {

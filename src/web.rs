@@ -23,14 +23,51 @@
 //! .await
 //! # }
 //! ```
+//!
+//! Or, with [`configure`] and [`shutdown_signal`]: the routes plus
+//! `web::Data<ProcessorHandle>` for the application's own handlers, and a
+//! stop in the order a load balancer needs (readiness off, the processor
+//! drains while the server still answers, then the server stops):
+//!
+//! ```no_run
+//! # async fn demo(processor: redstream::Processor) -> std::io::Result<()> {
+//! use actix_web::{App, HttpServer, web};
+//! use redstream::ProcessorHandle;
+//!
+//! async fn whoami(handle: web::Data<ProcessorHandle>) -> String {
+//!     handle.instance().to_owned()
+//! }
+//!
+//! let handle = processor.handle();
+//! let (signal, drained) = redstream::web::shutdown_signal(processor);
+//! HttpServer::new(move || {
+//!     App::new()
+//!         .configure(redstream::web::configure("/ops", handle.clone()))
+//!         .route("/whoami", web::get().to(whoami))
+//! })
+//! .shutdown_signal(signal)
+//! .bind(("127.0.0.1", 8080))?
+//! .run()
+//! .await?;
+//! let report = drained.await; // what the processor's stop did
+//! # let _ = report;
+//! # Ok(())
+//! # }
+//! ```
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use actix_web::http::header;
 use actix_web::{HttpResponse, Scope, web};
 use serde::Serialize;
+use tokio::sync::oneshot;
 
+use crate::error::{Error, Result};
 use crate::handle::{Health, ProcessorHandle};
+use crate::processor::{Processor, ShutdownReport};
 use crate::producer::ProducerStats;
 use crate::status::{GroupDeployment, GroupHistory, GroupStatus};
 
@@ -67,6 +104,107 @@ pub fn scope_with_metrics(
             metrics: Some(Arc::new(render)),
         },
     )
+}
+
+/// For [`App::configure`](actix_web::App::configure): registers
+/// `web::Data<ProcessorHandle>` (so the application's handlers can take it
+/// as an extractor) and mounts [`scope`] at `path`.
+pub fn configure(
+    path: &str,
+    handle: ProcessorHandle,
+) -> impl FnOnce(&mut web::ServiceConfig) + Clone + use<> {
+    let path = path.to_owned();
+    move |config: &mut web::ServiceConfig| {
+        config
+            .app_data(web::Data::new(handle.clone()))
+            .service(scope(&path, handle));
+    }
+}
+
+/// Like [`configure`], with `/metrics` answering what `render` returns
+/// (see [`scope_with_metrics`]).
+pub fn configure_with_metrics<R>(
+    path: &str,
+    handle: ProcessorHandle,
+    render: R,
+) -> impl FnOnce(&mut web::ServiceConfig) + Clone + use<R>
+where
+    R: Fn() -> String + Send + Sync + 'static,
+{
+    let path = path.to_owned();
+    let render: Render = Arc::new(render);
+    move |config: &mut web::ServiceConfig| {
+        config
+            .app_data(web::Data::new(handle.clone()))
+            .service(build(
+                &path,
+                Ops {
+                    handle,
+                    metrics: Some(render),
+                },
+            ));
+    }
+}
+
+/// For [`HttpServer::shutdown_signal`](actix_web::HttpServer::shutdown_signal):
+/// a future that waits for SIGINT or SIGTERM, then stops `processor`
+/// ([`Processor::shutdown`]) and only then completes, so the order is:
+///
+/// 1. readiness turns false at once (`/health` answers `503`, check
+///    `processor` `stopping`), while the server still serves requests;
+/// 2. the processor drains: members finish their handlers by
+///    `shutdown.deadline_ms`, decisions are written, the producer flushes;
+/// 3. the future completes and the server stops gracefully (it stops
+///    accepting and finishes the requests in flight within its
+///    `shutdown_timeout`).
+///
+/// The second value resolves to the processor's [`ShutdownReport`] once it
+/// has stopped (or to [`Error::Stopped`] if the first was dropped before).
+/// Give the server no other signal handling: `shutdown_signal` replaces it.
+/// Keep `shutdown.deadline_ms` plus the server's `shutdown_timeout` below
+/// the time the platform waits before killing the process (Kubernetes:
+/// `terminationGracePeriodSeconds`).
+pub fn shutdown_signal(
+    processor: Processor,
+) -> (impl Future<Output = ()> + Send + 'static + use<>, Drained) {
+    shutdown_when(processor, crate::processor::wait_for_signal())
+}
+
+/// Like [`shutdown_signal`], with the stop begun when `trigger` completes
+/// instead of at a signal (the application's own stop, or a test's).
+pub fn shutdown_when<T>(
+    processor: Processor,
+    trigger: T,
+) -> (impl Future<Output = ()> + Send + 'static + use<T>, Drained)
+where
+    T: Future<Output = ()> + Send + 'static,
+{
+    let (report_tx, report_rx) = oneshot::channel();
+    let signal = async move {
+        trigger.await;
+        tracing::info!("stop requested; readiness off, draining the processor");
+        let report = processor.shutdown().await;
+        let _ = report_tx.send(report);
+    };
+    (signal, Drained { report: report_rx })
+}
+
+/// The processor's [`ShutdownReport`], once the future from
+/// [`shutdown_signal`] or [`shutdown_when`] has stopped it.
+#[derive(Debug)]
+#[must_use = "await it for the report, or drop it"]
+pub struct Drained {
+    report: oneshot::Receiver<Result<ShutdownReport>>,
+}
+
+impl Future for Drained {
+    type Output = Result<ShutdownReport>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.report)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(Error::Stopped)))
+    }
 }
 
 fn build(path: &str, ops: Ops) -> Scope {

@@ -15,6 +15,7 @@ mod bad_entries;
 mod boundary;
 mod cli;
 mod core;
+mod embed;
 mod identity;
 mod janitor;
 mod market;
