@@ -15,7 +15,10 @@ cd "$(dirname "$0")/.."
 scripts/services.sh redis postgres chromium faketime
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/test}"
-cargo test --all-targets --features failpoints,opentelemetry "$@"
+# One feature set for every test run below, so that none rebuilds the
+# crate and its dependencies for another.
+features=failpoints,opentelemetry
+cargo test --all-targets --features "$features" "$@"
 cargo test --doc
 
 [ "${REDSTREAM_NEWER_SERVERS:-1}" = "0" ] && exit 0
@@ -54,9 +57,9 @@ newer_pass() {
   echo "== $name ($("$binary" --version | head -n 1)) on 127.0.0.1:$port" >&2
   start=$(date +%s)
   REDIS_URL="redis://127.0.0.1:$port" REDSTREAM_TEST_REDIS_SERVER="$binary" \
-    cargo test --features failpoints --test it
+    cargo test --features "$features" --test it
   REDSTREAM_TEST_REDIS_SERVER="$binary" \
-    cargo test --features failpoints --test chaos -- "${CHAOS_SUBSET[@]}"
+    cargo test --features "$features" --test chaos -- "${CHAOS_SUBSET[@]}"
   echo "== $name pass: $(($(date +%s) - start)) s" >&2
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
