@@ -27,6 +27,12 @@ for crate in "$target/package/"*.crate; do
   tar -xzf "$crate" -C "$work"
 done
 migrations=$(find "$work" -maxdepth 1 -name 'redstream-migrations-*' -type d)
+# The unpacked crates may sit below this workspace (target/ inside the
+# checkout): an empty [workspace] makes each its own root, as it is for a
+# user who downloads it.
+for manifest in "$work"/*/Cargo.toml; do
+  grep -q '^\[workspace\]' "$manifest" || printf '\n[workspace]\n' >> "$manifest"
+done
 cd "$work/redstream-$version"
 CARGO_TARGET_DIR="$target" cargo check --all-targets --quiet \
   --config "patch.crates-io.redstream-migrations.path=\"$migrations\""
