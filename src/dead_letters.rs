@@ -195,6 +195,14 @@ pub enum Selection {
     /// `max_attempts_exceeded`, `bad_json`, …; see
     /// [`DeadLetterReason::code_of`](crate::DeadLetterReason::code_of)).
     Reason(String),
+    /// Every dead letter that this group wrote with a reason of this code
+    /// (one row of [`by_reason`]).
+    GroupReason {
+        /// The group that gave up on them.
+        group: String,
+        /// The reason's code.
+        reason: String,
+    },
 }
 
 /// The dead letters a [`Selection`] names.
@@ -243,6 +251,12 @@ where
                 .letters
                 .retain(|l| DeadLetterReason::code_of(&l.reason) == code);
         }
+        Selection::GroupReason { group, reason } => {
+            selected.letters = all_letters(broker, stream).await?;
+            selected
+                .letters
+                .retain(|l| &l.group == group && DeadLetterReason::code_of(&l.reason) == reason);
+        }
         Selection::Ids(ids) => {
             let dlq = dead_letter_stream(stream);
             for id in ids {
@@ -277,13 +291,29 @@ pub async fn redrive<B>(
     broker: &B,
     stream: &str,
     selection: &Selection,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<RedriveReport>
 where
     B: Streams + Admin + ?Sized,
 {
+    redrive_through(broker, broker, stream, selection, progress).await
+}
+
+/// [`redrive`], with the writes and the reads through separate handles
+/// (the processor holds its broker's two sides apart).
+pub(crate) async fn redrive_through<S, A>(
+    streams: &S,
+    admin: &A,
+    stream: &str,
+    selection: &Selection,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<RedriveReport>
+where
+    S: Streams + ?Sized,
+    A: Admin + ?Sized,
+{
     let dlq = dead_letter_stream(stream);
-    let Selected { letters, not_found } = select(broker, stream, selection).await?;
+    let Selected { letters, not_found } = select(admin, stream, selection).await?;
     let mut report = RedriveReport {
         not_found,
         ..RedriveReport::default()
@@ -307,7 +337,7 @@ where
                 Err(why) => report.skipped.push((letter.id.clone(), why)),
             }
         }
-        let results = broker.publish(&items).await?;
+        let results = streams.publish(&items).await?;
         let mut written = Vec::with_capacity(sources.len());
         for (id, result) in sources.into_iter().zip(results) {
             match result {
@@ -316,10 +346,39 @@ where
             }
         }
         // Only what is safely back in the stream leaves the dead letters.
-        broker.delete(&dlq, &written).await?;
+        admin.delete(&dlq, &written).await?;
         report.redriven += written.len() as u64;
         done += page.len() as u64;
         progress(done, total);
+    }
+    Ok(report)
+}
+
+/// What a deletion of dead letters did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DeleteReport {
+    /// Removed from the dead-letter stream.
+    pub deleted: u64,
+    /// Ids asked for that are not in the dead-letter stream.
+    pub not_found: Vec<String>,
+}
+
+/// Deletes the dead letters of `stream` that `selection` names, for good
+/// (their events are not redriven: use it for letters nobody needs).
+pub async fn delete<B>(broker: &B, stream: &str, selection: &Selection) -> Result<DeleteReport>
+where
+    B: Admin + ?Sized,
+{
+    let dlq = dead_letter_stream(stream);
+    let Selected { letters, not_found } = select(broker, stream, selection).await?;
+    let mut report = DeleteReport {
+        not_found,
+        ..DeleteReport::default()
+    };
+    let ids: Vec<String> = letters.into_iter().map(|l| l.id).collect();
+    for page in ids.chunks(PAGE) {
+        report.deleted += broker.delete(&dlq, page).await?;
     }
     Ok(report)
 }

@@ -116,6 +116,20 @@ pub enum Error {
     #[error("the processor is stopped")]
     Stopped,
 
+    /// An operation named a stream or group this processor does not run.
+    #[error("this processor runs no {what}")]
+    NotServed {
+        /// The stream or group asked for.
+        what: String,
+    },
+
+    /// The broker cannot do this operation.
+    #[error("the broker does not support {operation}")]
+    Unsupported {
+        /// What was asked.
+        operation: &'static str,
+    },
+
     /// An operation did not finish within its deadline.
     #[error("{operation} did not finish within {after:?}")]
     Timeout {

@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use serde::Serialize;
 
-use crate::broker::{Admin, Diagnostics, GroupRef, ServerReport};
-use crate::dead_letters::{DeadLetterEntry, by_reason};
+use crate::broker::{Admin, Broker, GroupRef, ServerReport};
+use crate::dead_letters::{
+    DeadLetterEntry, DeleteReport, RedriveReport, Selection, by_reason, redrive_through,
+};
 use crate::error::{Error, Result};
 use crate::group::supervisor::{GetHistory, GetStatus, GroupSupervisor};
 use crate::producer::Producer;
 use crate::status::{
-    DETAILS_DEAD_LETTERS, DETAILS_PENDING, DeployedMember, GroupDeployment, GroupDetails,
-    GroupHistory, GroupStatus,
+    DETAILS_DEAD_LETTERS, DETAILS_LETTERS, DETAILS_PENDING, DeployedMember, GroupDeployment,
+    GroupDetails, GroupHistory, GroupStatus, LetterSummary,
 };
 use crate::store::Store;
 use crate::wire::dead_letter_stream;
@@ -37,7 +39,7 @@ pub(crate) struct GroupHandle {
 pub(crate) struct Inner {
     pub(crate) producer: Producer,
     pub(crate) groups: Vec<GroupHandle>,
-    pub(crate) broker: Arc<dyn Diagnostics>,
+    pub(crate) broker: Arc<dyn Broker>,
     /// The broker's operator operations, where it has them.
     pub(crate) admin: Option<Arc<dyn Admin>>,
     pub(crate) stores: Vec<Store>,
@@ -263,7 +265,78 @@ impl ProcessorHandle {
             pending,
             dead_letters: by_reason(letters.iter().filter(|l| l.group == group)),
             dead_letters_read: letters.len(),
+            letters: letters
+                .iter()
+                .rev()
+                .filter(|l| l.group == group)
+                .take(DETAILS_LETTERS)
+                .map(LetterSummary::from)
+                .collect(),
         }))
+    }
+
+    /// Redrives the dead letters of `stream` that `selection` names back
+    /// to it (see [`dead_letters::redrive`](crate::dead_letters::redrive)):
+    /// what the console's redrive buttons do. Only for a stream this
+    /// process runs a group of.
+    ///
+    /// ```no_run
+    /// # async fn demo(handle: redstream::ProcessorHandle) -> redstream::Result<()> {
+    /// use redstream::dead_letters::Selection;
+    ///
+    /// let report = handle.redrive("orders", &Selection::Reason("bad_json".into())).await?;
+    /// println!("{} redriven, {} left in place", report.redriven, report.skipped.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn redrive(&self, stream: &str, selection: &Selection) -> Result<RedriveReport> {
+        let admin = self.admin_of_stream(stream)?;
+        let streams: &dyn crate::broker::Streams = &*self.inner.broker;
+        redrive_through(streams, &**admin, stream, selection, |_, _| {}).await
+    }
+
+    /// Deletes the dead letters of `stream` that `selection` names, for
+    /// good (see [`dead_letters::delete`](crate::dead_letters::delete)).
+    /// Only for a stream this process runs a group of.
+    pub async fn delete_dead_letters(
+        &self,
+        stream: &str,
+        selection: &Selection,
+    ) -> Result<DeleteReport> {
+        let admin = self.admin_of_stream(stream)?;
+        crate::dead_letters::delete(&**admin, stream, selection).await
+    }
+
+    /// Makes entries of a group that wait for a retry due now (see
+    /// [`Admin::retry_now`]); returns how many were waiting. Only for a
+    /// group this process runs.
+    pub async fn retry_now(&self, stream: &str, group: &str, ids: &[String]) -> Result<u64> {
+        let admin = self.admin_of_group(stream, Some(group))?;
+        admin.retry_now(stream, group, ids).await
+    }
+
+    fn admin_of_stream(&self, stream: &str) -> Result<&Arc<dyn Admin>> {
+        self.admin_of_group(stream, None)
+    }
+
+    /// The broker's operator operations, for a stream (and group) this
+    /// process runs.
+    fn admin_of_group(&self, stream: &str, group: Option<&str>) -> Result<&Arc<dyn Admin>> {
+        let runs_it = self
+            .inner
+            .groups
+            .iter()
+            .any(|g| &*g.stream == stream && group.is_none_or(|group| &*g.group == group));
+        if !runs_it {
+            return Err(Error::NotServed {
+                what: match group {
+                    Some(group) => format!("group `{group}` on `{stream}`"),
+                    None => format!("stream `{stream}`"),
+                },
+            });
+        }
+        self.inner.admin.as_ref().ok_or(Error::Unsupported {
+            operation: "operator operations (this broker has no Admin)",
+        })
     }
 
     /// The status of one group.

@@ -124,8 +124,9 @@ pub use producer::{Producer, ProducerStats, Published};
 pub use schedule::{Cadence, JobResult, Schedule, ScheduleStats, Tick};
 pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};
 pub use status::{
-    DETAILS_DEAD_LETTERS, DETAILS_PENDING, DeployedMember, GroupDeployment, GroupDetails,
-    GroupHistory, GroupStatus, HISTORY_EVERY_MS, HISTORY_LEN, HistorySample, MemberStatus,
+    DETAILS_DEAD_LETTERS, DETAILS_LETTERS, DETAILS_PENDING, DeployedMember, GroupDeployment,
+    GroupDetails, GroupHistory, GroupStatus, HISTORY_EVERY_MS, HISTORY_LEN, HistorySample,
+    LetterSummary, MemberStatus,
 };
 pub use store::{DatabaseOutage, Store, StoreStats, TxHandler, enqueue};
 pub use wire::{

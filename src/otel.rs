@@ -236,6 +236,8 @@ pub(crate) fn error_type(error: &crate::Error) -> &'static str {
         Error::LeaseHeld { .. } => "lease_held",
         Error::NoActixSystem => "no_actix_system",
         Error::Stopped => "stopped",
+        Error::NotServed { .. } => "not_served",
+        Error::Unsupported { .. } => "unsupported",
         Error::Timeout { .. } => "timeout",
     }
 }

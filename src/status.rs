@@ -180,7 +180,55 @@ pub struct GroupDetails {
     pub dead_letters: Vec<crate::dead_letters::ReasonCount>,
     /// How many of the oldest dead letters were read to count them.
     pub dead_letters_read: usize,
+    /// The newest dead letters this group wrote (of those read), newest
+    /// first, at most [`DETAILS_LETTERS`]: without their payload.
+    pub letters: Vec<LetterSummary>,
 }
+
+/// One dead letter as the console lists it: what happened, not the
+/// payload (the page may be shown to more people than the data may).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LetterSummary {
+    /// Its id in the dead-letter stream (what redrive and delete take).
+    pub id: String,
+    /// The original entry id.
+    pub origin_id: String,
+    /// The event's `type`, if it had one.
+    pub event_type: Option<String>,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// Failed attempts.
+    pub attempts: u32,
+    /// The last error, if an attempt failed.
+    pub error: Option<String>,
+    /// Redrives before this letter was written.
+    pub redrives: u32,
+    /// When, in ms since the Unix epoch.
+    pub failed_at_ms: u64,
+}
+
+impl From<&crate::dead_letters::DeadLetterEntry> for LetterSummary {
+    fn from(letter: &crate::dead_letters::DeadLetterEntry) -> Self {
+        LetterSummary {
+            id: letter.id.clone(),
+            origin_id: letter.origin_id.clone(),
+            event_type: letter
+                .original
+                .iter()
+                .find(|(name, _)| name.as_slice() == crate::wire::field::TYPE.as_bytes())
+                .map(|(_, value)| String::from_utf8_lossy(value).into_owned()),
+            reason: letter.reason.clone(),
+            attempts: letter.attempts,
+            error: letter.error.clone(),
+            redrives: letter.redrives,
+            failed_at_ms: letter.failed_at_ms,
+        }
+    }
+}
+
+/// Most dead letters [`GroupDetails`] lists one by one.
+pub const DETAILS_LETTERS: usize = 20;
 
 /// Most pending entries [`GroupDetails`] lists.
 pub const DETAILS_PENDING: usize = 100;

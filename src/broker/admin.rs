@@ -210,6 +210,12 @@ pub trait Admin: Send + Sync {
         count: usize,
     ) -> Result<Vec<PendingEntry>>;
 
+    /// Makes these entries, if they are waiting for a retry, due now by
+    /// the broker's clock: the reclaimer redelivers them at its next check
+    /// (their attempt count is kept). Returns how many were waiting; other
+    /// ids are left alone.
+    async fn retry_now(&self, stream: &str, group: &str, ids: &[String]) -> Result<u64>;
+
     /// Entries from `start` to `end` (`-` and `+` for the ends), at most
     /// `count`.
     async fn range(

@@ -131,7 +131,7 @@ impl ProcessorBuilder {
                     producer,
                     groups,
                     admin: Arc::clone(&broker).admin(),
-                    broker: broker as Arc<dyn Diagnostics>,
+                    broker,
                     stores,
                     server,
                     instance,

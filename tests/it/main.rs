@@ -14,6 +14,7 @@
 mod bad_entries;
 mod boundary;
 mod cli;
+mod console;
 mod core;
 mod embed;
 mod identity;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use redstream::prelude::*;
 use redstream::{CheckStatus, Health, HealthCheck};
 
+use crate::support::browser::{Browse, artifacts_dir, browse, chromium, http_get, serve_ops};
 use crate::support::{TestContext, eventually, numbered, publish_all, start_group};
 
 /// The process-wide Prometheus recorder (one per test binary).
@@ -725,98 +726,4 @@ async fn the_status_page_and_json_show_real_data() {
     }
     server_handle.stop(false).await;
     processor.shutdown().await.unwrap();
-}
-
-/// Serves the ops scope of `handle` under `/ops` on a free loopback port.
-fn serve_ops(handle: &redstream::ProcessorHandle) -> (u16, actix_web::dev::ServerHandle) {
-    use actix_web::{App, HttpServer};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let handle = handle.clone();
-    let server =
-        HttpServer::new(move || App::new().service(redstream::web::scope("/ops", handle.clone())))
-            .workers(1)
-            .disable_signals()
-            .listen(listener)
-            .unwrap()
-            .run();
-    let server_handle = server.handle();
-    actix_rt::spawn(server);
-    (port, server_handle)
-}
-
-/// Where the browser tests leave their screenshots: `target/test-artifacts`.
-fn artifacts_dir() -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// What to take from a page in headless Chromium.
-enum Browse {
-    /// The DOM after the page's scripts ran.
-    Dom,
-    /// A screenshot at this window size.
-    Shot(std::path::PathBuf, (u32, u32)),
-}
-
-/// Opens `url` in headless Chromium (off this thread: the page's handlers
-/// ask the actors that run on it) and returns the DOM, or takes a shot.
-async fn browse(browser: &'static str, url: &str, what: Browse) -> String {
-    let url = url.to_owned();
-    let profile = tempfile::tempdir().unwrap();
-    let profile_arg = format!("--user-data-dir={}", profile.path().display());
-    let out = actix_rt::task::spawn_blocking(move || {
-        let mut cmd = std::process::Command::new(browser);
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            &profile_arg,
-        ]);
-        match &what {
-            Browse::Dom => {
-                cmd.args(["--virtual-time-budget=3000", "--dump-dom"]);
-            }
-            Browse::Shot(path, (w, h)) => {
-                cmd.arg("--virtual-time-budget=3000")
-                    .arg(format!("--screenshot={}", path.display()))
-                    .arg(format!("--window-size={w},{h}"));
-            }
-        }
-        cmd.arg(&url).output().expect("chromium runs")
-    })
-    .await
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn chromium() -> Option<&'static str> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-}
-
-/// A plain HTTP/1.1 GET over a TCP socket (no HTTP client dependency).
-async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_at(rest.find('/').unwrap());
-    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or("");
-    body.to_owned()
 }

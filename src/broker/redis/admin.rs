@@ -401,6 +401,17 @@ impl Admin for RedisBroker {
         self.with_details(stream, group, entries).await
     }
 
+    async fn retry_now(&self, stream: &str, group: &str, ids: &[String]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.inner.scripts.retry_now.key(retry_key(stream, group));
+        for id in ids {
+            invocation.arg(id);
+        }
+        Ok(invocation.invoke_async(&mut self.conn()).await?)
+    }
+
     async fn range(
         &self,
         stream: &str,

@@ -92,6 +92,22 @@ end
 return now
 "#;
 
+/// Moves the due time of entries that wait for a retry to now, by the
+/// server's `TIME` (the clock the schedule is written and read with). An
+/// id not in the schedule is left out. Returns how many were moved.
+pub(super) const RETRY_NOW_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local moved = 0
+for _, id in ipairs(ARGV) do
+  if redis.call('ZSCORE', KEYS[1], id) then
+    redis.call('ZADD', KEYS[1], 'XX', now, id)
+    moved = moved + 1
+  end
+end
+return moved
+"#;
+
 /// Takes entries whose retry time has come, by the server's `TIME` (the
 /// clock their due times were written with), out of the schedule and
 /// claims them for a member, atomically. Stale schedule items (no longer
@@ -253,6 +269,7 @@ pub(super) struct Scripts {
     pub(super) dead_letter: Script,
     pub(super) claim_due: Script,
     pub(super) schedule_retries: Script,
+    pub(super) retry_now: Script,
     pub(super) remove_consumer: Script,
     pub(super) lease_acquire: Script,
     pub(super) lease_release: Script,
@@ -268,6 +285,7 @@ impl Scripts {
             remove_idle_consumers: Script::new(REMOVE_IDLE_CONSUMERS_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
             schedule_retries: Script::new(SCHEDULE_RETRIES_LUA),
+            retry_now: Script::new(RETRY_NOW_LUA),
             remove_consumer: Script::new(REMOVE_CONSUMER_LUA),
             lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
             lease_release: Script::new(LEASE_RELEASE_LUA),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod db;
 pub mod examples;
 pub mod redis_server;
@@ -51,6 +52,16 @@ pub fn capture_warnings() -> (
     tracing::subscriber::DefaultGuard,
     std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 ) {
+    capture_logs(tracing::Level::WARN)
+}
+
+/// Like [`capture_warnings`], for `level` and above.
+pub fn capture_logs(
+    level: tracing::Level,
+) -> (
+    tracing::subscriber::DefaultGuard,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
     #[derive(Clone)]
     struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
     impl std::io::Write for Sink {
@@ -65,7 +76,7 @@ pub fn capture_warnings() -> (
     let buffer = std::sync::Arc::<std::sync::Mutex<Vec<u8>>>::default();
     let sink = Sink(std::sync::Arc::clone(&buffer));
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
+        .with_max_level(level)
         .with_ansi(false)
         .with_target(true)
         .with_writer(move || sink.clone())
