@@ -80,6 +80,10 @@ pub struct MemberStatus {
     pub restarts: u64,
     /// Why it last stopped, if it did.
     pub last_error: Option<String>,
+    /// Entries it holds now: handlers running and entries waiting for a
+    /// place (what the group's `in_flight` bounds); 0 while it is not
+    /// running.
+    pub in_flight: u64,
 }
 
 /// A group of this process as every process serving it recorded itself:

@@ -401,6 +401,92 @@ async fn links_only_a_supplied_context_is_kept_and_failures_are_recorded() {
     assert_eq!(attr(processes[1], "error.type"), None);
 }
 
+/// The outbox keeps a caller's `tracestate` beside its `traceparent`, on
+/// SQLite and PostgreSQL: the relay's entry carries both, the handler's
+/// entry has it, and the `process` span continues (and links to) the
+/// context with its trace state.
+#[actix_rt::test]
+async fn the_outbox_keeps_a_supplied_tracestate() {
+    telemetry();
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let supplied = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    for (i, db) in TestDb::both().await.into_iter().enumerate() {
+        let stream = ctx.stream(&format!("outbox-tracestate-{i}"));
+        let store = db.store().await;
+        let seen = Arc::new(Mutex::new(Vec::<Option<String>>::new()));
+        let seen_by_handler = Arc::clone(&seen);
+        let processor = Processor::builder(ctx.settings())
+            .outbox(&store)
+            .group(Group::new(
+                &stream,
+                "audit",
+                handler_fn(move |_: serde_json::Value, meta: Meta| {
+                    let seen = Arc::clone(&seen_by_handler);
+                    async move {
+                        seen.lock()
+                            .unwrap()
+                            .push(meta.entry().tracestate().map(str::to_owned));
+                        Ok(Outcome::Ack)
+                    }
+                }),
+            ))
+            .start()
+            .await
+            .unwrap();
+        let event = Event::new("audit.logged", &serde_json::json!({}))
+            .unwrap()
+            .with_traceparent(supplied)
+            .with_tracestate("vendor=abc,other=1");
+        let tx = store.connection().begin().await.unwrap();
+        enqueue(&tx, &stream, event).await.unwrap();
+        tx.commit().await.unwrap();
+        eventually(Duration::from_secs(15), "the event handled", || async {
+            !seen.lock().unwrap().is_empty()
+        })
+        .await;
+        ctx.eventually_nothing_pending(&stream, "audit", Duration::from_secs(5))
+            .await;
+        processor.shutdown().await.unwrap();
+
+        let backend = format!("{:?}", store.backend());
+        assert_eq!(
+            seen.lock().unwrap().as_slice(),
+            &[Some("vendor=abc,other=1".to_owned())],
+            "the handler's entry has the tracestate ({backend})"
+        );
+        let fields = &ctx.entries(&stream).await[0].1;
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(field("traceparent"), Some(supplied), "{backend}");
+        assert_eq!(field("tracestate"), Some("vendor=abc,other=1"), "{backend}");
+
+        let spans = finished();
+        let process = one(&spans, &format!("process {stream}"));
+        assert_eq!(
+            format!("{:016x}", process.parent_span_id),
+            "b7ad6b7169203331",
+            "a child of the supplied context ({backend})"
+        );
+        assert_eq!(
+            process.span_context.trace_state().get("vendor"),
+            Some("abc"),
+            "the trace state continues ({backend})"
+        );
+        let link = process
+            .links
+            .links
+            .first()
+            .expect("a link to the creation context");
+        assert_eq!(link.span_context.trace_state().get("other"), Some("1"));
+    }
+}
+
 /// Spans leave through OTLP (gRPC) as a collector receives them: a fake
 /// collector runs in the test; the publish's `send` span arrives with its
 /// messaging attributes and the ids written into the entry.

@@ -4,7 +4,7 @@
 //! | table | holds |
 //! |---|---|
 //! | `processed_events` | one row per (group, event id) whose effect committed: the exactly-once fence |
-//! | `outbox` | events written inside the application's transactions, waiting to be relayed to a stream |
+//! | `outbox` | events written inside the application's transactions, waiting to be relayed to a stream (with their trace context: `traceparent`, `tracestate`) |
 //! | `redstream_leases` | named leases, e.g. which process relays the outbox (holder, a version the holder raises at each renewal, and the holder's expiry for display) |
 //!
 //! Bookkeeping goes to `redstream_migrations`, not sea-orm's default
@@ -17,6 +17,7 @@ mod m20261122_000001_processed_events;
 mod m20261122_000002_outbox;
 mod m20261122_000003_leases;
 mod m20261201_000004_lease_version;
+mod m20261203_000005_outbox_tracestate;
 
 /// redstream's migrator.
 pub struct Migrator;
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000002_outbox::Migration),
             Box::new(m20261122_000003_leases::Migration),
             Box::new(m20261201_000004_lease_version::Migration),
+            Box::new(m20261203_000005_outbox_tracestate::Migration),
         ]
     }
 

@@ -76,6 +76,10 @@ pub struct MemberPresence {
     pub running: bool,
     /// Its restarts in that process.
     pub restarts: u64,
+    /// Entries it held when the record was written: handlers running and
+    /// entries waiting for a place (0 in records of older versions).
+    #[serde(default)]
+    pub in_flight: u64,
     /// Why it last stopped, if it did.
     pub last_error: Option<String>,
     /// The process's lease lifetime: without a new record within it, the

@@ -29,11 +29,12 @@ pub(super) fn col(name: &str) -> Alias {
 /// the transaction commits). Returns the event id (assigned when the event
 /// has none).
 ///
-/// With the feature `opentelemetry`, the row keeps the trace context that
-/// is current here (a `create <stream>` span, a child of the current span),
-/// unless the event carries its own `traceparent`; the relay's publish and
-/// the handlers of the event continue that trace. (The outbox keeps
-/// `traceparent` only, not `tracestate`.)
+/// The row keeps the event's trace context, `traceparent` and
+/// `tracestate`, and the relay publishes the event with both. With the
+/// feature `opentelemetry`, that is the context current here (a
+/// `create <stream>` span, a child of the current span), unless the event
+/// carries its own `traceparent`; the relay's publish and the handlers of
+/// the event continue that trace.
 ///
 /// ```no_run
 /// # async fn demo(store: redstream::Store) -> redstream::Result<()> {
@@ -84,6 +85,7 @@ pub async fn enqueue<C: ConnectionTrait>(conn: &C, stream: &str, event: Event) -
             col("event_key"),
             col("headers"),
             col("traceparent"),
+            col("tracestate"),
             col("created_at"),
         ])
         .values([
@@ -95,6 +97,7 @@ pub async fn enqueue<C: ConnectionTrait>(conn: &C, stream: &str, event: Event) -
             event.key().map(str::to_owned).into(),
             headers.into(),
             event.traceparent().map(str::to_owned).into(),
+            event.tracestate().map(str::to_owned).into(),
             (now_ms() as i64).into(),
         ])
         .map_err(|e| Error::InvalidEvent {

@@ -538,6 +538,7 @@ async fn pass(
             col("event_key"),
             col("headers"),
             col("traceparent"),
+            col("tracestate"),
         ])
         .from(table())
         .and_where(Expr::col(col("sent_at")).is_null())
@@ -558,6 +559,9 @@ async fn pass(
         }
         if let Some(tp) = r.try_get::<Option<String>>("", "traceparent")? {
             event = event.with_traceparent(tp);
+        }
+        if let Some(ts) = r.try_get::<Option<String>>("", "tracestate")? {
+            event = event.with_tracestate(ts);
         }
         if let Some(h) = headers {
             let map: HashMap<String, String> = serde_json::from_str(&h).unwrap_or_default();

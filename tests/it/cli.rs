@@ -463,6 +463,157 @@ async fn status_shows_live_members_and_both_ages() {
     );
 }
 
+/// The cell of `column` in the row of `consumer` in a `consumers` table.
+fn table_cell(text: &str, consumer: &str, column: &str) -> Option<String> {
+    let mut lines = text.lines();
+    let at = lines.next()?.find(column)?;
+    let row = lines.find(|l| l.starts_with(consumer))?;
+    row.get(at..)?.split_whitespace().next().map(str::to_owned)
+}
+
+/// Each member's entries in flight: with its handler blocked on 3 entries,
+/// the member shows 3 in its status, in its process's record
+/// (`deployment()`) and in `redstream consumers` (JSON and the IN-FLIGHT
+/// column), and 0 everywhere once they finish; a record written before
+/// the field existed still reads (as 0).
+#[actix_rt::test]
+async fn members_show_their_entries_in_flight() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("cli-in-flight");
+    // Handlers wait for a permit; none until the test gives them.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (handler_gate, handler_started) = (gate.clone(), started.clone());
+    let processor = start_group(
+        ctx.settings(),
+        Group::new(
+            &stream,
+            "g",
+            handler_fn(move |_: serde_json::Value, _: Meta| {
+                let (gate, started) = (handler_gate.clone(), handler_started.clone());
+                async move {
+                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    gate.acquire().await.unwrap().forget();
+                    Ok(Outcome::Ack)
+                }
+            }),
+        )
+        .with_members(1)
+        .with_in_flight(8),
+    )
+    .await;
+    let handle = processor.handle();
+    let events = (0..3).map(numbered).collect();
+    crate::support::publish_all(&processor.producer(), &stream, events).await;
+    eventually(Duration::from_secs(10), "3 handlers running", || async {
+        started.load(std::sync::atomic::Ordering::SeqCst) == 3
+    })
+    .await;
+
+    let status_in_flight = || async {
+        let status = handle.group_status(&stream, "g").await.unwrap();
+        status
+            .members
+            .iter()
+            .map(|m| m.in_flight)
+            .collect::<Vec<_>>()
+    };
+    let recorded_in_flight = || async {
+        handle
+            .deployment()
+            .await
+            .into_iter()
+            .filter(|d| d.stream == stream)
+            .flat_map(|d| d.members)
+            .map(|m| (m.live, m.presence.in_flight))
+            .collect::<Vec<_>>()
+    };
+    let cli_in_flight = || {
+        let out = cli(&ctx)
+            .args(["--json", "consumers", &stream, "g"])
+            .assert()
+            .success();
+        json(&out.get_output().stdout)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["record"]["in_flight"].as_u64())
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(5), "status: 3 in flight", || async {
+        status_in_flight().await == [3]
+    })
+    .await;
+    // Written with the next lease renewal (every lease_ttl / 3).
+    eventually(Duration::from_secs(5), "record: 3 in flight", || async {
+        recorded_in_flight().await == [(true, 3)]
+    })
+    .await;
+    assert_eq!(cli_in_flight(), [Some(3)]);
+    let member = handle.group_status(&stream, "g").await.unwrap().members[0]
+        .name
+        .clone();
+    let out = cli(&ctx)
+        .args(["consumers", &stream, "g"])
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert_eq!(
+        table_cell(&text, &member, "IN-FLIGHT").as_deref(),
+        Some("3"),
+        "{text}"
+    );
+
+    // Released: they finish, and nothing is held any more.
+    gate.add_permits(3);
+    ctx.eventually_nothing_pending(&stream, "g", Duration::from_secs(10))
+        .await;
+    eventually(Duration::from_secs(5), "status: 0 in flight", || async {
+        status_in_flight().await == [0]
+    })
+    .await;
+    eventually(Duration::from_secs(5), "record: 0 in flight", || async {
+        recorded_in_flight().await == [(true, 0)]
+    })
+    .await;
+    assert_eq!(cli_in_flight(), [Some(0)]);
+    processor.shutdown().await.unwrap();
+
+    // A record from a version without the field, for a consumer no
+    // process runs: it still reads, with 0 in flight; the table shows no
+    // figure for a record that is not fresh.
+    let old = ctx.stream("cli-in-flight-old");
+    ctx.create_group(&old, "g").await;
+    let mut c = ctx.conn().await;
+    let _: String = c.xadd(&old, "*", &[("n", "1")]).await.unwrap();
+    read_group(&mut c, &old, "g", "old-0", 1).await;
+    let record = serde_json::json!({
+        "name": "old-0", "process": "elsewhere/7/01J", "host": "elsewhere",
+        "pid": 7, "since_ms": 1, "seen_ms": 2, "running": true,
+        "restarts": 4, "last_error": null, "lease_ttl_ms": 2000,
+    });
+    let _: () = c
+        .hset(format!("{old}:members:g"), "old-0", record.to_string())
+        .await
+        .unwrap();
+    let out = cli(&ctx)
+        .args(["--json", "consumers", &old, "g"])
+        .assert()
+        .success();
+    let consumers = json(&out.get_output().stdout);
+    assert_eq!(consumers[0]["record"]["restarts"], 4, "{consumers}");
+    assert_eq!(consumers[0]["record"]["in_flight"], 0, "{consumers}");
+    let out = cli(&ctx).args(["consumers", &old, "g"]).assert().success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert_eq!(
+        table_cell(&text, "old-0", "IN-FLIGHT").as_deref(),
+        Some("-"),
+        "{text}"
+    );
+}
+
 /// `pending` and `retries` show redstream's own attempts, the retry time,
 /// the event type and the last error; an unknown consumer is not found,
 /// and an empty list says so.

@@ -13,7 +13,8 @@ use crate::output::{human, human_or_dash, now_ms, print_json, table};
 struct ConsumerView {
     #[serde(flatten)]
     consumer: ConsumerInfo,
-    /// The process's record of this member (restarts, since, last error).
+    /// The process's record of this member (restarts, since, entries in
+    /// flight, last error).
     record: Option<MemberPresence>,
 }
 use crate::{Failure, check_group};
@@ -135,8 +136,9 @@ pub(crate) async fn consumers(
 ) -> Result<(), Failure> {
     check_group(broker, stream, group).await?;
     let consumers = broker.consumers(stream, group).await?;
-    // What each process last recorded of its members (restarts, since);
-    // a user that may not read the records gets the rest.
+    // What each process last recorded of its members (restarts, since,
+    // entries in flight); a user that may not read the records gets the
+    // rest.
     let presence = broker
         .presence(&GroupRef::new(stream, group))
         .await
@@ -168,6 +170,10 @@ pub(crate) async fn consumers(
                 c.held_by.clone().unwrap_or_else(|| "-".to_owned()),
                 human(c.idle_ms),
                 c.pending.to_string(),
+                // A figure of the moment: only from a record still fresh.
+                record
+                    .filter(|r| r.fresh_at(now))
+                    .map_or_else(|| "-".to_owned(), |r| r.in_flight.to_string()),
                 record.map_or_else(|| "-".to_owned(), |r| r.restarts.to_string()),
                 record.map_or_else(|| "-".to_owned(), |r| human(now.saturating_sub(r.since_ms))),
             ]
@@ -180,6 +186,7 @@ pub(crate) async fn consumers(
             "HELD BY (host/pid/process)",
             "IDLE",
             "PENDING",
+            "IN-FLIGHT",
             "RESTARTS",
             "UP",
         ],

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use futures_util::future::{AbortHandle, Abortable, Aborted, BoxFuture};
@@ -38,6 +39,9 @@ pub(super) struct Member {
     pub(super) info: Arc<MemberInfo>,
     pub(super) running: FuturesUnordered<BoxFuture<'static, Finished>>,
     pub(super) held: HashMap<String, Held>,
+    /// How many entries `held` has, as of the loop's last turn: what the
+    /// supervisor shows as the member's in-flight count.
+    held_count: Arc<AtomicUsize>,
     pub(super) queued: VecDeque<(Delivery, u32)>,
     /// Decoded entries about to start (batched for batch handlers).
     pub(super) ready: Vec<(Arc<Entry>, Receipt, u32)>,
@@ -56,7 +60,12 @@ impl Member {
     /// A member holding nothing yet. After a restart under the same name it
     /// reads its own pending entries first, where the broker keeps them per
     /// member.
-    pub(super) fn new(runtime: Arc<GroupRuntime>, index: usize, info: Arc<MemberInfo>) -> Self {
+    pub(super) fn new(
+        runtime: Arc<GroupRuntime>,
+        index: usize,
+        info: Arc<MemberInfo>,
+        held_count: Arc<AtomicUsize>,
+    ) -> Self {
         let source = if runtime.capabilities.per_member_pending {
             ReadFrom::PendingAfter(FROM_START.to_owned())
         } else {
@@ -68,6 +77,7 @@ impl Member {
             info,
             running: FuturesUnordered::new(),
             held: HashMap::new(),
+            held_count,
             queued: VecDeque::new(),
             ready: Vec::new(),
             done: Vec::new(),
@@ -87,6 +97,11 @@ impl Member {
     /// queued), not handler futures, so a batch of 100 fills 100 places.
     pub(super) fn free(&self) -> usize {
         self.capacity().saturating_sub(self.held.len())
+    }
+
+    /// Tells the supervisor how many entries the member holds now.
+    pub(super) fn share_held(&self) {
+        self.held_count.store(self.held.len(), Ordering::Relaxed);
     }
 
     /// Whether to issue a read now: enough room for a worthwhile batch.

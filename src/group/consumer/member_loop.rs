@@ -91,6 +91,7 @@ impl MemberLoop {
         let LoopParts {
             runtime,
             member: index,
+            held,
             report_to,
             control,
             deliveries,
@@ -125,7 +126,7 @@ impl MemberLoop {
         let mut heartbeat = tokio::time::interval(opts.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(MemberLoop {
-            member: Member::new(Arc::clone(&runtime), index, info),
+            member: Member::new(Arc::clone(&runtime), index, info, held),
             runtime,
             index,
             report_to,
@@ -153,6 +154,7 @@ impl MemberLoop {
     async fn run(mut self) -> Exit {
         loop {
             self.member.fill();
+            self.member.share_held();
             let starved = self.start_read();
             let stopping = self.stopping();
             if stopping && self.read_in_progress.is_none() && self.member.idle() {

@@ -30,6 +30,7 @@ mod member_loop;
 mod ownership;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 use actix::WeakRecipient;
@@ -82,6 +83,9 @@ impl Drop for DeathNotice {
 struct LoopParts {
     runtime: Arc<GroupRuntime>,
     member: usize,
+    /// Where the member keeps the count of entries it holds, for the
+    /// supervisor to read.
+    held: Arc<AtomicUsize>,
     report_to: WeakRecipient<EntriesHandled>,
     control: mpsc::UnboundedReceiver<Control>,
     deliveries: mpsc::Receiver<Vec<(Delivery, u32)>>,
@@ -100,6 +104,7 @@ impl ConsumerActor {
         runtime: Arc<GroupRuntime>,
         member: usize,
         generation: u64,
+        held: Arc<AtomicUsize>,
         report_to: WeakRecipient<EntriesHandled>,
         supervisor: WeakRecipient<ConsumerStopped>,
     ) -> Self {
@@ -112,6 +117,7 @@ impl ConsumerActor {
             parts: Some(LoopParts {
                 runtime,
                 member,
+                held,
                 report_to,
                 control: control_rx,
                 deliveries: deliver_rx,

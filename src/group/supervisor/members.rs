@@ -4,6 +4,7 @@
 //! stopped here).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -35,8 +36,11 @@ impl GroupSupervisor {
         let slot = &mut self.members[index];
         slot.generation += 1;
         let generation = slot.generation;
+        // A fresh count per run: a run that ended cannot touch the next's.
+        slot.held = Arc::new(AtomicUsize::new(0));
+        let held = Arc::clone(&slot.held);
         let addr = ConsumerActor::start_in_arbiter(arbiter, move |_| {
-            ConsumerActor::new(runtime, index, generation, handled, stopped)
+            ConsumerActor::new(runtime, index, generation, held, handled, stopped)
         });
         slot.addr = Some(addr.clone());
         slot.started_at = Instant::now();
@@ -140,6 +144,7 @@ impl GroupSupervisor {
                 m.seen_ms = now;
                 m.running = slot.addr.is_some();
                 m.restarts = slot.restarts;
+                m.in_flight = slot.in_flight();
                 m.last_error = slot.last_error.clone();
                 m.lease_ttl_ms =
                     u64::try_from(self.runtime.options.lease_ttl.as_millis()).unwrap_or(u64::MAX);

@@ -30,6 +30,7 @@ mod settle;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -91,6 +92,19 @@ struct MemberSlot {
     last_error: Option<String>,
     /// Another process holds this member's lease: do not run it.
     lease_lost: bool,
+    /// Entries its consumer holds now (running or waiting for a place),
+    /// kept by the consumer; a fresh counter for each run.
+    held: Arc<AtomicUsize>,
+}
+
+impl MemberSlot {
+    /// Entries the member's consumer holds now; 0 while it is not running.
+    fn in_flight(&self) -> u64 {
+        if self.addr.is_none() {
+            return 0;
+        }
+        u64::try_from(self.held.load(Ordering::Relaxed)).unwrap_or(u64::MAX)
+    }
 }
 
 #[derive(Default)]
@@ -184,6 +198,7 @@ impl GroupSupervisor {
                 started_at: Instant::now(),
                 last_error: None,
                 lease_lost: false,
+                held: Arc::new(AtomicUsize::new(0)),
             })
             .collect();
         GroupSupervisor {
@@ -308,6 +323,7 @@ impl GroupSupervisor {
                     alive: s.addr.as_ref().is_some_and(Addr::connected),
                     restarts: s.restarts,
                     last_error: s.last_error.clone(),
+                    in_flight: s.in_flight(),
                 })
                 .collect(),
             acked: self.counters.acked,
