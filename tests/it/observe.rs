@@ -594,6 +594,48 @@ async fn the_status_page_and_json_show_real_data() {
             )
             .await;
 
+            // Under load: a backlog that slow handlers work through, four
+            // at a time: lag, queue latency and entries in flight show.
+            let busy = ctx.stream("status-load");
+            let slow = handler_fn(|_: serde_json::Value, _: Meta| async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(Outcome::Ack)
+            });
+            let busy_processor = start_group(
+                ctx.settings(),
+                Group::new(&busy, "loaded", slow)
+                    .with_members(1)
+                    .with_in_flight(4),
+            )
+            .await;
+            publish_all(
+                &busy_processor.producer(),
+                &busy,
+                (0..2_000).map(numbered).collect(),
+            )
+            .await;
+            let busy_handle = busy_processor.handle();
+            eventually(Duration::from_secs(10), "work in flight", || async {
+                let status = busy_handle.group_status(&busy, "loaded").await.unwrap();
+                status.acked > 0 && status.members.iter().any(|m| m.in_flight > 0)
+            })
+            .await;
+            let (busy_port, busy_server_handle) = serve_ops(&busy_handle);
+            let busy_url = format!("http://127.0.0.1:{busy_port}/ops/status");
+            let dom = browse(browser, &busy_url, Browse::Dom).await;
+            assert!(
+                dom.contains(" in flight)") && dom.contains(" in flight, "),
+                "entries in flight per member, here and in the processes: {dom}"
+            );
+            browse(
+                browser,
+                &busy_url,
+                Browse::Shot(artifacts.join("status-load.png"), (1280, 900)),
+            )
+            .await;
+            busy_server_handle.stop(false).await;
+            busy_processor.shutdown().await.unwrap();
+
             // Under load and failing: every event makes the handler panic
             // (after a moment, so it lasts): members restart, dead letters
             // rise, a backlog waits.
@@ -707,6 +749,7 @@ async fn the_status_page_and_json_show_real_data() {
             for shot in [
                 "status-rest.png",
                 "status-narrow.png",
+                "status-load.png",
                 "status-failure.png",
                 "status-details.png",
                 "status-offline.png",
