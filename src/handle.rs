@@ -3,8 +3,8 @@
 //! probes (actix-web handlers through `web::Data`, for example). Stopping
 //! stays with the [`Processor`](crate::Processor).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -16,6 +16,7 @@ use crate::dead_letters::{
 };
 use crate::error::{Error, Result};
 use crate::group::supervisor::{GetHistory, GetStatus, GroupSupervisor};
+use crate::processor::GroupsAtRunTime;
 use crate::producer::Producer;
 use crate::status::{
     DETAILS_DEAD_LETTERS, DETAILS_LETTERS, DETAILS_PENDING, DeployedMember, GroupDeployment,
@@ -27,6 +28,7 @@ use crate::wire::dead_letter_stream;
 /// How long a health check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+#[derive(Clone)]
 pub(crate) struct GroupHandle {
     pub(crate) stream: Arc<str>,
     pub(crate) group: Arc<str>,
@@ -38,11 +40,15 @@ pub(crate) struct GroupHandle {
 
 pub(crate) struct Inner {
     pub(crate) producer: Producer,
-    pub(crate) groups: Vec<GroupHandle>,
+    /// The running groups: the ones started with the processor, and those
+    /// added and not removed since.
+    pub(crate) groups: RwLock<Vec<GroupHandle>>,
     pub(crate) broker: Arc<dyn Broker>,
     /// The broker's operator operations, where it has them.
     pub(crate) admin: Option<Arc<dyn Admin>>,
-    pub(crate) stores: Vec<Store>,
+    pub(crate) stores: RwLock<Vec<Store>>,
+    /// Starts and stops groups while the processor runs.
+    pub(crate) groups_at_run_time: GroupsAtRunTime,
     pub(crate) server: ServerReport,
     pub(crate) instance: String,
     pub(crate) started: Instant,
@@ -73,7 +79,7 @@ impl std::fmt::Debug for ProcessorHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProcessorHandle")
             .field("instance", &self.inner.instance)
-            .field("groups", &self.inner.groups.len())
+            .field("groups", &self.groups().len())
             .finish_non_exhaustive()
     }
 }
@@ -167,8 +173,9 @@ impl ProcessorHandle {
 
     /// The status of every group.
     pub async fn status(&self) -> Result<Vec<GroupStatus>> {
-        let mut out = Vec::with_capacity(self.inner.groups.len());
-        for g in &self.inner.groups {
+        let groups = self.groups();
+        let mut out = Vec::with_capacity(groups.len());
+        for g in &groups {
             out.push(g.addr.send(GetStatus).await.map_err(|_| Error::Stopped)?);
         }
         Ok(out)
@@ -188,8 +195,9 @@ impl ProcessorHandle {
     /// ```
     pub async fn deployment(&self) -> Vec<GroupDeployment> {
         let now = crate::clock::now_ms();
-        let mut out = Vec::with_capacity(self.inner.groups.len());
-        for g in &self.inner.groups {
+        let groups = self.groups();
+        let mut out = Vec::with_capacity(groups.len());
+        for g in &groups {
             let target = GroupRef::new(Arc::clone(&g.stream), Arc::clone(&g.group));
             let read =
                 tokio::time::timeout(CHECK_TIMEOUT, self.inner.broker.presence(&target)).await;
@@ -224,8 +232,9 @@ impl ProcessorHandle {
     /// The last hour of each group, a sample every
     /// [`HISTORY_EVERY_MS`](crate::HISTORY_EVERY_MS), oldest first.
     pub async fn history(&self) -> Result<Vec<GroupHistory>> {
-        let mut out = Vec::with_capacity(self.inner.groups.len());
-        for g in &self.inner.groups {
+        let groups = self.groups();
+        let mut out = Vec::with_capacity(groups.len());
+        for g in &groups {
             out.push(GroupHistory {
                 stream: g.stream.to_string(),
                 group: g.group.to_string(),
@@ -243,8 +252,7 @@ impl ProcessorHandle {
     /// the group or its broker has no operator operations.
     pub async fn group_details(&self, stream: &str, group: &str) -> Result<Option<GroupDetails>> {
         let runs_it = self
-            .inner
-            .groups
+            .groups()
             .iter()
             .any(|g| &*g.stream == stream && &*g.group == group);
         let Some(admin) = self.inner.admin.as_ref().filter(|_| runs_it) else {
@@ -322,8 +330,7 @@ impl ProcessorHandle {
     /// process runs.
     fn admin_of_group(&self, stream: &str, group: Option<&str>) -> Result<&Arc<dyn Admin>> {
         let runs_it = self
-            .inner
-            .groups
+            .groups()
             .iter()
             .any(|g| &*g.stream == stream && group.is_none_or(|group| &*g.group == group));
         if !runs_it {
@@ -339,12 +346,55 @@ impl ProcessorHandle {
         })
     }
 
+    /// Starts a consumer group on the running processor, as if it had
+    /// been added to the builder: the group is created (from its
+    /// `start_from`) if it does not exist, its member names are leased
+    /// (waiting up to `reclaim.lease_wait_ms` for leases another process
+    /// holds) and its members start reading at once. Errors: the group runs
+    /// here already, or its settings are invalid (`Error::Settings`), a
+    /// member name stays leased elsewhere (`Error::LeaseHeld`), the
+    /// processor is stopping (`Error::Stopped`); nothing is started then.
+    ///
+    /// ```no_run
+    /// # async fn demo(handle: redstream::ProcessorHandle) -> redstream::Result<()> {
+    /// use redstream::prelude::*;
+    ///
+    /// let deliver = handler_fn(|_: serde_json::Value, _: Meta| async { Ok(Outcome::Ack) });
+    /// handle.add_group(Group::new("webhooks:acme", "delivery", deliver)).await?;
+    /// // … later, when the endpoint is gone: finish what runs, within 5 s.
+    /// handle.remove_group("webhooks:acme", "delivery", std::time::Duration::from_secs(5)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn add_group(&self, group: crate::Group) -> Result<()> {
+        self.inner.groups_at_run_time.add(self, group).await
+    }
+
+    /// Stops a running group of this process as a shutdown would: it is at
+    /// once no longer listed, its members read nothing more and finish
+    /// their handlers within `drain` (what runs past it is released to
+    /// other processes, not acked), every decision is written, and its
+    /// member leases and records are given up. The consumer group itself,
+    /// its pending entries and its retry schedule stay in Redis (another
+    /// process, or this one after `add_group`, goes on from there; `redstream
+    /// groups delete` removes them). `Error::NotServed` when it does not run
+    /// here.
+    pub async fn remove_group(
+        &self,
+        stream: &str,
+        group: &str,
+        drain: Duration,
+    ) -> Result<crate::RemovedGroup> {
+        self.inner
+            .groups_at_run_time
+            .remove(self, stream, group, drain)
+            .await
+    }
+
     /// The status of one group.
     pub async fn group_status(&self, stream: &str, group: &str) -> Result<GroupStatus> {
         let handle = self
-            .inner
-            .groups
-            .iter()
+            .groups()
+            .into_iter()
             .find(|g| &*g.stream == stream && &*g.group == group)
             .ok_or(Error::Stopped)?;
         handle
@@ -376,7 +426,12 @@ impl ProcessorHandle {
             "redis",
             redis.map_err(|_| "no answer within 2 s".to_owned()),
         ));
-        for store in &self.inner.stores {
+        let stores = self
+            .inner
+            .stores
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |s| s.clone());
+        for store in &stores {
             let db = tokio::time::timeout(CHECK_TIMEOUT, store.ping()).await;
             let mut db_check = check(
                 "database",
@@ -396,7 +451,7 @@ impl ProcessorHandle {
             checks.push(db_check);
         }
         let mut live = true;
-        for g in &self.inner.groups {
+        for g in &self.groups() {
             let name = format!("group {}/{}", g.stream, g.group);
             let answer = tokio::time::timeout(CHECK_TIMEOUT, g.addr.send(GetStatus)).await;
             let (status, detail) = match answer {
@@ -418,6 +473,15 @@ impl ProcessorHandle {
             ready,
             degraded,
             checks,
+        }
+    }
+
+    /// A snapshot of the running groups.
+    pub(crate) fn groups(&self) -> Vec<GroupHandle> {
+        match self.inner.groups.read() {
+            Ok(groups) => groups.clone(),
+            // A panic while the list was held changes nothing in it.
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 

@@ -76,7 +76,7 @@
 //! | `producer` | [`Producer`], the publishing handle, and its batching actor |
 //! | `schedule` | [`Schedule`]: scheduled producers (a function run on a [`Cadence`], its events published) |
 //! | `store` | [`Store`], [`TxHandler`] (exactly one effect), [`enqueue`] (outbox) and the relay |
-//! | `processor` | [`Processor`] (the root), [`ProcessorBuilder`], [`Group`] |
+//! | `processor` | [`Processor`] (the root), [`ProcessorBuilder`], [`Group`]; groups added and removed at run time ([`RemovedGroup`]) |
 //! | `latest` | [`LatestValues`]: the newest value per key in a Redis hash; an older [`Version`] never overwrites a newer one |
 //! | [`dead_letters`] | reading dead letters back, redriving them |
 //! | [`metrics`] | metric names, `install_prometheus` |
@@ -119,7 +119,7 @@ pub use handler::{
     handler_fn,
 };
 pub use latest::{Applied, Latest, LatestValues, MAX_VERSION_PART, Version};
-pub use processor::{Group, Processor, ProcessorBuilder, ShutdownReport};
+pub use processor::{Group, Processor, ProcessorBuilder, RemovedGroup, ShutdownReport};
 pub use producer::{Producer, ProducerStats, Published};
 pub use schedule::{Cadence, JobResult, Schedule, ScheduleStats, Tick};
 pub use settings::{DatabaseUrl, IdFormat, MissingGroupPolicy, RedisUrl, Settings, StartFrom};

@@ -1,12 +1,13 @@
 //! [`ProcessorBuilder`]: what to run, and `start`, in named steps.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::run_time::GroupsAtRunTime;
 use super::{Group, Processor, ScheduleHandle};
 use crate::broker::{Broker, Diagnostics, GroupRef, Leases, RedisBroker, ServerReport, Streams};
 use crate::error::{Error, Result};
@@ -103,7 +104,8 @@ impl ProcessorBuilder {
             &mut server,
         )
         .await?;
-        let leases = take_leases(&broker, &runtimes, &self.settings).await?;
+        let token: Arc<str> = Arc::from(process_token());
+        let leases = take_leases(&broker, &runtimes, &self.settings, &token).await?;
         let settings = self.settings;
         let workers = match settings.consumer.workers {
             0 => std::thread::available_parallelism()
@@ -115,7 +117,8 @@ impl ProcessorBuilder {
         let arbiters: Vec<Arbiter> = (0..workers).map(|_| Arbiter::new()).collect();
         let handles: Arc<[ArbiterHandle]> = arbiters.iter().map(Arbiter::handle).collect();
         let producer = start_producer(&settings, &broker, self.max_lens);
-        let groups = start_groups(runtimes, leases, &handles);
+        let next_member = AtomicUsize::new(0);
+        let groups = start_groups(runtimes, leases, &handles, &next_member);
         let schedules = start_schedules(self.schedules, &producer, &broker);
         let stores = distinct_stores(&self.groups, self.outbox.as_ref());
         let relay = self
@@ -129,10 +132,19 @@ impl ProcessorBuilder {
             handle: ProcessorHandle {
                 inner: Arc::new(HandleInner {
                     producer,
-                    groups,
+                    groups: RwLock::new(groups),
                     admin: Arc::clone(&broker).admin(),
+                    groups_at_run_time: GroupsAtRunTime {
+                        settings: settings.clone(),
+                        instance: instance.clone(),
+                        broker: Arc::clone(&broker),
+                        arbiters: handles,
+                        token,
+                        next_member,
+                        changing: tokio::sync::Mutex::new(()),
+                    },
                     broker,
-                    stores,
+                    stores: RwLock::new(stores),
                     server,
                     instance,
                     started: Instant::now(),
@@ -178,7 +190,7 @@ async fn report_server(broker: &dyn Broker) -> Result<ServerReport> {
 
 /// Creates every missing group and resolves each group's options into its
 /// runtime. A group added twice is a settings error.
-async fn prepare_groups(
+pub(super) async fn prepare_groups(
     groups: &[Group],
     settings: &Settings,
     instance: &str,
@@ -277,12 +289,12 @@ fn process_token() -> String {
 }
 
 /// Leases every member name of every group for this process (one token).
-async fn take_leases(
+pub(super) async fn take_leases(
     broker: &Arc<dyn Broker>,
     runtimes: &[Arc<GroupRuntime>],
     settings: &Settings,
+    token: &Arc<str>,
 ) -> Result<Vec<Lease>> {
-    let token: Arc<str> = Arc::from(process_token());
     let mut leases = Vec::with_capacity(runtimes.len());
     for rt in runtimes {
         let keys: Vec<String> = rt
@@ -292,7 +304,7 @@ async fn take_leases(
             .map(|m| broker.lease_key(&rt.target.member(Arc::clone(m))))
             .collect();
         leases.push(Lease {
-            token: Arc::clone(&token),
+            token: Arc::clone(token),
             keys,
         });
     }
@@ -340,19 +352,20 @@ fn start_producer(
     )
 }
 
-/// One supervisor per group; members are spread over the arbiters.
-fn start_groups(
+/// One supervisor per group; members are spread over the arbiters, from
+/// `next_member` on (which moves past them).
+pub(super) fn start_groups(
     runtimes: Vec<Arc<GroupRuntime>>,
     leases: Vec<Lease>,
     handles: &Arc<[ArbiterHandle]>,
+    next_member: &AtomicUsize,
 ) -> Vec<GroupHandle> {
-    let mut offset = 0;
     let mut groups = Vec::with_capacity(runtimes.len());
     for (rt, lease) in runtimes.into_iter().zip(leases) {
         let members = rt.options.member_names.len();
+        let offset = next_member.fetch_add(members, Ordering::Relaxed);
         let supervisor =
             GroupSupervisor::new(Arc::clone(&rt), Arc::clone(handles), offset, lease).start();
-        offset += members;
         groups.push(GroupHandle {
             stream: Arc::clone(rt.target.stream_arc()),
             group: Arc::clone(rt.target.name_arc()),

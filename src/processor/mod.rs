@@ -5,12 +5,16 @@
 //! | `mod.rs` | [`Processor`]: the running system, its status and its stop |
 //! | `builder.rs` | [`ProcessorBuilder`]: what to run, and `start` in named steps |
 //! | `group.rs` | [`Group`]: a consumer group to run, and its settings |
+//! | `run_time.rs` | groups added to and removed from a running processor |
 
 mod builder;
 mod group;
+mod run_time;
 
 pub use self::builder::ProcessorBuilder;
 pub use self::group::Group;
+pub(crate) use self::run_time::GroupsAtRunTime;
+pub use self::run_time::RemovedGroup;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -160,6 +164,8 @@ impl Processor {
         let deadline = started + Duration::from_millis(self.settings.shutdown.deadline_ms);
         self.handle.mark_stopping();
         let inner = &self.handle.inner;
+        // No group is added or removed from here on.
+        let _no_changes = inner.groups_at_run_time.changing.lock().await;
         let schedule_stops = self.schedules.iter().map(|s| s.addr.send(StopSchedule));
         let schedules_stopped = tokio::time::timeout(
             deadline.saturating_duration_since(Instant::now()),
@@ -170,10 +176,8 @@ impl Processor {
         if !schedules_stopped {
             tracing::warn!("a scheduled run was still running at the shutdown deadline");
         }
-        let stops = inner
-            .groups
-            .iter()
-            .map(|g| g.addr.send(StopGroup { deadline }));
+        let groups = self.handle.groups();
+        let stops = groups.iter().map(|g| g.addr.send(StopGroup { deadline }));
         let reports: Vec<GroupStopReport> = futures_util::future::join_all(stops)
             .await
             .into_iter()

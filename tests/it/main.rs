@@ -27,6 +27,7 @@ mod privilege;
 mod producer;
 mod reclaim;
 mod retry;
+mod run_time_groups;
 mod schedule;
 mod servers;
 mod settings;
