@@ -342,7 +342,7 @@ async fn run() -> Result<ExitCode, AnyError> {
             .await
             .map_err(|e| format!("Redis at {redis}: {e}"))?,
     );
-    let mut builder = Processor::builder(settings.clone()).outbox(&store);
+    let mut builder = Processor::builder(settings).outbox(&store);
     // The demo's groups start at the end of `orders`, so a first run does
     // not deliver the stream's history to these loopback receivers.
     for group in wiring.fan_out_groups(&store) {
@@ -359,7 +359,7 @@ async fn run() -> Result<ExitCode, AnyError> {
     let watcher = EndpointWatcher::spawn(
         wiring.clone(),
         store.clone(),
-        settings,
+        processor.handle(),
         endpoints.iter().map(|e| e.name.clone()),
         Duration::from_secs(args.refresh_secs),
     );

@@ -794,8 +794,13 @@ async fn start_watched(
         .iter()
         .map(|e| e.name.clone())
         .collect::<Vec<_>>();
-    let watcher =
-        EndpointWatcher::spawn(w.clone(), store.clone(), ctx.settings(), running, REFRESH);
+    let watcher = EndpointWatcher::spawn(
+        w.clone(),
+        store.clone(),
+        processor.handle(),
+        running,
+        REFRESH,
+    );
     (processor, watcher)
 }
 

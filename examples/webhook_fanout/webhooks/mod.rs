@@ -22,7 +22,7 @@
 //! delivery read the cache, so a changed URL, secret, subscription or
 //! timeout, or a disabled endpoint, takes effect at the next refresh. An
 //! endpoint that appears gets its delivery group started by the
-//! [`EndpointWatcher`] (a small processor of its own), also at the next
+//! [`EndpointWatcher`] (added to the running processor), also at the next
 //! refresh. Rows that do not validate are logged and skipped.
 //!
 //! The parts, one file each:

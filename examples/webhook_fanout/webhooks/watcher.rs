@@ -3,38 +3,36 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redstream::{Processor, Settings, Store};
+use redstream::{ProcessorHandle, Store};
 
 use super::groups::Wiring;
 
 /// Refreshes the endpoint cache from `webhook_endpoints` every `every` and
-/// starts the delivery group of each endpoint that appears (one small
-/// [`Processor`] per new endpoint, one worker thread), so endpoints are
-/// added, changed and disabled without a restart. [`stop`](Self::stop)
-/// ends the refresh and shuts those processors down.
+/// adds the delivery group of each endpoint that appears to the running
+/// processor ([`ProcessorHandle::add_group`]), so endpoints are added,
+/// changed and disabled without a restart. [`stop`](Self::stop) ends the
+/// refresh; the groups it added stop with the processor.
 pub(crate) struct EndpointWatcher {
     task: tokio::task::JoinHandle<()>,
-    started: Arc<tokio::sync::Mutex<Vec<Processor>>>,
+    started: Arc<AtomicUsize>,
 }
 
 impl EndpointWatcher {
     /// Starts watching. `running` names the endpoints whose delivery group
-    /// already runs (started with the main processor); `settings` are those
-    /// of the main processor.
+    /// already runs (started with the processor of `handle`).
     pub(crate) fn spawn(
         wiring: Wiring,
         store: Store,
-        settings: Settings,
+        handle: ProcessorHandle,
         running: impl IntoIterator<Item = String>,
         every: Duration,
     ) -> EndpointWatcher {
-        let started: Arc<tokio::sync::Mutex<Vec<Processor>>> = Arc::default();
-        let processors = Arc::clone(&started);
+        let started = Arc::new(AtomicUsize::new(0));
+        let added = Arc::clone(&started);
         let mut running: HashSet<String> = running.into_iter().collect();
-        let mut settings = settings;
-        settings.consumer.workers = 1;
         let task = actix_rt::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -53,19 +51,15 @@ impl EndpointWatcher {
                         continue;
                     }
                     let started = match wiring.delivery_group(&store, endpoint) {
-                        Ok(group) => Processor::builder(settings.clone())
-                            .group(group)
-                            .start()
-                            .await
-                            .map_err(|e| e.to_string()),
+                        Ok(group) => handle.add_group(group).await.map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
                     };
                     match started {
-                        Ok(p) => {
-                            tracing::info!(endpoint = %endpoint.name, "new webhook endpoint: delivery group started");
+                        Ok(()) => {
+                            tracing::info!(endpoint = %endpoint.name, "new webhook endpoint: delivery group added");
                             running.insert(endpoint.name.clone());
                             failed.remove(&endpoint.name);
-                            processors.lock().await.push(p);
+                            added.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
                             // Tried again at the next refresh; its deliveries
@@ -82,21 +76,15 @@ impl EndpointWatcher {
         EndpointWatcher { task, started }
     }
 
-    /// How many delivery groups were started after launch.
+    /// How many delivery groups were added after launch.
     #[allow(dead_code)] // checked by the tests
     pub(crate) async fn started(&self) -> usize {
-        self.started.lock().await.len()
+        self.started.load(Ordering::Relaxed)
     }
 
-    /// Stops refreshing and shuts down the delivery groups it started.
+    /// Stops refreshing (the groups it added run until the processor stops).
     pub(crate) async fn stop(self) {
         self.task.abort();
         let _ = self.task.await;
-        let processors = std::mem::take(&mut *self.started.lock().await);
-        for p in processors {
-            if let Err(e) = p.shutdown().await {
-                tracing::warn!("delivery group shutdown: {e}");
-            }
-        }
     }
 }
