@@ -11,6 +11,7 @@ use crate::broker::admin::{
     Admin, ConsumerInfo, GroupInfo, ORPHANS, PendingEntry, RemovedConsumer, SeekPlan, SeekTo,
     StreamInfo, TrimPlan, next_id, parse_id, previous_id,
 };
+use crate::clock::millis;
 use crate::error::Result;
 use crate::wire::{RawEntry, dead_letter_stream, field};
 
@@ -52,10 +53,6 @@ fn pending_row(row: &Value) -> Option<PendingEntry> {
         deliveries: cols.get(3).and_then(int).unwrap_or(0),
         ..PendingEntry::default()
     })
-}
-
-fn millis(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl RedisBroker {
