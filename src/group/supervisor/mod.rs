@@ -526,13 +526,13 @@ impl GroupSupervisor {
         if self.history.len() == HISTORY_LEN {
             self.history.pop_front();
         }
-        let status = self.status();
+        let pending = self.last_pending.as_ref();
         self.history.push_back(HistorySample {
             at_ms: now,
-            acked: status.acked,
-            lag: status.lag,
-            dead_letters: status.dead_letters,
-            restarts: status.restarts(),
+            acked: self.counters.acked,
+            lag: pending.and_then(|p| p.lag),
+            dead_letters: pending.map(|p| p.dead_letters),
+            restarts: self.members.iter().map(|s| s.restarts).sum(),
         });
     }
 }
