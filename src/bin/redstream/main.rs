@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use redis::{AsyncConnectionConfig, ErrorKind};
-use redstream::broker::admin::StreamInfo;
+use redstream::broker::admin::{GroupSummary, StreamInfo};
 use redstream::{Admin, RedisBroker, RedisUrl, Settings};
 
 const EXIT_CODES: &str = "Exit codes: 0 done, 1 failed (or cancelled at the prompt), 2 bad usage, \
@@ -377,18 +377,19 @@ pub(crate) async fn stream_info(broker: &RedisBroker, stream: &str) -> Result<St
         .ok_or_else(|| Failure::NotFound(format!("no stream `{stream}`")))
 }
 
-/// Checks that the group exists on the stream (exit 3 otherwise).
+/// The group as `XINFO GROUPS` shows it, or "not found" (exit 3) when
+/// the stream or the group is missing. One light command, not
+/// [`stream_info`]'s full report.
 pub(crate) async fn check_group(
     broker: &RedisBroker,
     stream: &str,
     group: &str,
-) -> Result<StreamInfo, Failure> {
-    let info = stream_info(broker, stream).await?;
-    if info.groups.iter().any(|g| g.name == group) {
-        Ok(info)
-    } else {
-        Err(Failure::NotFound(format!(
-            "no group `{group}` on stream `{stream}`"
-        )))
-    }
+) -> Result<GroupSummary, Failure> {
+    broker
+        .groups(stream)
+        .await?
+        .ok_or_else(|| Failure::NotFound(format!("no stream `{stream}`")))?
+        .into_iter()
+        .find(|g| g.name == group)
+        .ok_or_else(|| Failure::NotFound(format!("no group `{group}` on stream `{stream}`")))
 }
