@@ -202,15 +202,20 @@ impl Failure {
     }
 }
 
+/// The Redis URL as shown to the operator (never the password), once
+/// [`connect`] has read it: errors of later commands name it as the
+/// connect errors do.
+static SHOWN_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 impl From<redstream::Error> for Failure {
     fn from(e: redstream::Error) -> Self {
-        if matches!(e.redis_code(), Some("NOPERM" | "WRONGPASS" | "NOAUTH"))
-            || matches!(&e, redstream::Error::Redis(r) if r.kind() == ErrorKind::AuthenticationFailed)
-        {
-            Failure::Refused(e.to_string())
-        } else if e.needs_reconnect()
-            || matches!(&e, redstream::Error::Redis(r) if r.is_connection_refusal())
-        {
+        if let redstream::Error::Redis(r) = &e {
+            let shown = SHOWN_URL.get().map_or("Redis", String::as_str);
+            if let Some(failure) = connect_failure(shown, r) {
+                return failure;
+            }
+        }
+        if e.needs_reconnect() {
             Failure::Unreachable(e.to_string())
         } else if e.is_missing_group() {
             Failure::NotFound(e.to_string())
@@ -255,6 +260,7 @@ async fn connect(cli: &Cli) -> Result<RedisBroker, Failure> {
     settings.redis.connect_timeout_ms = cli.connect_timeout_ms;
     settings.redis.command_timeout_ms = cli.timeout_ms;
     let shown = settings.redis.url.to_string();
+    let _ = SHOWN_URL.set(shown.clone());
     let limit = Duration::from_millis(cli.connect_timeout_ms);
     let no_answer = || {
         Failure::Unreachable(format!(
@@ -277,40 +283,72 @@ async fn connect(cli: &Cli) -> Result<RedisBroker, Failure> {
     .await
     {
         Err(_) => return Err(no_answer()),
-        Ok(Err(e)) => return Err(connect_failure(&shown, &e).unwrap_or_else(no_answer)),
+        Ok(Err(e)) => return Err(connecting(&shown, &e).unwrap_or_else(no_answer)),
         Ok(Ok(_)) => {}
     }
     match tokio::time::timeout(limit, RedisBroker::connect(&settings.redis, "cli")).await {
         Ok(Ok(broker)) => Ok(broker),
         Err(_) => Err(no_answer()),
         Ok(Err(redstream::Error::Redis(e))) => {
-            Err(connect_failure(&shown, &e).unwrap_or_else(no_answer))
+            Err(connecting(&shown, &e).unwrap_or_else(no_answer))
         }
         Ok(Err(e)) => Err(Failure::from(e)),
     }
 }
 
-/// Why a connection to `shown` failed, in an operator's words; `None` for a
+/// Why a connection to `shown` failed: what [`connect_failure`] says, and
+/// any other error while connecting is "unreachable" too; `None` for a
 /// timeout.
+fn connecting(shown: &str, e: &redis::RedisError) -> Option<Failure> {
+    if e.is_timeout() {
+        return None;
+    }
+    Some(connect_failure(shown, e).unwrap_or_else(|| {
+        if e.kind() == ErrorKind::UnexpectedReturnType {
+            not_redis(shown)
+        } else {
+            Failure::Unreachable(format!("{shown}: {e}"))
+        }
+    }))
+}
+
+/// What a Redis error on `shown` means to an operator, the one classifier
+/// of both the connect and every later command: the connection refused or
+/// lost, or the server not speaking Redis (unreachable, 4), credentials or
+/// the ACL refused (5). `None` for a timeout and for a command's own error
+/// (`NOGROUP`, `WRONGTYPE`, …), which the caller names.
 fn connect_failure(shown: &str, e: &redis::RedisError) -> Option<Failure> {
     if e.is_timeout() {
         return None;
     }
-    Some(if e.is_connection_refusal() {
-        Failure::Unreachable(format!(
+    if e.is_connection_refusal() {
+        Some(Failure::Unreachable(format!(
             "{shown}: connection refused (is Redis running there?)"
-        ))
+        )))
     } else if e.kind() == ErrorKind::AuthenticationFailed
-        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
     {
-        Failure::Refused(format!("{shown}: authentication failed: {e}"))
-    } else if e.kind() == ErrorKind::Parse || e.kind() == ErrorKind::UnexpectedReturnType {
-        Failure::Unreachable(format!(
-            "{shown} does not answer as a Redis server does (another service on that port?)"
-        ))
+        Some(Failure::Refused(format!(
+            "{shown}: authentication failed: {e}"
+        )))
+    } else if e.code() == Some("NOPERM") {
+        Some(Failure::Refused(format!(
+            "{shown}: the ACL user may not run this: {e}"
+        )))
+    } else if e.kind() == ErrorKind::Parse {
+        Some(not_redis(shown))
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+        Some(Failure::Unreachable(format!("{shown}: {e}")))
     } else {
-        Failure::Unreachable(format!("{shown}: {e}"))
-    })
+        None
+    }
+}
+
+/// A server at `shown` that does not answer as Redis does (4).
+fn not_redis(shown: &str) -> Failure {
+    Failure::Unreachable(format!(
+        "{shown} does not answer as a Redis server does (another service on that port?)"
+    ))
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
