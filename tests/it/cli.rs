@@ -1047,3 +1047,89 @@ async fn last_delivered(ctx: &TestContext, stream: &str) -> String {
         .unwrap();
     redis::from_redis_value::<String>(groups[0]["last-delivered-id"].clone()).unwrap()
 }
+
+/// `retries --now` makes a retry scheduled an hour out due at once: the
+/// entry is redelivered and acked; an id that is not waiting is reported,
+/// and when none is, the command says so with "not found" (exit 3).
+#[actix_rt::test]
+async fn retries_now_redelivers_a_waiting_entry_at_once() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("cli-retry-now");
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = std::sync::Arc::clone(&attempts);
+    // The first attempt asks for a retry in an hour.
+    let handler = handler_fn(move |_: serde_json::Value, _: Meta| {
+        let seen = std::sync::Arc::clone(&seen);
+        async move {
+            match seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => Ok(Outcome::retry_after(Duration::from_secs(3600))),
+                _ => Ok(Outcome::Ack),
+            }
+        }
+    });
+    let processor = start_group(ctx.settings(), Group::new(&stream, "g", handler)).await;
+    processor
+        .producer()
+        .publish_batch(&stream, vec![numbered(1)])
+        .await
+        .unwrap();
+    let retries = || async {
+        let out = cli(&ctx)
+            .args(["--json", "retries", &stream, "g"])
+            .assert()
+            .success();
+        json(&out.get_output().stdout)
+    };
+    eventually(Duration::from_secs(10), "one entry waiting", || async {
+        retries().await.as_array().unwrap().len() == 1
+    })
+    .await;
+    let waiting = retries().await;
+    let id = waiting[0]["id"].as_str().unwrap().to_owned();
+    assert!(
+        waiting[0]["retry_at_ms"].as_u64().unwrap() > now_ms() + 3_000_000,
+        "due in an hour: {waiting}"
+    );
+
+    let out = cli(&ctx)
+        .args(["--json", "retries", &stream, "g", "--now", &id, "1-1"])
+        .assert()
+        .success();
+    let done = json(&out.get_output().stdout);
+    assert_eq!(done["made_due"], 1, "{done}");
+    assert_eq!(done["due_now"], serde_json::json!([id]), "{done}");
+    assert_eq!(done["not_waiting"], serde_json::json!(["1-1"]), "{done}");
+    eventually(Duration::from_secs(10), "redelivered and acked", || async {
+        attempts.load(std::sync::atomic::Ordering::SeqCst) == 2
+            && ctx.pending(&stream, "g").await == 0
+    })
+    .await;
+    assert_eq!(retries().await, serde_json::json!([]), "nothing waits");
+
+    // Nothing waiting any more: said, exit 3; the table form too.
+    let out = cli(&ctx)
+        .args(["retries", &stream, "g", "--now", &id])
+        .assert()
+        .code(3);
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stdout.contains(&format!("not waiting for a retry: {id}")),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("none of these entries is waiting for a retry"),
+        "{stderr}"
+    );
+    cli(&ctx)
+        .args(["retries", &stream, "nope", "--now", &id])
+        .assert()
+        .code(3);
+    cli(&ctx)
+        .args(["retries", &stream, "g", "--now", "garbage"])
+        .assert()
+        .code(2);
+    processor.shutdown().await.unwrap();
+}

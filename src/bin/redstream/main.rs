@@ -7,6 +7,7 @@
 //! redstream consumers orders order-processing
 //! redstream pending orders order-processing
 //! redstream retries orders order-processing
+//! redstream retries orders order-processing --now 1732262400000-0
 //! redstream dlq list orders --by-reason
 //! redstream dlq show 1732262400000-0
 //! redstream dlq redrive orders --reason rejected --dry-run
@@ -111,7 +112,8 @@ enum Command {
         #[arg(long)]
         consumer: Option<String>,
     },
-    /// Entries waiting for a retry, soonest due first.
+    /// Entries waiting for a retry, soonest due first; or, with `--now`,
+    /// make some of them due now.
     Retries {
         /// The stream.
         stream: String,
@@ -120,6 +122,12 @@ enum Command {
         /// Most entries to show.
         #[arg(long, default_value_t = 50)]
         count: usize,
+        /// Make these waiting entries due now instead of listing: the
+        /// reclaimer redelivers them at its next check, their attempt
+        /// count kept. An id not waiting for a retry is reported (exit 3
+        /// when none was).
+        #[arg(long, num_args = 1.., value_name = "ID")]
+        now: Vec<String>,
     },
     /// Dead letters.
     #[command(subcommand)]
@@ -394,9 +402,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             consumer,
         } => pending::pending(&broker, &stream, &group, count, consumer.as_deref(), json).await,
         Command::Retries {
+            stream, group, now, ..
+        } if !now.is_empty() => pending::retry_now(&broker, &stream, &group, &now, json).await,
+        Command::Retries {
             stream,
             group,
             count,
+            ..
         } => pending::retries(&broker, &stream, &group, count, json).await,
         Command::Dlq(command) => dlq::run(&broker, command, json).await,
         Command::Trim {
