@@ -1133,3 +1133,150 @@ async fn retries_now_redelivers_a_waiting_entry_at_once() {
         .code(2);
     processor.shutdown().await.unwrap();
 }
+
+/// `dlq delete` removes exactly the letters named by id, or by reason (of
+/// one group), after `--yes`; a dry run removes nothing; without a terminal
+/// to ask and without `--yes` it refuses (exit 2). `redrive --reason
+/// --group` takes only that group's letters.
+#[actix_rt::test]
+async fn dlq_delete_removes_exactly_the_named_letters() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("cli-dlq-delete");
+    let dlq = redstream::dead_letter_stream(&stream);
+    let mut c = ctx.conn().await;
+    let _: String = c.xadd(&stream, "*", &[("n", "0")]).await.unwrap();
+    let letters = [
+        ("rejected: card declined", "billing"),
+        ("rejected: card declined", "audit"),
+        ("rejected: card declined", "audit"),
+        ("bad_json: expected value", "billing"),
+        ("max_attempts_exceeded: 4 attempts failed", "billing"),
+        ("max_attempts_exceeded: 4 attempts failed", "audit"),
+    ];
+    let mut ids = Vec::new();
+    for (i, (reason, group)) in letters.iter().enumerate() {
+        let failed_at = now_ms().to_string();
+        let event = format!("E{i}");
+        let fields = [
+            ("reason", *reason),
+            ("origin_id", "1-0"),
+            ("group", *group),
+            ("attempts", "4"),
+            ("failed_at", failed_at.as_str()),
+            ("error", "boom"),
+            ("id", event.as_str()),
+            ("type", "n"),
+            ("data", "{\"n\":0}"),
+        ];
+        let id: String = c.xadd(&dlq, "*", &fields).await.unwrap();
+        ids.push(id);
+    }
+    let left = || async {
+        let out = cli(&ctx)
+            .args(["--json", "dlq", "list", &stream])
+            .assert()
+            .success();
+        let list = json(&out.get_output().stdout);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<String>>()
+    };
+    let run = |args: &[&str]| {
+        let mut cmd = cli(&ctx);
+        cmd.args(["dlq", "delete", &stream]).args(args);
+        cmd.assert()
+    };
+
+    // A dry run says what would go, and removes nothing.
+    let out = run(&["--json", "--reason", "rejected", "--dry-run"]).success();
+    let plan = json(&out.get_output().stdout);
+    assert_eq!(
+        (plan["dry_run"].as_bool(), plan["would_delete"].as_u64()),
+        (Some(true), Some(3)),
+        "{plan}"
+    );
+    run(&[&ids[0], "--dry-run"]).success();
+    assert_eq!(left().await, ids, "a dry run deletes nothing");
+
+    // No terminal to ask, no --yes: refused, nothing deleted.
+    run(&["--reason", "rejected"]).code(2);
+    run(&[&ids[0]]).code(2);
+    run(&["--all"]).code(2);
+    assert_eq!(left().await, ids, "a refusal deletes nothing");
+    run(&[]).code(2); // ids, --reason or --all
+    run(&["garbage", "--yes"]).code(2);
+    run(&["--group", "audit", "--yes"]).code(2); // --group needs --reason
+
+    // By id: exactly those; an id that is not a letter is reported (exit 3).
+    let out = run(&["--json", &ids[3], "--yes"]).success();
+    let report = json(&out.get_output().stdout);
+    assert_eq!(report["deleted"], 1, "{report}");
+    let expected: Vec<String> = [0, 1, 2, 4, 5].iter().map(|&i| ids[i].clone()).collect();
+    assert_eq!(left().await, expected);
+    let out = run(&["--json", &ids[4], "1-1", "--yes"]).code(3);
+    let report = json(&out.get_output().stdout);
+    assert_eq!(
+        (report["deleted"].as_u64(), report["not_found"].clone()),
+        (Some(1), serde_json::json!(["1-1"])),
+        "{report}"
+    );
+    let expected: Vec<String> = [0, 1, 2, 5].iter().map(|&i| ids[i].clone()).collect();
+    assert_eq!(left().await, expected);
+
+    // By reason, of one group: only audit's rejections.
+    let out = run(&[
+        "--json", "--reason", "rejected", "--group", "audit", "--yes",
+    ])
+    .success();
+    assert_eq!(json(&out.get_output().stdout)["deleted"], 2);
+    let expected: Vec<String> = [0, 5].iter().map(|&i| ids[i].clone()).collect();
+    assert_eq!(left().await, expected);
+
+    // Redrive by reason and group: only that group's letter.
+    let out = cli(&ctx)
+        .args([
+            "--json",
+            "dlq",
+            "redrive",
+            &stream,
+            "--reason",
+            "max_attempts_exceeded",
+            "--group",
+            "billing",
+            "--dry-run",
+        ])
+        .assert()
+        .success();
+    assert_eq!(
+        json(&out.get_output().stdout)["would_redrive"],
+        0,
+        "billing's went by id"
+    );
+    let out = cli(&ctx)
+        .args([
+            "--json",
+            "dlq",
+            "redrive",
+            &stream,
+            "--reason",
+            "max_attempts_exceeded",
+            "--group",
+            "audit",
+            "--yes",
+        ])
+        .assert()
+        .success();
+    assert_eq!(json(&out.get_output().stdout)["redriven"], 1);
+    assert_eq!(left().await, [ids[0].clone()]);
+
+    // By reason, every group: the rest.
+    let out = run(&["--reason", "rejected", "--yes"]).success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(text.contains("deleted 1 dead letters"), "{text}");
+    assert_eq!(left().await, Vec::<String>::new());
+    assert_eq!(ctx.xlen(&dlq).await, 0);
+}

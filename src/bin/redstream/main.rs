@@ -11,6 +11,7 @@
 //! redstream dlq list orders --by-reason
 //! redstream dlq show 1732262400000-0
 //! redstream dlq redrive orders --reason rejected --dry-run
+//! redstream dlq delete orders --reason bad_json --yes
 //! redstream trim orders --dry-run
 //! ```
 
