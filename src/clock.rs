@@ -37,7 +37,13 @@ pub(crate) fn now_ms() -> u64 {
 pub(crate) fn mono_ms() -> u64 {
     static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let base = *BASE.get_or_init(std::time::Instant::now);
-    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    millis(base.elapsed())
+}
+
+/// A duration in whole milliseconds, saturating at `u64::MAX` (a
+/// duration too long for a `u64` of milliseconds reads as forever).
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Exponential backoff for reconnects and restarts (no attempt budget).

@@ -65,6 +65,24 @@ impl GroupInfo {
     }
 }
 
+/// A consumer group as `XINFO GROUPS` reports it: what Redis keeps for the
+/// group itself, without the pending-list ages, retries or leases that
+/// [`GroupInfo`] adds (see [`Admin::groups`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct GroupSummary {
+    /// The group name.
+    pub name: String,
+    /// Consumers (member names) Redis knows, stale ones included.
+    pub consumers: u64,
+    /// Entries delivered and not acked.
+    pub pending: u64,
+    /// The last entry delivered to it.
+    pub last_delivered_id: String,
+    /// Entries not yet delivered (Redis 7.0+; `None` when it cannot tell).
+    pub lag: Option<u64>,
+}
+
 /// A consumer (member name) of a group.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -187,6 +205,10 @@ pub trait Admin: Send + Sync {
     /// A stream, its groups and its dead-letter depth; `None` if there is
     /// no such stream.
     async fn stream_info(&self, stream: &str) -> Result<Option<StreamInfo>>;
+
+    /// The groups of a stream, from one `XINFO GROUPS` (cheap beside
+    /// [`Admin::stream_info`]); `None` if there is no such stream.
+    async fn groups(&self, stream: &str) -> Result<Option<Vec<GroupSummary>>>;
 
     /// The consumers of a group.
     async fn consumers(&self, stream: &str, group: &str) -> Result<Vec<ConsumerInfo>>;

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::future::BoxFuture;
 
 use crate::broker::Receipt;
-use crate::clock::mono_ms;
+use crate::clock::{millis, mono_ms};
 use crate::wire::Entry;
 
 /// Whether this process still owns an entry, and when that was last
@@ -113,7 +113,7 @@ pub(crate) async fn confirm_stale_ownership(metas: &[Meta]) {
         return;
     };
     let now = mono_ms();
-    let limit = u64::try_from(check.stale_after.as_millis()).unwrap_or(u64::MAX);
+    let limit = millis(check.stale_after);
     let stale: Vec<&Meta> = metas
         .iter()
         .filter(|m| {

@@ -38,6 +38,7 @@ pub use self::exactly_once::TxHandler;
 pub(crate) use self::exactly_once::erase_tx;
 pub use self::outbox::enqueue;
 pub(crate) use self::relay::{OutboxRelay, RelayOptions, StopRelay};
+use crate::clock::millis;
 use crate::error::{Error, Result};
 use crate::settings::DatabaseSettings;
 
@@ -424,7 +425,7 @@ impl Store {
     pub fn outage(&self) -> Option<DatabaseOutage> {
         let outage = self.lock_outage();
         outage.as_ref().map(|o| DatabaseOutage {
-            for_ms: u64::try_from(o.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            for_ms: millis(o.since.elapsed()),
             last_error: o.last_error.clone(),
             failures: o.failures,
         })

@@ -1047,3 +1047,236 @@ async fn last_delivered(ctx: &TestContext, stream: &str) -> String {
         .unwrap();
     redis::from_redis_value::<String>(groups[0]["last-delivered-id"].clone()).unwrap()
 }
+
+/// `retries --now` makes a retry scheduled an hour out due at once: the
+/// entry is redelivered and acked; an id that is not waiting is reported,
+/// and when none is, the command says so with "not found" (exit 3).
+#[actix_rt::test]
+async fn retries_now_redelivers_a_waiting_entry_at_once() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("cli-retry-now");
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = std::sync::Arc::clone(&attempts);
+    // The first attempt asks for a retry in an hour.
+    let handler = handler_fn(move |_: serde_json::Value, _: Meta| {
+        let seen = std::sync::Arc::clone(&seen);
+        async move {
+            match seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => Ok(Outcome::retry_after(Duration::from_secs(3600))),
+                _ => Ok(Outcome::Ack),
+            }
+        }
+    });
+    let processor = start_group(ctx.settings(), Group::new(&stream, "g", handler)).await;
+    processor
+        .producer()
+        .publish_batch(&stream, vec![numbered(1)])
+        .await
+        .unwrap();
+    let retries = || async {
+        let out = cli(&ctx)
+            .args(["--json", "retries", &stream, "g"])
+            .assert()
+            .success();
+        json(&out.get_output().stdout)
+    };
+    eventually(Duration::from_secs(10), "one entry waiting", || async {
+        retries().await.as_array().unwrap().len() == 1
+    })
+    .await;
+    let waiting = retries().await;
+    let id = waiting[0]["id"].as_str().unwrap().to_owned();
+    assert!(
+        waiting[0]["retry_at_ms"].as_u64().unwrap() > now_ms() + 3_000_000,
+        "due in an hour: {waiting}"
+    );
+
+    let out = cli(&ctx)
+        .args(["--json", "retries", &stream, "g", "--now", &id, "1-1"])
+        .assert()
+        .success();
+    let done = json(&out.get_output().stdout);
+    assert_eq!(done["made_due"], 1, "{done}");
+    assert_eq!(done["due_now"], serde_json::json!([id]), "{done}");
+    assert_eq!(done["not_waiting"], serde_json::json!(["1-1"]), "{done}");
+    eventually(Duration::from_secs(10), "redelivered and acked", || async {
+        attempts.load(std::sync::atomic::Ordering::SeqCst) == 2
+            && ctx.pending(&stream, "g").await == 0
+    })
+    .await;
+    assert_eq!(retries().await, serde_json::json!([]), "nothing waits");
+
+    // Nothing waiting any more: said, exit 3; the table form too.
+    let out = cli(&ctx)
+        .args(["retries", &stream, "g", "--now", &id])
+        .assert()
+        .code(3);
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stdout.contains(&format!("not waiting for a retry: {id}")),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("none of these entries is waiting for a retry"),
+        "{stderr}"
+    );
+    cli(&ctx)
+        .args(["retries", &stream, "nope", "--now", &id])
+        .assert()
+        .code(3);
+    cli(&ctx)
+        .args(["retries", &stream, "g", "--now", "garbage"])
+        .assert()
+        .code(2);
+    processor.shutdown().await.unwrap();
+}
+
+/// `dlq delete` removes exactly the letters named by id, or by reason (of
+/// one group), after `--yes`; a dry run removes nothing; without a terminal
+/// to ask and without `--yes` it refuses (exit 2). `redrive --reason
+/// --group` takes only that group's letters.
+#[actix_rt::test]
+async fn dlq_delete_removes_exactly_the_named_letters() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let stream = ctx.stream("cli-dlq-delete");
+    let dlq = redstream::dead_letter_stream(&stream);
+    let mut c = ctx.conn().await;
+    let _: String = c.xadd(&stream, "*", &[("n", "0")]).await.unwrap();
+    let letters = [
+        ("rejected: card declined", "billing"),
+        ("rejected: card declined", "audit"),
+        ("rejected: card declined", "audit"),
+        ("bad_json: expected value", "billing"),
+        ("max_attempts_exceeded: 4 attempts failed", "billing"),
+        ("max_attempts_exceeded: 4 attempts failed", "audit"),
+    ];
+    let mut ids = Vec::new();
+    for (i, (reason, group)) in letters.iter().enumerate() {
+        let failed_at = now_ms().to_string();
+        let event = format!("E{i}");
+        let fields = [
+            ("reason", *reason),
+            ("origin_id", "1-0"),
+            ("group", *group),
+            ("attempts", "4"),
+            ("failed_at", failed_at.as_str()),
+            ("error", "boom"),
+            ("id", event.as_str()),
+            ("type", "n"),
+            ("data", "{\"n\":0}"),
+        ];
+        let id: String = c.xadd(&dlq, "*", &fields).await.unwrap();
+        ids.push(id);
+    }
+    let left = || async {
+        let out = cli(&ctx)
+            .args(["--json", "dlq", "list", &stream])
+            .assert()
+            .success();
+        let list = json(&out.get_output().stdout);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<String>>()
+    };
+    let run = |args: &[&str]| {
+        let mut cmd = cli(&ctx);
+        cmd.args(["dlq", "delete", &stream]).args(args);
+        cmd.assert()
+    };
+
+    // A dry run says what would go, and removes nothing.
+    let out = run(&["--json", "--reason", "rejected", "--dry-run"]).success();
+    let plan = json(&out.get_output().stdout);
+    assert_eq!(
+        (plan["dry_run"].as_bool(), plan["would_delete"].as_u64()),
+        (Some(true), Some(3)),
+        "{plan}"
+    );
+    run(&[&ids[0], "--dry-run"]).success();
+    assert_eq!(left().await, ids, "a dry run deletes nothing");
+
+    // No terminal to ask, no --yes: refused, nothing deleted.
+    run(&["--reason", "rejected"]).code(2);
+    run(&[&ids[0]]).code(2);
+    run(&["--all"]).code(2);
+    assert_eq!(left().await, ids, "a refusal deletes nothing");
+    run(&[]).code(2); // ids, --reason or --all
+    run(&["garbage", "--yes"]).code(2);
+    run(&["--group", "audit", "--yes"]).code(2); // --group needs --reason
+
+    // By id: exactly those; an id that is not a letter is reported (exit 3).
+    let out = run(&["--json", &ids[3], "--yes"]).success();
+    let report = json(&out.get_output().stdout);
+    assert_eq!(report["deleted"], 1, "{report}");
+    let expected: Vec<String> = [0, 1, 2, 4, 5].iter().map(|&i| ids[i].clone()).collect();
+    assert_eq!(left().await, expected);
+    let out = run(&["--json", &ids[4], "1-1", "--yes"]).code(3);
+    let report = json(&out.get_output().stdout);
+    assert_eq!(
+        (report["deleted"].as_u64(), report["not_found"].clone()),
+        (Some(1), serde_json::json!(["1-1"])),
+        "{report}"
+    );
+    let expected: Vec<String> = [0, 1, 2, 5].iter().map(|&i| ids[i].clone()).collect();
+    assert_eq!(left().await, expected);
+
+    // By reason, of one group: only audit's rejections.
+    let out = run(&[
+        "--json", "--reason", "rejected", "--group", "audit", "--yes",
+    ])
+    .success();
+    assert_eq!(json(&out.get_output().stdout)["deleted"], 2);
+    let expected: Vec<String> = [0, 5].iter().map(|&i| ids[i].clone()).collect();
+    assert_eq!(left().await, expected);
+
+    // Redrive by reason and group: only that group's letter.
+    let out = cli(&ctx)
+        .args([
+            "--json",
+            "dlq",
+            "redrive",
+            &stream,
+            "--reason",
+            "max_attempts_exceeded",
+            "--group",
+            "billing",
+            "--dry-run",
+        ])
+        .assert()
+        .success();
+    assert_eq!(
+        json(&out.get_output().stdout)["would_redrive"],
+        0,
+        "billing's went by id"
+    );
+    let out = cli(&ctx)
+        .args([
+            "--json",
+            "dlq",
+            "redrive",
+            &stream,
+            "--reason",
+            "max_attempts_exceeded",
+            "--group",
+            "audit",
+            "--yes",
+        ])
+        .assert()
+        .success();
+    assert_eq!(json(&out.get_output().stdout)["redriven"], 1);
+    assert_eq!(left().await, [ids[0].clone()]);
+
+    // By reason, every group: the rest.
+    let out = run(&["--reason", "rejected", "--yes"]).success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(text.contains("deleted 1 dead letters"), "{text}");
+    assert_eq!(left().await, Vec::<String>::new());
+    assert_eq!(ctx.xlen(&dlq).await, 0);
+}

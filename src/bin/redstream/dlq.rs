@@ -1,9 +1,9 @@
-//! `dlq list / show / redrive`: dead letters with their causes, and putting
-//! them back.
+//! `dlq list / show / redrive / delete`: dead letters with their causes,
+//! putting them back, and removing those nobody needs.
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use redstream::dead_letters::{
-    DeadLetterEntry, Selection, all_letters, by_reason, redrive, select,
+    DeadLetterEntry, Selected, Selection, all_letters, by_reason, delete, redrive, select,
 };
 use redstream::{Admin, DeadLetterReason, RedisBroker, dead_letter_stream};
 use serde::Serialize;
@@ -49,19 +49,65 @@ pub(crate) enum DlqCommand {
         /// Dead-letter ids to redrive.
         #[arg(long = "id", required_unless_present_any = ["all", "reason"], conflicts_with_all = ["all", "reason"])]
         ids: Vec<String>,
-        /// Redrive every dead letter of the stream.
-        #[arg(long, conflicts_with = "reason")]
-        all: bool,
-        /// Redrive every dead letter whose reason has this code.
-        #[arg(long)]
-        reason: Option<String>,
-        /// Only say what would be redriven.
-        #[arg(long)]
-        dry_run: bool,
-        /// Do not ask.
-        #[arg(long)]
-        yes: bool,
+        #[command(flatten)]
+        which: Which,
+        #[command(flatten)]
+        flags: Flags,
     },
+    /// Delete dead letters for good (their events are not republished: for
+    /// letters nobody needs). Asks first, unless `--yes`.
+    Delete {
+        /// The stream.
+        stream: String,
+        /// Dead-letter ids to delete.
+        #[arg(required_unless_present_any = ["all", "reason"], conflicts_with_all = ["all", "reason"])]
+        ids: Vec<String>,
+        #[command(flatten)]
+        which: Which,
+        #[command(flatten)]
+        flags: Flags,
+    },
+}
+
+/// `dlq redrive` and `dlq delete`: the letters named other than by id.
+#[derive(Args)]
+pub(crate) struct Which {
+    /// Every dead letter of the stream.
+    #[arg(long, conflicts_with = "reason")]
+    all: bool,
+    /// Every dead letter whose reason has this code (`rejected`,
+    /// `max_attempts_exceeded`, `bad_json`, …).
+    #[arg(long)]
+    reason: Option<String>,
+    /// With `--reason`: only the letters this group wrote.
+    #[arg(long, requires = "reason")]
+    group: Option<String>,
+}
+
+impl Which {
+    /// The selection, from these switches or the ids.
+    fn selection(self, ids: Vec<String>) -> Result<Selection, Failure> {
+        for id in &ids {
+            check_entry_id(id, "dead-letter id")?;
+        }
+        Ok(match (self.all, self.reason, self.group) {
+            (true, _, _) => Selection::All,
+            (false, Some(reason), Some(group)) => Selection::GroupReason { group, reason },
+            (false, Some(code), None) => Selection::Reason(code),
+            (false, None, _) => Selection::Ids(ids),
+        })
+    }
+}
+
+/// `dlq redrive` and `dlq delete`: dry run and confirmation.
+#[derive(Args, Clone, Copy)]
+pub(crate) struct Flags {
+    /// Only say what would be done.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask.
+    #[arg(long)]
+    yes: bool,
 }
 
 pub(crate) async fn run(
@@ -88,20 +134,20 @@ pub(crate) async fn run(
         DlqCommand::Redrive {
             stream,
             ids,
-            all,
-            reason,
-            dry_run,
-            yes,
+            which,
+            flags,
         } => {
-            for id in &ids {
-                check_entry_id(id, "dead-letter id")?;
-            }
-            let selection = match (all, reason) {
-                (true, _) => Selection::All,
-                (false, Some(code)) => Selection::Reason(code),
-                (false, None) => Selection::Ids(ids),
-            };
-            redrive_letters(broker, &stream, &selection, dry_run, yes, json).await
+            let selection = which.selection(ids)?;
+            redrive_letters(broker, &stream, &selection, flags, json).await
+        }
+        DlqCommand::Delete {
+            stream,
+            ids,
+            which,
+            flags,
+        } => {
+            let selection = which.selection(ids)?;
+            delete_letters(broker, &stream, &selection, flags, json).await
         }
     }
 }
@@ -283,6 +329,56 @@ async fn show(
     Err(Failure::NotFound(format!("no dead letter `{id}`")))
 }
 
+/// The letters `selection` names now, on a stream that exists.
+async fn selected(
+    broker: &RedisBroker,
+    stream: &str,
+    selection: &Selection,
+) -> Result<Selected, Failure> {
+    stream_info(broker, stream).await?;
+    Ok(select(broker, stream, selection).await?)
+}
+
+/// Asks `question` when `ask` (unless `--yes`), and returns what to act on:
+/// the ids asked for as given (so that those missing are reported), else
+/// exactly the letters counted and confirmed, leaving letters written
+/// since for the next run.
+fn confirmed(
+    selection: &Selection,
+    selected: &Selected,
+    ask: bool,
+    question: &str,
+    yes: bool,
+) -> Result<Selection, Failure> {
+    if ask {
+        confirm(question, yes)?;
+    }
+    Ok(match selection {
+        Selection::Ids(_) => selection.clone(),
+        _ => Selection::Ids(selected.letters.iter().map(|l| l.id.clone()).collect()),
+    })
+}
+
+/// Prints the ids that are not dead letters of the stream.
+fn print_not_found(not_found: &[String]) {
+    for id in not_found {
+        println!("  not found: {id}");
+    }
+}
+
+/// "Not found" (exit 3) when some ids asked for are not in the stream's
+/// dead letters.
+fn all_found(not_found: &[String], stream: &str) -> Result<(), Failure> {
+    if not_found.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::NotFound(format!(
+        "{} dead-letter ids were not in `{}`",
+        not_found.len(),
+        dead_letter_stream(stream)
+    )))
+}
+
 /// What a dry run would redrive.
 #[derive(Serialize)]
 struct RedrivePlan {
@@ -296,12 +392,10 @@ async fn redrive_letters(
     broker: &RedisBroker,
     stream: &str,
     selection: &Selection,
-    dry_run: bool,
-    yes: bool,
+    Flags { dry_run, yes }: Flags,
     json: bool,
 ) -> Result<(), Failure> {
-    stream_info(broker, stream).await?;
-    let selected = select(broker, stream, selection).await?;
+    let selected = selected(broker, stream, selection).await?;
     let would_skip: Vec<(String, String)> = selected
         .letters
         .iter()
@@ -322,24 +416,18 @@ async fn redrive_letters(
         for (id, why) in &plan.would_skip {
             println!("  would skip {id}: {why}");
         }
-        for id in &plan.not_found {
-            println!("  not found: {id}");
-        }
+        print_not_found(&plan.not_found);
         return Ok(());
     }
-    // What was counted (and confirmed) is what is redriven: letters
-    // written since are left for the next run.
-    let confirmed = if matches!(selection, Selection::Ids(_)) {
-        selection.clone()
-    } else {
-        if would_redrive > 0 {
-            confirm(
-                &format!("redrive {would_redrive} dead letters to `{stream}`"),
-                yes,
-            )?;
-        }
-        Selection::Ids(selected.letters.iter().map(|l| l.id.clone()).collect())
-    };
+    // Redriving named ids puts them back, nothing is lost: asked only for
+    // `--all` and `--reason`.
+    let confirmed = confirmed(
+        selection,
+        &selected,
+        !matches!(selection, Selection::Ids(_)) && would_redrive > 0,
+        &format!("redrive {would_redrive} dead letters to `{stream}`"),
+        yes,
+    )?;
     let report = redrive(broker, stream, &confirmed, |done, total| {
         if total > 100 {
             eprint!("\rredriving: {done}/{total}");
@@ -356,9 +444,7 @@ async fn redrive_letters(
         for (id, why) in &report.skipped {
             println!("  skipped {id}: {why}");
         }
-        for id in &report.not_found {
-            println!("  not found: {id}");
-        }
+        print_not_found(&report.not_found);
     }
     if !report.skipped.is_empty() {
         return Err(Failure::Failed(format!(
@@ -366,12 +452,54 @@ async fn redrive_letters(
             report.skipped.len()
         )));
     }
-    if !report.not_found.is_empty() {
-        return Err(Failure::NotFound(format!(
-            "{} dead-letter ids were not in `{}`",
-            report.not_found.len(),
-            dead_letter_stream(stream)
-        )));
+    all_found(&report.not_found, stream)
+}
+
+/// What a dry run would delete.
+#[derive(Serialize)]
+struct DeletePlan {
+    dry_run: bool,
+    would_delete: u64,
+    not_found: Vec<String>,
+}
+
+async fn delete_letters(
+    broker: &RedisBroker,
+    stream: &str,
+    selection: &Selection,
+    Flags { dry_run, yes }: Flags,
+    json: bool,
+) -> Result<(), Failure> {
+    let selected = selected(broker, stream, selection).await?;
+    let would_delete = selected.letters.len() as u64;
+    let dlq = dead_letter_stream(stream);
+    if dry_run {
+        let plan = DeletePlan {
+            dry_run,
+            would_delete,
+            not_found: selected.not_found,
+        };
+        if json {
+            return print_json(&plan);
+        }
+        println!("would delete {would_delete} dead letters from `{dlq}` (dry run)");
+        print_not_found(&plan.not_found);
+        return Ok(());
     }
-    Ok(())
+    // Nothing brings a deleted letter back: asked for named ids too.
+    let confirmed = confirmed(
+        selection,
+        &selected,
+        would_delete > 0,
+        &format!("delete {would_delete} dead letters from `{dlq}` for good"),
+        yes,
+    )?;
+    let report = delete(broker, stream, &confirmed).await?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!("deleted {} dead letters from `{dlq}`", report.deleted);
+        print_not_found(&report.not_found);
+    }
+    all_found(&report.not_found, stream)
 }

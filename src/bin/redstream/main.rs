@@ -7,9 +7,11 @@
 //! redstream consumers orders order-processing
 //! redstream pending orders order-processing
 //! redstream retries orders order-processing
+//! redstream retries orders order-processing --now 1732262400000-0
 //! redstream dlq list orders --by-reason
 //! redstream dlq show 1732262400000-0
 //! redstream dlq redrive orders --reason rejected --dry-run
+//! redstream dlq delete orders --reason bad_json --yes
 //! redstream trim orders --dry-run
 //! ```
 
@@ -27,7 +29,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use redis::{AsyncConnectionConfig, ErrorKind};
-use redstream::broker::admin::StreamInfo;
+use redstream::broker::admin::{GroupSummary, StreamInfo};
 use redstream::{Admin, RedisBroker, RedisUrl, Settings};
 
 const EXIT_CODES: &str = "Exit codes: 0 done, 1 failed (or cancelled at the prompt), 2 bad usage, \
@@ -111,7 +113,8 @@ enum Command {
         #[arg(long)]
         consumer: Option<String>,
     },
-    /// Entries waiting for a retry, soonest due first.
+    /// Entries waiting for a retry, soonest due first; or, with `--now`,
+    /// make some of them due now.
     Retries {
         /// The stream.
         stream: String,
@@ -120,6 +123,12 @@ enum Command {
         /// Most entries to show.
         #[arg(long, default_value_t = 50)]
         count: usize,
+        /// Make these waiting entries due now instead of listing: the
+        /// reclaimer redelivers them at its next check, their attempt
+        /// count kept. An id not waiting for a retry is reported (exit 3
+        /// when none was).
+        #[arg(long, num_args = 1.., value_name = "ID")]
+        now: Vec<String>,
     },
     /// Dead letters.
     #[command(subcommand)]
@@ -202,15 +211,20 @@ impl Failure {
     }
 }
 
+/// The Redis URL as shown to the operator (never the password), once
+/// [`connect`] has read it: errors of later commands name it as the
+/// connect errors do.
+static SHOWN_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 impl From<redstream::Error> for Failure {
     fn from(e: redstream::Error) -> Self {
-        if matches!(e.redis_code(), Some("NOPERM" | "WRONGPASS" | "NOAUTH"))
-            || matches!(&e, redstream::Error::Redis(r) if r.kind() == ErrorKind::AuthenticationFailed)
-        {
-            Failure::Refused(e.to_string())
-        } else if e.needs_reconnect()
-            || matches!(&e, redstream::Error::Redis(r) if r.is_connection_refusal())
-        {
+        if let redstream::Error::Redis(r) = &e {
+            let shown = SHOWN_URL.get().map_or("Redis", String::as_str);
+            if let Some(failure) = connect_failure(shown, r) {
+                return failure;
+            }
+        }
+        if e.needs_reconnect() {
             Failure::Unreachable(e.to_string())
         } else if e.is_missing_group() {
             Failure::NotFound(e.to_string())
@@ -255,6 +269,7 @@ async fn connect(cli: &Cli) -> Result<RedisBroker, Failure> {
     settings.redis.connect_timeout_ms = cli.connect_timeout_ms;
     settings.redis.command_timeout_ms = cli.timeout_ms;
     let shown = settings.redis.url.to_string();
+    let _ = SHOWN_URL.set(shown.clone());
     let limit = Duration::from_millis(cli.connect_timeout_ms);
     let no_answer = || {
         Failure::Unreachable(format!(
@@ -277,40 +292,72 @@ async fn connect(cli: &Cli) -> Result<RedisBroker, Failure> {
     .await
     {
         Err(_) => return Err(no_answer()),
-        Ok(Err(e)) => return Err(connect_failure(&shown, &e).unwrap_or_else(no_answer)),
+        Ok(Err(e)) => return Err(connecting(&shown, &e).unwrap_or_else(no_answer)),
         Ok(Ok(_)) => {}
     }
     match tokio::time::timeout(limit, RedisBroker::connect(&settings.redis, "cli")).await {
         Ok(Ok(broker)) => Ok(broker),
         Err(_) => Err(no_answer()),
         Ok(Err(redstream::Error::Redis(e))) => {
-            Err(connect_failure(&shown, &e).unwrap_or_else(no_answer))
+            Err(connecting(&shown, &e).unwrap_or_else(no_answer))
         }
         Ok(Err(e)) => Err(Failure::from(e)),
     }
 }
 
-/// Why a connection to `shown` failed, in an operator's words; `None` for a
+/// Why a connection to `shown` failed: what [`connect_failure`] says, and
+/// any other error while connecting is "unreachable" too; `None` for a
 /// timeout.
+fn connecting(shown: &str, e: &redis::RedisError) -> Option<Failure> {
+    if e.is_timeout() {
+        return None;
+    }
+    Some(connect_failure(shown, e).unwrap_or_else(|| {
+        if e.kind() == ErrorKind::UnexpectedReturnType {
+            not_redis(shown)
+        } else {
+            Failure::Unreachable(format!("{shown}: {e}"))
+        }
+    }))
+}
+
+/// What a Redis error on `shown` means to an operator, the one classifier
+/// of both the connect and every later command: the connection refused or
+/// lost, or the server not speaking Redis (unreachable, 4), credentials or
+/// the ACL refused (5). `None` for a timeout and for a command's own error
+/// (`NOGROUP`, `WRONGTYPE`, …), which the caller names.
 fn connect_failure(shown: &str, e: &redis::RedisError) -> Option<Failure> {
     if e.is_timeout() {
         return None;
     }
-    Some(if e.is_connection_refusal() {
-        Failure::Unreachable(format!(
+    if e.is_connection_refusal() {
+        Some(Failure::Unreachable(format!(
             "{shown}: connection refused (is Redis running there?)"
-        ))
+        )))
     } else if e.kind() == ErrorKind::AuthenticationFailed
-        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
     {
-        Failure::Refused(format!("{shown}: authentication failed: {e}"))
-    } else if e.kind() == ErrorKind::Parse || e.kind() == ErrorKind::UnexpectedReturnType {
-        Failure::Unreachable(format!(
-            "{shown} does not answer as a Redis server does (another service on that port?)"
-        ))
+        Some(Failure::Refused(format!(
+            "{shown}: authentication failed: {e}"
+        )))
+    } else if e.code() == Some("NOPERM") {
+        Some(Failure::Refused(format!(
+            "{shown}: the ACL user may not run this: {e}"
+        )))
+    } else if e.kind() == ErrorKind::Parse {
+        Some(not_redis(shown))
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+        Some(Failure::Unreachable(format!("{shown}: {e}")))
     } else {
-        Failure::Unreachable(format!("{shown}: {e}"))
-    })
+        None
+    }
+}
+
+/// A server at `shown` that does not answer as Redis does (4).
+fn not_redis(shown: &str) -> Failure {
+    Failure::Unreachable(format!(
+        "{shown} does not answer as a Redis server does (another service on that port?)"
+    ))
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -356,9 +403,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             consumer,
         } => pending::pending(&broker, &stream, &group, count, consumer.as_deref(), json).await,
         Command::Retries {
+            stream, group, now, ..
+        } if !now.is_empty() => pending::retry_now(&broker, &stream, &group, &now, json).await,
+        Command::Retries {
             stream,
             group,
             count,
+            ..
         } => pending::retries(&broker, &stream, &group, count, json).await,
         Command::Dlq(command) => dlq::run(&broker, command, json).await,
         Command::Trim {
@@ -377,18 +428,19 @@ pub(crate) async fn stream_info(broker: &RedisBroker, stream: &str) -> Result<St
         .ok_or_else(|| Failure::NotFound(format!("no stream `{stream}`")))
 }
 
-/// Checks that the group exists on the stream (exit 3 otherwise).
+/// The group as `XINFO GROUPS` shows it, or "not found" (exit 3) when
+/// the stream or the group is missing. One light command, not
+/// [`stream_info`]'s full report.
 pub(crate) async fn check_group(
     broker: &RedisBroker,
     stream: &str,
     group: &str,
-) -> Result<StreamInfo, Failure> {
-    let info = stream_info(broker, stream).await?;
-    if info.groups.iter().any(|g| g.name == group) {
-        Ok(info)
-    } else {
-        Err(Failure::NotFound(format!(
-            "no group `{group}` on stream `{stream}`"
-        )))
-    }
+) -> Result<GroupSummary, Failure> {
+    broker
+        .groups(stream)
+        .await?
+        .ok_or_else(|| Failure::NotFound(format!("no stream `{stream}`")))?
+        .into_iter()
+        .find(|g| g.name == group)
+        .ok_or_else(|| Failure::NotFound(format!("no group `{group}` on stream `{stream}`")))
 }

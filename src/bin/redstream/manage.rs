@@ -194,13 +194,8 @@ pub(crate) async fn groups(
             force,
             yes,
         } => {
-            let info = check_group(broker, &stream, &group).await?;
+            let pending = check_group(broker, &stream, &group).await?.pending;
             refuse_if_live(broker, &stream, &group, "delete the group", force).await?;
-            let pending = info
-                .groups
-                .iter()
-                .find(|g| g.name == group)
-                .map_or(0, |g| g.pending);
             confirm(
                 &format!(
                     "delete group `{group}` of `{stream}` ({pending} pending entries are forgotten)"

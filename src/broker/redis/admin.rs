@@ -8,9 +8,10 @@ use super::reply::{int, parse_entries, text, unexpected};
 use super::{RedisBroker, attempts_key, error_field, lease_prefix, retry_key, server_ms};
 use crate::broker::PENDING_SAMPLE;
 use crate::broker::admin::{
-    Admin, ConsumerInfo, GroupInfo, ORPHANS, PendingEntry, RemovedConsumer, SeekPlan, SeekTo,
-    StreamInfo, TrimPlan, next_id, parse_id, previous_id,
+    Admin, ConsumerInfo, GroupInfo, GroupSummary, ORPHANS, PendingEntry, RemovedConsumer, SeekPlan,
+    SeekTo, StreamInfo, TrimPlan, next_id, parse_id, previous_id,
 };
+use crate::clock::millis;
 use crate::error::Result;
 use crate::wire::{RawEntry, dead_letter_stream, field};
 
@@ -40,6 +41,19 @@ fn no_such_key(e: &redis::RedisError) -> bool {
     e.to_string().contains("no such key")
 }
 
+/// One group of an `XINFO GROUPS` reply.
+fn group_summary(g: &[(String, &Value)]) -> GroupSummary {
+    GroupSummary {
+        name: field(g, "name").and_then(text).unwrap_or_default(),
+        consumers: field(g, "consumers").and_then(int).unwrap_or(0),
+        pending: field(g, "pending").and_then(int).unwrap_or(0),
+        last_delivered_id: field(g, "last-delivered-id")
+            .and_then(text)
+            .unwrap_or_else(|| "0-0".to_owned()),
+        lag: field(g, "lag").and_then(int),
+    }
+}
+
 /// One row of the extended `XPENDING`: id, consumer, idle ms, deliveries.
 fn pending_row(row: &Value) -> Option<PendingEntry> {
     let Value::Array(cols) = row else {
@@ -54,11 +68,22 @@ fn pending_row(row: &Value) -> Option<PendingEntry> {
     })
 }
 
-fn millis(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 impl RedisBroker {
+    /// The stream's last generated id (`XINFO STREAM`); `None` if there is
+    /// no such stream.
+    async fn last_generated_id(&self, stream: &str) -> Result<Option<String>> {
+        let info: redis::RedisResult<Value> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(stream)
+            .query_async(&mut self.conn())
+            .await;
+        match info {
+            Ok(info) => Ok(field(&pairs(&info), "last-generated-id").and_then(text)),
+            Err(e) if no_such_key(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Entries with ids after `low` and up to `high`, counted a page at a
     /// time.
     async fn count_between(&self, stream: &str, low: &str, high: &str) -> Result<u64> {
@@ -258,8 +283,13 @@ impl Admin for RedisBroker {
         };
         let mut out = Vec::with_capacity(groups.len());
         for g in &groups {
-            let g = pairs(g);
-            let name = field(&g, "name").and_then(text).unwrap_or_default();
+            let GroupSummary {
+                name,
+                consumers,
+                pending,
+                last_delivered_id,
+                lag,
+            } = group_summary(&pairs(g));
             let (time, summary, sample, waiting_retry): (Vec<String>, Value, Value, u64) =
                 redis::pipe()
                     .cmd("TIME")
@@ -280,10 +310,6 @@ impl Admin for RedisBroker {
                 Value::Array(parts) => parts.get(1).and_then(text),
                 _ => None,
             };
-            let last_delivered_id = field(&g, "last-delivered-id")
-                .and_then(text)
-                .unwrap_or_else(|| "0-0".to_owned());
-            let lag = field(&g, "lag").and_then(int);
             let ages = GroupAges {
                 stream,
                 group: &name,
@@ -304,10 +330,10 @@ impl Admin for RedisBroker {
             processes.sort_unstable();
             processes.dedup();
             out.push(GroupInfo {
-                consumers: field(&g, "consumers").and_then(int).unwrap_or(0),
+                consumers,
                 live_members: holders.len() as u64,
                 live_processes: processes.len() as u64,
-                pending: field(&g, "pending").and_then(int).unwrap_or(0),
+                pending,
                 waiting_retry,
                 last_delivered_id,
                 lag,
@@ -325,6 +351,23 @@ impl Admin for RedisBroker {
             groups: out,
             dead_letters,
         }))
+    }
+
+    async fn groups(&self, stream: &str) -> Result<Option<Vec<GroupSummary>>> {
+        let groups: redis::RedisResult<Value> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(&mut self.conn())
+            .await;
+        let groups = match groups {
+            Ok(Value::Array(groups)) => groups,
+            Ok(_) => return Err(unexpected("XINFO GROUPS", "not an array")),
+            Err(e) if no_such_key(&e) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(
+            groups.iter().map(|g| group_summary(&pairs(g))).collect(),
+        ))
     }
 
     async fn consumers(&self, stream: &str, group: &str) -> Result<Vec<ConsumerInfo>> {
@@ -488,18 +531,18 @@ impl Admin for RedisBroker {
     }
 
     async fn seek_plan(&self, stream: &str, group: &str, to: &SeekTo) -> Result<Option<SeekPlan>> {
-        let info = self.stream_info(stream).await?;
-        let Some(g) = info
-            .as_ref()
-            .and_then(|i| i.groups.iter().find(|g| g.name == group))
+        let Some(g) = self
+            .groups(stream)
+            .await?
+            .and_then(|groups| groups.into_iter().find(|g| g.name == group))
         else {
             return Ok(None);
         };
         let to_id = match to {
             SeekTo::Start => "0-0".to_owned(),
-            SeekTo::End => info
-                .as_ref()
-                .and_then(|i| i.last_id.clone())
+            SeekTo::End => self
+                .last_generated_id(stream)
+                .await?
                 .unwrap_or_else(|| "0-0".to_owned()),
             SeekTo::AfterId(id) => id.clone(),
             SeekTo::Time(ms) => previous_id(&format!("{ms}-0")).unwrap_or_else(|| "0-0".to_owned()),

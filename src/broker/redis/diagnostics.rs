@@ -13,6 +13,7 @@ use super::reply::{group_field, int, major_version, parse_entries, text, unexpec
 use super::{RedisBroker, lease_prefix, presence_key, retry_key, server_ms};
 use crate::broker::PENDING_SAMPLE;
 use crate::broker::{Diagnostics, GroupRef, MemberPresence, PendingSummary, ServerReport};
+use crate::clock::millis;
 use crate::error::Result;
 use crate::wire::dead_letter_stream;
 
@@ -320,7 +321,7 @@ impl Diagnostics for RedisBroker {
         pipe.ignore()
             .cmd("PEXPIRE")
             .arg(&key)
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(millis(ttl))
             .ignore();
         let () = pipe.query_async(&mut self.conn()).await?;
         Ok(())

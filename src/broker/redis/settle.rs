@@ -19,6 +19,7 @@ use crate::broker::{
     Acks, Capabilities, DeadLetter, Delivery, GroupReader, GroupRef, Interrupt, MemberRef,
     PublishItem, ReadFrom, Receipt, RetrySchedule, Streams,
 };
+use crate::clock::millis;
 use crate::error::Result;
 use crate::settings::StartFrom;
 use crate::wire::{dead_letter_fields, dead_letter_stream};
@@ -246,7 +247,7 @@ impl Streams for RedisBroker {
             .key(attempts_key(stream, group))
             .key(retry_key(stream, group));
         for r in retries {
-            let delay_ms = u64::try_from(r.delay.as_millis()).unwrap_or(u64::MAX);
+            let delay_ms = millis(r.delay);
             invocation
                 .arg(r.receipt.token())
                 .arg(r.attempts)

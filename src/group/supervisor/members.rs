@@ -11,7 +11,7 @@ use actix::prelude::*;
 
 use super::{GroupSupervisor, Lifecycle};
 use crate::broker::MemberPresence;
-use crate::clock::now_ms;
+use crate::clock::{millis, now_ms};
 use crate::group::InSpanExt;
 use crate::group::consumer::ConsumerActor;
 use crate::group::{ConsumerStopped, EntriesHandled, SetPaused, StopConsumer};
@@ -138,16 +138,13 @@ impl GroupSupervisor {
             .filter(|(_, slot)| !slot.lease_lost)
             .map(|(index, slot)| {
                 let mut m = MemberPresence::of_process(self.member_name(index), &*self.lease.token);
-                m.since_ms = now.saturating_sub(
-                    u64::try_from(slot.started_at.elapsed().as_millis()).unwrap_or(u64::MAX),
-                );
+                m.since_ms = now.saturating_sub(millis(slot.started_at.elapsed()));
                 m.seen_ms = now;
                 m.running = slot.addr.is_some();
                 m.restarts = slot.restarts;
                 m.in_flight = slot.in_flight();
                 m.last_error = slot.last_error.clone();
-                m.lease_ttl_ms =
-                    u64::try_from(self.runtime.options.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+                m.lease_ttl_ms = millis(self.runtime.options.lease_ttl);
                 m
             })
             .collect();

@@ -43,7 +43,7 @@ use super::{
     StopConsumer, StopReclaimer,
 };
 use crate::broker::{PendingSummary, Receipt, RetrySchedule};
-use crate::clock::{Backoff, now_ms};
+use crate::clock::{Backoff, millis, now_ms};
 use crate::group::InSpanExt;
 use crate::handler::{Outcome, Verdict};
 use crate::status::{GroupStatus, HISTORY_EVERY_MS, HISTORY_LEN, HistorySample, MemberStatus};
@@ -346,15 +346,9 @@ impl GroupSupervisor {
                 .and_then(|p| p.queue_latency)
                 .map(millis),
             min_idle_ms: millis(self.runtime.options.min_idle),
-            no_member_for_ms: self
-                .no_member_since
-                .map(|since| u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            no_member_for_ms: self.no_member_since.map(|since| millis(since.elapsed())),
         }
     }
-}
-
-fn millis(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn describe(exit: &Exit) -> String {
@@ -532,13 +526,13 @@ impl GroupSupervisor {
         if self.history.len() == HISTORY_LEN {
             self.history.pop_front();
         }
-        let status = self.status();
+        let pending = self.last_pending.as_ref();
         self.history.push_back(HistorySample {
             at_ms: now,
-            acked: status.acked,
-            lag: status.lag,
-            dead_letters: status.dead_letters,
-            restarts: status.restarts(),
+            acked: self.counters.acked,
+            lag: pending.and_then(|p| p.lag),
+            dead_letters: pending.map(|p| p.dead_letters),
+            restarts: self.members.iter().map(|s| s.restarts).sum(),
         });
     }
 }

@@ -28,6 +28,34 @@ const WRITE_TRIES: u32 = 3;
 const DEAD_LETTERED_TARGET: &str = "redstream::dead_lettered";
 
 impl GroupSupervisor {
+    /// `fut` inside a `redstream.settle` span for `operation` on `count`
+    /// entries of this group (with the `opentelemetry` feature; `fut` as it
+    /// is without).
+    fn in_settle_span<F: Future>(
+        &self,
+        operation: &'static str,
+        count: usize,
+        fut: F,
+    ) -> impl Future<Output = F::Output> + use<F> {
+        #[cfg(feature = "opentelemetry")]
+        {
+            tracing::Instrument::instrument(
+                fut,
+                crate::otel::settle_span(
+                    self.runtime.target.stream(),
+                    self.runtime.target.name(),
+                    operation,
+                    count,
+                ),
+            )
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        {
+            let _ = (operation, count);
+            fut
+        }
+    }
+
     pub(super) fn settled(&self) -> bool {
         self.writes_in_flight == 0 && self.acks.receipts.is_empty() && !self.acks.flushing
     }
@@ -52,8 +80,7 @@ impl GroupSupervisor {
             return;
         }
         let receipts = std::mem::take(&mut self.acks.receipts);
-        #[cfg(feature = "opentelemetry")]
-        let receipts_len = receipts.len();
+        let count = receipts.len();
         let forget = std::mem::take(&mut self.acks.forget);
         self.acks.flushing = true;
         let rt = Arc::clone(&self.runtime);
@@ -76,16 +103,7 @@ impl GroupSupervisor {
             }
             (receipts, forget, result)
         };
-        #[cfg(feature = "opentelemetry")]
-        let fut = tracing::Instrument::instrument(
-            fut,
-            crate::otel::settle_span(
-                self.runtime.target.stream(),
-                self.runtime.target.name(),
-                "ack",
-                receipts_len,
-            ),
-        );
+        let fut = self.in_settle_span("ack", count, fut);
         ctx.spawn(
             fut.into_actor(self)
                 .map(|(receipts, forget, result), act, ctx| {
@@ -167,8 +185,7 @@ impl GroupSupervisor {
             return;
         }
         self.writes_in_flight += 1;
-        #[cfg(feature = "opentelemetry")]
-        let letters_len = letters.len();
+        let count = letters.len();
         let rt = Arc::clone(&self.runtime);
         let fut = async move {
             let mut pending = letters;
@@ -206,16 +223,7 @@ impl GroupSupervisor {
             }
             (written, pending, last_error)
         };
-        #[cfg(feature = "opentelemetry")]
-        let fut = tracing::Instrument::instrument(
-            fut,
-            crate::otel::settle_span(
-                self.runtime.target.stream(),
-                self.runtime.target.name(),
-                "dead_letter",
-                letters_len,
-            ),
-        );
+        let fut = self.in_settle_span("dead_letter", count, fut);
         ctx.spawn(fut.into_actor(self).map(|(written, failed, error), act, _ctx| {
             act.writes_in_flight -= 1;
             act.counters.dead_lettered += written.len() as u64;
