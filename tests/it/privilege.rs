@@ -285,6 +285,16 @@ async fn the_order_example_and_the_cli_run_as_restricted_users() {
     assert!(pending.status.success(), "pending: {}", show(&pending));
     let trim = cli_run(&["trim", ORDERS, "--dry-run"]);
     assert!(trim.status.success(), "trim --dry-run: {}", show(&trim));
+    let delete = cli_run(&["dlq", "delete", ORDERS, "--all", "--dry-run"]);
+    assert!(
+        delete.status.success(),
+        "dlq delete --dry-run: {}",
+        show(&delete)
+    );
+    // The retry-now script runs under the CLI's user: nothing waits, so
+    // "not found" (3), not "refused" (5).
+    let now = cli_run(&["retries", ORDERS, domain::GROUP, "--now", "1-1"]);
+    assert_eq!(now.status.code(), Some(3), "retries --now: {}", show(&now));
     let other = cli_run(&["dlq", "list", "other:orders"]);
     assert!(!other.status.success(), "another prefix: {}", show(&other));
     assert!(

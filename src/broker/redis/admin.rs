@@ -448,11 +448,18 @@ impl Admin for RedisBroker {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut invocation = self.inner.scripts.retry_now.key(retry_key(stream, group));
-        for id in ids {
-            invocation.arg(id);
+        let key = retry_key(stream, group);
+        let mut moved = 0;
+        // A page at a time: the script unpacks its arguments onto Lua's stack.
+        for page in ids.chunks(1_000) {
+            let mut invocation = self.inner.scripts.retry_now.key(&key);
+            for id in page {
+                invocation.arg(id);
+            }
+            let n: u64 = invocation.invoke_async(&mut self.conn()).await?;
+            moved += n;
         }
-        Ok(invocation.invoke_async(&mut self.conn()).await?)
+        Ok(moved)
     }
 
     async fn range(

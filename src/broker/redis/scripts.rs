@@ -98,10 +98,11 @@ return now
 pub(super) const RETRY_NOW_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local scores = redis.call('ZMSCORE', KEYS[1], unpack(ARGV))
 local moved = 0
-for _, id in ipairs(ARGV) do
-  if redis.call('ZSCORE', KEYS[1], id) then
-    redis.call('ZADD', KEYS[1], 'XX', now, id)
+for i, score in ipairs(scores) do
+  if score then
+    redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i])
     moved = moved + 1
   end
 end
