@@ -505,6 +505,25 @@ impl ActionRequest {
     }
 }
 
+/// The console's write actions, by their route names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Redrive,
+    Delete,
+    RetryNow,
+}
+
+impl Action {
+    fn named(name: &str) -> Option<Self> {
+        match name {
+            "redrive" => Some(Action::Redrive),
+            "delete" => Some(Action::Delete),
+            "retry-now" => Some(Action::RetryNow),
+            _ => None,
+        }
+    }
+}
+
 /// `POST …/actions/{redrive|delete|retry-now}`: checks the token, acts,
 /// logs what was done and by whom (the peer address).
 async fn action(
@@ -520,6 +539,12 @@ async fn action(
         .peer_addr()
         .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
     let name = name.into_inner();
+    let Some(kind) = Action::named(&name) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "no such action (redrive, delete, retry-now)".to_owned(),
+        );
+    };
     let Some(token) = &console.actions else {
         return refuse(
             StatusCode::FORBIDDEN,
@@ -546,10 +571,10 @@ async fn action(
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bad request body: {e}")),
     };
     let handle = &console.handle;
-    let done: Result<serde_json::Value> = match name.as_str() {
-        "redrive" | "delete" => match req.selection() {
+    let done: Result<serde_json::Value> = match kind {
+        Action::Redrive | Action::Delete => match req.selection() {
             Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
-            Ok(selection) if name == "redrive" => handle
+            Ok(selection) if kind == Action::Redrive => handle
                 .redrive(&req.stream, &selection)
                 .await
                 .map(|r| serde_json::json!(r)),
@@ -558,7 +583,7 @@ async fn action(
                 .await
                 .map(|r| serde_json::json!(r)),
         },
-        "retry-now" => {
+        Action::RetryNow => {
             let Some(group) = &req.group else {
                 return refuse(StatusCode::BAD_REQUEST, "give the `group`".to_owned());
             };
@@ -572,12 +597,6 @@ async fn action(
                 .retry_now(&req.stream, group, &req.ids)
                 .await
                 .map(|made_due| serde_json::json!({ "made_due": made_due }))
-        }
-        other => {
-            return refuse(
-                StatusCode::NOT_FOUND,
-                format!("no action `{other}` (redrive, delete, retry-now)"),
-            );
         }
     };
     match done {

@@ -37,6 +37,26 @@ async fn shipping(ctx: &TestContext, stream: &str) -> (Processor, Arc<AtomicBool
     (processor, fixed, handled)
 }
 
+/// [`shipping`] on `stream`, with three events published and
+/// dead-lettered.
+async fn three_dead_letters(
+    ctx: &TestContext,
+    stream: &str,
+) -> (Processor, Arc<AtomicBool>, Arc<AtomicU64>) {
+    let started = shipping(ctx, stream).await;
+    publish_all(
+        &started.0.producer(),
+        stream,
+        (0..3).map(numbered).collect(),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "3 dead letters", || async {
+        dead_letters(ctx, stream).await == 3
+    })
+    .await;
+    started
+}
+
 async fn dead_letters(ctx: &TestContext, stream: &str) -> u64 {
     ctx.xlen(&format!("{stream}:dlq")).await
 }
@@ -65,17 +85,7 @@ async fn actions_are_off_by_default_need_the_token_and_are_logged() {
         return;
     };
     let stream = ctx.stream("console-http");
-    let (processor, _fixed, _handled) = shipping(&ctx, &stream).await;
-    publish_all(
-        &processor.producer(),
-        &stream,
-        (0..3).map(numbered).collect(),
-    )
-    .await;
-    eventually(Duration::from_secs(10), "3 dead letters", || async {
-        dead_letters(&ctx, &stream).await == 3
-    })
-    .await;
+    let (processor, _fixed, _handled) = three_dead_letters(&ctx, &stream).await;
     let handle = processor.handle();
     let letters = handle
         .group_details(&stream, "shipping")
@@ -243,17 +253,7 @@ async fn a_click_on_redrive_brings_the_dead_letters_back() {
         return;
     };
     let stream = ctx.stream("console-click");
-    let (processor, fixed, handled) = shipping(&ctx, &stream).await;
-    publish_all(
-        &processor.producer(),
-        &stream,
-        (0..3).map(numbered).collect(),
-    )
-    .await;
-    eventually(Duration::from_secs(10), "3 dead letters", || async {
-        dead_letters(&ctx, &stream).await == 3
-    })
-    .await;
+    let (processor, fixed, handled) = three_dead_letters(&ctx, &stream).await;
     // The carrier is back: the next delivery succeeds.
     fixed.store(true, Ordering::SeqCst);
     let handle = processor.handle();
