@@ -19,7 +19,9 @@ export DATABASE_URL="${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432
 # crate and its dependencies for another.
 features=failpoints,opentelemetry
 cargo test --all-targets --features "$features" "$@"
-cargo test --doc
+# The doc tests with the same features: with others, the crate is built
+# again here and once more for the newer-server passes below.
+cargo test --doc --features "$features"
 
 [ "${REDSTREAM_NEWER_SERVERS:-1}" = "0" ] && exit 0
 scripts/services.sh newer-servers
