@@ -82,6 +82,11 @@ pub struct RedisSettings {
     /// Blocking reads use `consumer.block_ms` plus a margin instead.
     /// Default 5000.
     pub command_timeout_ms: u64,
+    /// Members' blocking reads share one connection and one `XREADGROUP`
+    /// per (group name, member name) across the process's streams, so
+    /// connections do not grow with the number of streams. `false`: a
+    /// blocking connection per member. Default true.
+    pub shared_reads: bool,
 }
 
 impl Default for RedisSettings {
@@ -90,6 +95,7 @@ impl Default for RedisSettings {
             url: RedisUrl::default(),
             connect_timeout_ms: 2_000,
             command_timeout_ms: 5_000,
+            shared_reads: true,
         }
     }
 }

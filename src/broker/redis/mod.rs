@@ -10,6 +10,7 @@
 //! | `diagnostics.rs` | [`Diagnostics`](crate::broker::Diagnostics) |
 //! | `admin.rs` | [`Admin`](crate::broker::Admin): listings, ranges, trims |
 //! | `latest.rs` | the latest-value maps |
+//! | `shared_read.rs` | the read hubs: one blocking read for many streams |
 //! | `scripts.rs`, `reply.rs` | the Lua scripts; decoding replies |
 //!
 //! Newer servers: on connecting, the broker asks the server which newer
@@ -21,9 +22,11 @@
 //!
 //! Connections: one shared, auto-reconnecting multiplexed connection
 //! (redis-rs `ConnectionManager`) for every non-blocking command, and one
-//! dedicated connection per member for its blocking XREADGROUP, whose
-//! response timeout is longer than the block time (redis-rs defaults every
-//! async connection to 500 ms, which would break `BLOCK`). Replies are
+//! dedicated connection for blocking XREADGROUPs per (group name, member
+//! name), whose one read serves every stream of that pair in this process
+//! (`shared_read.rs`; with `redis.shared_reads = false`, one per member),
+//! and whose response timeout is longer than the block time (redis-rs
+//! defaults every async connection to 500 ms, which would break `BLOCK`). Replies are
 //! decoded from raw `redis::Value`, one entry at a time, so a malformed
 //! entry cannot fail the batch it arrived in.
 //!
@@ -55,6 +58,7 @@ mod leases;
 mod reply;
 mod scripts;
 mod settle;
+mod shared_read;
 
 use self::reply::unexpected;
 use self::scripts::Scripts;
@@ -163,6 +167,10 @@ struct Inner {
     scripts: Scripts,
     /// What the server has, as detected at connect.
     detected: ServerFeatures,
+    /// Member readers share a connection and a read per (group name,
+    /// member name) (`redis.shared_reads`).
+    shared_reads: bool,
+    hubs: shared_read::ReadHubs,
 }
 
 /// The Redis Streams broker.
@@ -236,6 +244,8 @@ impl RedisBroker {
                 instance: instance.to_owned(),
                 scripts: Scripts::new(),
                 detected: features,
+                shared_reads: settings.shared_reads,
+                hubs: shared_read::ReadHubs::default(),
             }),
             features,
         })

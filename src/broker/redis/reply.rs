@@ -167,6 +167,42 @@ pub(super) fn parse_read_reply(v: Value) -> Result<Vec<RawEntry>> {
     }
 }
 
+/// `XREADGROUP` for many streams: nil on timeout, else the entries of
+/// each stream that had some, by stream name.
+pub(super) fn parse_multi_read_reply(v: Value) -> Result<Vec<(String, Vec<RawEntry>)>> {
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => {
+            let mut pairs = Vec::with_capacity(streams.len());
+            for s in streams {
+                let Value::Array(pair) = s else {
+                    return Err(unexpected("XREADGROUP", "stream reply is not an array"));
+                };
+                let Ok::<[Value; 2], _>([name, entries]) = pair.try_into() else {
+                    return Err(unexpected("XREADGROUP", "stream reply is not a pair"));
+                };
+                pairs.push((name, entries));
+            }
+            pairs
+        }
+        Value::Map(streams) => streams,
+        _ => {
+            return Err(unexpected(
+                "XREADGROUP",
+                "reply is neither array, map nor nil",
+            ));
+        }
+    };
+    pairs
+        .into_iter()
+        .map(|(name, entries)| {
+            let name =
+                text(&name).ok_or_else(|| unexpected("XREADGROUP", "stream name is not text"))?;
+            Ok((name, parse_entries(entries)?))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::client_name;

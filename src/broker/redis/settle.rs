@@ -143,6 +143,9 @@ impl Streams for RedisBroker {
         member: &MemberRef,
         block: Duration,
     ) -> Result<Box<dyn GroupReader>> {
+        if self.inner.shared_reads {
+            return Ok(self.open_shared_reader(member, block));
+        }
         let stream = Arc::clone(member.group().stream_arc());
         let (group, member) = (member.group().name(), member.member());
         // A server woken for an entry another member took re-blocks with a
