@@ -40,6 +40,24 @@ pub(crate) fn mono_ms() -> u64 {
     millis(base.elapsed())
 }
 
+/// How long until the next whole multiple of `period` on the monotonic
+/// clock of [`mono_ms`]. Periodic work of many groups with the same period
+/// falls due at the same moments, so its commands reach the server
+/// together, pipelined on the shared connection, instead of one by one
+/// all the time (issue 18: thousands of quiet groups in one process).
+pub(crate) fn until_aligned(period: Duration) -> Duration {
+    let period_ms = millis(period).max(1);
+    Duration::from_millis(period_ms - mono_ms() % period_ms)
+}
+
+/// The period of periodic work after `quiet` rounds in a row that found
+/// nothing to do: `base` doubled per quiet round, up to `max` (never below
+/// `base`). Work resumes at `base` when the caller resets `quiet`.
+pub(crate) fn quiet_period(base: Duration, quiet: u32, max: Duration) -> Duration {
+    let grown = base.saturating_mul(1 << quiet.min(16));
+    grown.min(max).max(base)
+}
+
 /// A duration in whole milliseconds, saturating at `u64::MAX` (a
 /// duration too long for a `u64` of milliseconds reads as forever).
 pub(crate) fn millis(d: Duration) -> u64 {
@@ -111,5 +129,33 @@ mod tests {
         assert!(d3 >= Duration::from_millis(320) && d4 <= Duration::from_millis(400));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+
+    #[test]
+    fn quiet_period_doubles_within_bounds() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(10);
+        assert_eq!(quiet_period(base, 0, max), base);
+        assert_eq!(quiet_period(base, 3, max), Duration::from_secs(8));
+        assert_eq!(quiet_period(base, 4, max), max);
+        assert_eq!(quiet_period(base, 40, max), max);
+        // A base above the bound is kept.
+        assert_eq!(
+            quiet_period(Duration::from_secs(20), 2, max),
+            Duration::from_secs(20)
+        );
+    }
+
+    #[test]
+    fn aligned_waits_end_on_the_same_boundary() {
+        let period = Duration::from_millis(500);
+        let before = mono_ms();
+        let wait = millis(until_aligned(period));
+        let after = mono_ms();
+        assert!(wait > 0 && wait <= 500);
+        // The wait ends on a multiple of the period, whenever in
+        // [before, after] it was computed.
+        let boundary = (after + wait) / 500 * 500;
+        assert!(boundary >= before + wait, "{before}..{after} + {wait}");
     }
 }

@@ -50,6 +50,13 @@ impl PendingSummary {
     pub fn active(&self) -> u64 {
         self.pending.saturating_sub(self.waiting_retry)
     }
+
+    /// Whether the group has nothing to do: nothing pending, nothing
+    /// waiting for a retry, nothing undelivered (an unknown lag counts as
+    /// none: new entries wake the group's blocked read anyway).
+    pub fn is_quiet(&self) -> bool {
+        self.pending == 0 && self.waiting_retry == 0 && self.lag.unwrap_or(0) == 0
+    }
 }
 
 /// One member of a group as its process last told: what the status page

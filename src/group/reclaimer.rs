@@ -15,6 +15,14 @@
 //!   each retry this process scheduled: entries whose retry time has come
 //!   are taken from the schedule and claimed in one atomic step.
 //!
+//! A pass that finds nothing to do backs off: a quiet group's idle scan
+//! runs at most every `min_idle / 2` (30 s at most), its retry poll every
+//! [`QUIET_POLL_MAX`]; both come back to their period when they claim
+//! something, and the poll also at each retry this process schedules. A
+//! retry scheduled by a process that died meanwhile is therefore claimed
+//! up to [`QUIET_POLL_MAX`] late. Passes fall due on boundaries of their
+//! period, so those of thousands of quiet groups reach Redis together.
+//!
 //! After a full idle scan (at most once a minute), consumers of instances
 //! that are gone (nothing pending, idle longer than
 //! `reclaim.remove_idle_consumers_ms`, no live lease) are removed from the
@@ -25,17 +33,26 @@
 //! is processed, not into memory.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::WeakRecipient;
 use actix::prelude::*;
 
 use super::{EntriesClaimed, GroupRuntime, RetryDueAt, StopReclaimer};
 use crate::broker::{CURSOR_START, ClaimIdle, EntryState, Receipt, Redelivery};
+use crate::clock::{quiet_period, until_aligned};
 use crate::group::InSpanExt;
 
 /// How often idle consumers are looked for, at most.
-const CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
+/// The longest period of a quiet group's retry poll.
+pub(crate) const QUIET_POLL_MAX: Duration = Duration::from_secs(10);
+
+/// The longest period of a quiet group's idle scan (and at most half of
+/// `min_idle`, so that an entry left by a dead member waits at most 1.5 ×
+/// `min_idle`).
+const QUIET_SCAN_MAX: Duration = Duration::from_secs(30);
 
 /// The reclaimer of one group.
 pub(crate) struct ReclaimerActor {
@@ -47,8 +64,15 @@ pub(crate) struct ReclaimerActor {
     next_member: usize,
     scanning: bool,
     polling: bool,
+    /// A poll was asked for while one was on its way: poll again after it.
+    poll_again: bool,
     stopped: bool,
     last_cleanup: Option<Instant>,
+    /// Passes in a row that claimed nothing, per kind.
+    quiet_scans: u32,
+    quiet_polls: u32,
+    scan_timer: Option<SpawnHandle>,
+    poll_timer: Option<SpawnHandle>,
 }
 
 impl ReclaimerActor {
@@ -65,9 +89,42 @@ impl ReclaimerActor {
             next_member: 0,
             scanning: false,
             polling: false,
+            poll_again: false,
             stopped: false,
             last_cleanup: None,
+            quiet_scans: 0,
+            quiet_polls: 0,
+            scan_timer: None,
+            poll_timer: None,
         }
+    }
+
+    fn schedule_scan(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.scan_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let opts = &self.runtime.options;
+        let max = (opts.min_idle / 2).min(QUIET_SCAN_MAX);
+        let period = quiet_period(opts.reclaim_interval, self.quiet_scans, max);
+        self.scan_timer = Some(ctx.run_later(until_aligned(period), |act, ctx| {
+            act.scan_timer = None;
+            act.scan(ctx);
+        }));
+    }
+
+    fn schedule_poll(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.poll_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let period = quiet_period(
+            self.runtime.options.retry_poll,
+            self.quiet_polls,
+            QUIET_POLL_MAX,
+        );
+        self.poll_timer = Some(ctx.run_later(until_aligned(period), |act, ctx| {
+            act.poll_timer = None;
+            act.poll_due(ctx);
+        }));
     }
 
     fn scan(&mut self, ctx: &mut Context<Self>) {
@@ -84,13 +141,21 @@ impl ReclaimerActor {
         );
         ctx.spawn(
             fut.into_actor(self)
-                .map(|(cursor, next_member), act, ctx| {
+                .map(|(cursor, next_member, claimed), act, ctx| {
                     act.scanning = false;
                     let wrapped = cursor == CURSOR_START;
                     act.cursor = cursor;
                     act.next_member = next_member;
+                    if claimed {
+                        act.quiet_scans = 0;
+                    } else if wrapped {
+                        act.quiet_scans = act.quiet_scans.saturating_add(1);
+                    }
                     if wrapped {
                         act.remove_idle_consumers(ctx);
+                    }
+                    if !act.stopped {
+                        act.schedule_scan(ctx);
                     }
                 })
                 .in_span(&self.runtime.span),
@@ -121,7 +186,11 @@ impl ReclaimerActor {
     }
 
     fn poll_due(&mut self, ctx: &mut Context<Self>) {
-        if self.polling || self.stopped {
+        if self.stopped {
+            return;
+        }
+        if self.polling {
+            self.poll_again = true;
             return;
         }
         self.polling = true;
@@ -133,9 +202,19 @@ impl ReclaimerActor {
         );
         ctx.spawn(
             fut.into_actor(self)
-                .map(|next_member, act, _ctx| {
+                .map(|(next_member, claimed), act, ctx| {
                     act.polling = false;
                     act.next_member = next_member;
+                    act.quiet_polls = if claimed {
+                        0
+                    } else {
+                        act.quiet_polls.saturating_add(1)
+                    };
+                    if std::mem::take(&mut act.poll_again) {
+                        act.poll_due(ctx);
+                    } else if !act.stopped {
+                        act.schedule_poll(ctx);
+                    }
                 })
                 .in_span(&self.runtime.span),
         );
@@ -146,9 +225,7 @@ impl Actor for ReclaimerActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let opts = &self.runtime.options;
-        ctx.run_interval(opts.reclaim_interval, |act, ctx| act.scan(ctx));
-        ctx.run_interval(opts.retry_poll, |act, ctx| act.poll_due(ctx));
+        self.schedule_scan(ctx);
         self.poll_due(ctx);
     }
 }
@@ -158,6 +235,7 @@ impl Handler<RetryDueAt> for ReclaimerActor {
 
     fn handle(&mut self, msg: RetryDueAt, ctx: &mut Self::Context) {
         let wait = msg.0.saturating_duration_since(Instant::now());
+        self.quiet_polls = 0;
         ctx.run_later(wait, |act, ctx| act.poll_due(ctx));
     }
 }
@@ -181,16 +259,18 @@ async fn report(supervisor: &WeakRecipient<EntriesClaimed>, msg: EntriesClaimed)
 }
 
 /// One idle scan, from `cursor` until the cursor wraps. Returns where to
-/// start next time and the next member in turn.
+/// start next time, the next member in turn, and whether it claimed
+/// anything.
 async fn idle_scan(
     rt: Arc<GroupRuntime>,
     redelivery: Arc<dyn Redelivery>,
     supervisor: WeakRecipient<EntriesClaimed>,
     mut cursor: String,
     mut member: usize,
-) -> (String, usize) {
+) -> (String, usize, bool) {
     let opts = &rt.options;
     let members = opts.member_names.len();
+    let mut claimed = false;
     loop {
         let index = member % members;
         let step = async {
@@ -211,10 +291,11 @@ async fn idle_scan(
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!("reclaim step failed: {e}");
-                return (cursor, member);
+                return (cursor, member, claimed);
             }
         };
         if !reply.claimed.is_empty() || !reply.deleted.is_empty() {
+            claimed = true;
             tracing::info!(
                 member = %opts.member_names[index],
                 claimed = reply.claimed.len(), trimmed = reply.deleted.len(),
@@ -226,24 +307,26 @@ async fn idle_scan(
                 trimmed: reply.deleted,
             };
             if !report(&supervisor, msg).await {
-                return (reply.next_cursor, member);
+                return (reply.next_cursor, member, claimed);
             }
             member += 1;
         }
         cursor = reply.next_cursor;
         if cursor == CURSOR_START {
-            return (cursor, member);
+            return (cursor, member, claimed);
         }
     }
 }
 
-/// Claims due retries until none is left. Returns the next member in turn.
+/// Claims due retries until none is left. Returns the next member in turn,
+/// and whether it claimed anything.
 async fn due_pass(
     rt: Arc<GroupRuntime>,
     redelivery: Arc<dyn Redelivery>,
     supervisor: WeakRecipient<EntriesClaimed>,
     mut member: usize,
-) -> usize {
+) -> (usize, bool) {
+    let mut claimed = false;
     let opts = &rt.options;
     let members = opts.member_names.len();
     loop {
@@ -255,13 +338,14 @@ async fn due_pass(
             Ok(reply) => reply,
             Err(e) => {
                 tracing::debug!("retry poll failed: {e}");
-                return member;
+                return (member, claimed);
             }
         };
         let n = reply.claimed.len();
         if n == 0 {
-            return member;
+            return (member, claimed);
         }
+        claimed = true;
         let msg = EntriesClaimed {
             member: index,
             entries: reply
@@ -278,11 +362,11 @@ async fn due_pass(
             trimmed: Vec::new(),
         };
         if !report(&supervisor, msg).await {
-            return member;
+            return (member, claimed);
         }
         member += 1;
         if n < opts.reclaim_count {
-            return member;
+            return (member, claimed);
         }
     }
 }

@@ -83,6 +83,20 @@ impl GroupSupervisor {
         self.start_member(index, ctx);
     }
 
+    /// Renews the leases every third of their lifetime, on boundaries of
+    /// that period, so the renewals of thousands of groups reach Redis
+    /// together.
+    pub(super) fn schedule_lease_renewal(&mut self, ctx: &mut Context<Self>) {
+        if self.lifecycle == Lifecycle::Stopping {
+            return;
+        }
+        let period = self.runtime.options.lease_ttl / 3;
+        ctx.run_later(crate::clock::until_aligned(period), |act, ctx| {
+            act.renew_leases(ctx);
+            act.schedule_lease_renewal(ctx);
+        });
+    }
+
     pub(super) fn renew_leases(&mut self, ctx: &mut Context<Self>) {
         if self.lifecycle == Lifecycle::Stopping {
             return;
@@ -148,6 +162,18 @@ impl GroupSupervisor {
                 m
             })
             .collect();
+        // Unchanged records are written again only when half their
+        // freshness (the lease lifetime) has passed: a quiet group costs a
+        // write every `lease_ttl / 2`, not one per renewal.
+        let fingerprint = presence_fingerprint(&members);
+        let lease_ttl = self.runtime.options.lease_ttl;
+        if self
+            .last_presence
+            .is_some_and(|(last, at)| last == fingerprint && at.elapsed() < lease_ttl / 2)
+        {
+            return;
+        }
+        self.last_presence = Some((fingerprint, Instant::now()));
         let rt = Arc::clone(&self.runtime);
         // Kept a while after the last write: a process that died is shown
         // as not seen since, then its records go with the key.
@@ -163,4 +189,15 @@ impl GroupSupervisor {
         };
         ctx.spawn(fut.into_actor(self).in_span(&self.runtime.span));
     }
+}
+
+/// What operators see of the members, without the times: two records with
+/// the same fingerprint say the same.
+fn presence_fingerprint(members: &[MemberPresence]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for m in members {
+        (&m.name, m.running, m.restarts, m.in_flight, &m.last_error).hash(&mut hasher);
+    }
+    hasher.finish()
 }

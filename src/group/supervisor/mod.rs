@@ -170,6 +170,11 @@ pub(crate) struct GroupSupervisor {
     group_backoff: Backoff,
     /// A pending check is on its way (one at a time).
     pending_check_in_flight: bool,
+    /// The next pending check, when one is scheduled.
+    pending_timer: Option<SpawnHandle>,
+    /// Pending checks in a row that found the group quiet (nothing
+    /// pending, waiting or undelivered): the check backs off while it is.
+    quiet_checks: u32,
     last_pending: Option<PendingSummary>,
     lease: Lease,
     counters: Counters,
@@ -177,6 +182,8 @@ pub(crate) struct GroupSupervisor {
     no_member_since: Option<Instant>,
     /// The last hour, a sample every `HISTORY_EVERY_MS`.
     history: VecDeque<HistorySample>,
+    /// What the members' records last said, and when they were written.
+    last_presence: Option<(u64, Instant)>,
 }
 
 impl GroupSupervisor {
@@ -214,12 +221,15 @@ impl GroupSupervisor {
             settle_waiters: Vec::new(),
             lifecycle: Lifecycle::Running,
             pending_check_in_flight: false,
+            pending_timer: None,
+            quiet_checks: 0,
             last_pending: None,
             lease,
             counters: Counters::default(),
             // Members start once the first pending check is done.
             no_member_since: Some(Instant::now()),
             history: VecDeque::with_capacity(HISTORY_LEN),
+            last_presence: None,
         }
     }
 
@@ -398,9 +408,8 @@ impl Actor for GroupSupervisor {
             );
             self.reclaimer = Some(reclaimer.start());
         }
-        let opts = &self.runtime.options;
-        ctx.run_interval(opts.pending_check, |act, ctx| act.check_pending(ctx));
-        ctx.run_interval(opts.lease_ttl / 3, |act, ctx| act.renew_leases(ctx));
+        self.schedule_pending_check(ctx);
+        self.schedule_lease_renewal(ctx);
         let _in_group = self.runtime.span.enter();
         tracing::info!(members = self.members.len(), "group started");
     }
@@ -411,6 +420,7 @@ impl Handler<EntriesHandled> for GroupSupervisor {
 
     fn handle(&mut self, msg: EntriesHandled, ctx: &mut Self::Context) {
         let _ = msg.member;
+        self.on_activity(ctx);
         self.decide(msg.results, ctx);
     }
 }
@@ -468,6 +478,7 @@ impl Handler<EntriesClaimed> for GroupSupervisor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: EntriesClaimed, ctx: &mut Self::Context) -> Self::Result {
+        self.on_activity(ctx);
         // Data only (`failed_at_ms` of the letters); whether a retry is due
         // comes from the broker's clock (`EntryState::retry_in`).
         let now = now_ms();

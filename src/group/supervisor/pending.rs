@@ -1,20 +1,59 @@
 //! The pending check, every `consumer.pending_check_ms`: backpressure
 //! (pause reads above `max_pending`, resume 10 % below it), the group's
 //! gauges, and recovering a group that disappeared.
+//!
+//! A quiet group (nothing pending, waiting for a retry or undelivered)
+//! checks less often, doubling the period up to [`QUIET_CHECK_MAX`]; the
+//! first entry it handles or claims brings the period back. Checks fall due
+//! on boundaries of their period ([`until_aligned`]), so the checks of
+//! thousands of quiet groups reach Redis together, pipelined.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use super::{GroupSupervisor, Lifecycle};
 use crate::broker::PendingSummary;
+use crate::clock::{quiet_period, until_aligned};
 use crate::error::Result;
 use crate::group::InSpanExt;
 use crate::group::{SetPaused, StopConsumer};
 use crate::settings::{MissingGroupPolicy, StartFrom};
 
+/// The longest period of a quiet group's pending check. Its history (a
+/// sample per check, at most every `HISTORY_EVERY_MS`) has samples further
+/// apart while it is quiet, when its figures do not change.
+const QUIET_CHECK_MAX: Duration = Duration::from_secs(30);
+
 impl GroupSupervisor {
+    /// Schedules the next pending check (replacing one already scheduled).
+    pub(super) fn schedule_pending_check(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.pending_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        if self.lifecycle == Lifecycle::Stopping {
+            return;
+        }
+        let base = self.runtime.options.pending_check;
+        let period = quiet_period(base, self.quiet_checks, QUIET_CHECK_MAX);
+        self.pending_timer = Some(ctx.run_later(until_aligned(period), |act, ctx| {
+            act.pending_timer = None;
+            act.check_pending(ctx);
+        }));
+    }
+
+    /// The group handled or claimed entries: a backed-off pending check
+    /// comes back to its period.
+    pub(super) fn on_activity(&mut self, ctx: &mut Context<Self>) {
+        if self.quiet_checks > 0 {
+            self.quiet_checks = 0;
+            if !self.pending_check_in_flight {
+                self.schedule_pending_check(ctx);
+            }
+        }
+    }
+
     pub(super) fn check_pending(&mut self, ctx: &mut Context<Self>) {
         if self.pending_check_in_flight || self.lifecycle == Lifecycle::Stopping {
             return;
@@ -27,6 +66,13 @@ impl GroupSupervisor {
             fut.into_actor(self)
                 .map(move |result: Result<PendingSummary>, act, ctx| {
                     act.pending_check_in_flight = false;
+                    let quiet = matches!(&result, Ok(summary) if summary.is_quiet());
+                    act.quiet_checks = if quiet {
+                        act.quiet_checks.saturating_add(1)
+                    } else {
+                        0
+                    };
+                    act.schedule_pending_check(ctx);
                     match result {
                         Ok(summary) => {
                             act.runtime.budget.rebase(mark, summary.active());
