@@ -172,6 +172,18 @@ impl Error {
         }
     }
 
+    /// The same error for another caller it fails too (one batch serving
+    /// many): a Redis error as it is, others by their message.
+    pub(crate) fn clone_for_caller(&self) -> Error {
+        match self {
+            Error::Redis(e) => Error::Redis(e.clone()),
+            other => Error::UnexpectedReply {
+                command: "batch",
+                detail: other.to_string(),
+            },
+        }
+    }
+
     /// The Redis error code (`NOGROUP`, `BUSYGROUP`, `OOM`, …), if any.
     pub fn redis_code(&self) -> Option<&str> {
         match self {

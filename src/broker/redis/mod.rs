@@ -171,6 +171,8 @@ struct Inner {
     /// member name) (`redis.shared_reads`).
     shared_reads: bool,
     hubs: shared_read::ReadHubs,
+    /// Lease calls waiting to go out together.
+    lease_calls: leases::LeaseCalls,
 }
 
 /// The Redis Streams broker.
@@ -246,6 +248,7 @@ impl RedisBroker {
                 detected: features,
                 shared_reads: settings.shared_reads,
                 hubs: shared_read::ReadHubs::default(),
+                lease_calls: leases::LeaseCalls::default(),
             }),
             features,
         })

@@ -187,15 +187,16 @@ end
 return removed
 "#;
 
-/// Takes or renews leases: `SET NX` when free, `PEXPIRE` when already ours.
+/// Takes or renews leases: `PEXPIRE` when already ours (the common case, a
+/// renewal: looked at first), `SET NX` when free.
 pub(super) const LEASE_ACQUIRE_LUA: &str = r#"
 local out = {}
 for i, key in ipairs(KEYS) do
-  local ok = redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2])
-  if ok then
-    out[i] = 1
-  elseif redis.call('GET', key) == ARGV[1] then
+  local holder = redis.call('GET', key)
+  if holder == ARGV[1] then
     redis.call('PEXPIRE', key, ARGV[2])
+    out[i] = 1
+  elseif not holder and redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
     out[i] = 1
   else
     out[i] = 0
