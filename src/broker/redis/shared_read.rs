@@ -15,7 +15,10 @@
 //!   leaves the set until its reader asks again.
 //! - A read that times out is sent again; a waiting reader is answered only
 //!   with entries, an error, or an interrupt (a stop), so quiet streams cost
-//!   one command per block time between them, not one each.
+//!   one command per block time between them, not one each. While reads
+//!   keep timing out, the block time doubles, up to [`QUIET_BLOCK_MAX`]
+//!   (a blocked read over 10,000 streams costs Redis about 20 ms to set up
+//!   and take down); the first read that brings entries restores it.
 //! - A reader that starts waiting, or is interrupted, while the read is
 //!   blocked makes the hub unblock it (`CLIENT UNBLOCK`, as if it timed
 //!   out), so the next read includes it at once. An interrupted reader gets
@@ -44,12 +47,16 @@ use tokio::sync::{mpsc, oneshot};
 use super::reply::{parse_multi_read_reply, parse_read_reply};
 use super::{RedisBroker, UNDELIVERED, client_name, deliveries};
 use crate::broker::{Delivery, GroupReader, Interrupt, MemberRef, ReadFrom};
+use crate::clock::{millis, quiet_period};
 use crate::error::{Error, Result};
 
 /// How often a hub tries `CLIENT UNBLOCK` while its read has not started
 /// blocking yet, and for how long at most.
 const UNBLOCK_RETRY: Duration = Duration::from_millis(2);
 const UNBLOCK_TRIES: u32 = 250;
+
+/// The longest block time of a hub whose reads keep timing out.
+const QUIET_BLOCK_MAX: Duration = Duration::from_secs(30);
 
 /// A hub's key: (group name, member name).
 type HubKey = (Arc<str>, Arc<str>);
@@ -114,6 +121,7 @@ impl RedisBroker {
                         block,
                         conn: None,
                         waiting: HashMap::new(),
+                        quiet_reads: 0,
                     };
                     tokio::spawn(hub.run(rx));
                     hubs.insert(key, tx.downgrade());
@@ -232,6 +240,8 @@ struct ReadHub {
     /// The reading connection and its client id, opened at the first read.
     conn: Option<(MultiplexedConnection, i64)>,
     waiting: HashMap<Arc<str>, Waiting>,
+    /// Reads in a row that timed out with nothing.
+    quiet_reads: u32,
 }
 
 /// What an order means for the read in flight.
@@ -267,6 +277,10 @@ impl ReadHub {
             };
             in_flight = self.waiting.keys().cloned().collect();
             let count = self.waiting.values().map(|w| w.count).min().unwrap_or(1);
+            let block = quiet_period(self.block, self.quiet_reads, QUIET_BLOCK_MAX);
+            // A server woken for an entry another reader took re-blocks with
+            // a fresh timeout (redis/redis#12998), so allow twice the block.
+            conn.set_response_timeout(block * 2 + Duration::from_secs(1));
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
                 .arg(&*self.group)
@@ -274,7 +288,7 @@ impl ReadHub {
                 .arg("COUNT")
                 .arg(count)
                 .arg("BLOCK")
-                .arg(self.block.as_millis().max(1) as u64)
+                .arg(millis(block).max(1))
                 .arg("STREAMS");
             for stream in &in_flight {
                 cmd.arg(&**stream);
@@ -309,6 +323,12 @@ impl ReadHub {
                         .boxed()
                         .fuse();
                 }
+            };
+            let timed_out = matches!(reply, Ok(Value::Nil)) && !unblocking;
+            self.quiet_reads = if timed_out {
+                self.quiet_reads.saturating_add(1)
+            } else {
+                0
             };
             self.settle(reply, &in_flight);
             in_flight.clear();
@@ -433,7 +453,7 @@ impl ReadHub {
 
     fn fail_all(&mut self, e: &Error) {
         for (_, waiting) in self.waiting.drain() {
-            let _ = waiting.reply.send(Err(same_error(e)));
+            let _ = waiting.reply.send(Err(e.clone_for_caller()));
         }
     }
 
@@ -442,11 +462,10 @@ impl ReadHub {
         if let Some((conn, id)) = &self.conn {
             return Ok((conn.clone(), *id));
         }
-        // A server woken for an entry another reader took re-blocks with a
-        // fresh timeout (redis/redis#12998), so allow twice the block time.
+        // Each read sets its own response timeout, after its block time.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.block * 2 + Duration::from_secs(1)));
+            .set_response_timeout(Some(self.connect_timeout));
         let mut conn = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
@@ -466,17 +485,6 @@ impl ReadHub {
             .await?;
         self.conn = Some((conn.clone(), client_id));
         Ok((conn, client_id))
-    }
-}
-
-/// The same error again, for each reader it fails.
-fn same_error(e: &Error) -> Error {
-    match e {
-        Error::Redis(e) => Error::Redis(e.clone()),
-        other => Error::UnexpectedReply {
-            command: "XREADGROUP",
-            detail: other.to_string(),
-        },
     }
 }
 
