@@ -10,8 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redstream::broker::{
     Acks, Broker, Capabilities, ClaimIdle, ClaimReply, DeadLetter, Diagnostics, DueReply,
-    EntryState, GroupReader, GroupRef, Leases, MemberRef, PendingSummary, PublishItem, Receipt,
-    Redelivery, RetrySchedule, ServerReport, Streams,
+    EntryState, GroupReader, GroupRef, Leases, MemberPresence, MemberRef, PendingSummary,
+    PublishItem, Receipt, Redelivery, RetrySchedule, ServerReport, Streams,
 };
 use redstream::prelude::*;
 use redstream::{RedisBroker, StartFrom};
@@ -371,4 +371,70 @@ impl Diagnostics for Timed {
     async fn server_time_ms(&self) -> redstream::Result<u64> {
         self.inner.server_time_ms().await
     }
+    async fn publish_presence(
+        &self,
+        group: &GroupRef,
+        members: &[MemberPresence],
+        ttl: Duration,
+    ) -> redstream::Result<()> {
+        self.inner.publish_presence(group, members, ttl).await
+    }
+    async fn withdraw_presence(&self, group: &GroupRef, names: &[String]) -> redstream::Result<()> {
+        self.inner.withdraw_presence(group, names).await
+    }
+    async fn presence(&self, group: &GroupRef) -> redstream::Result<Vec<MemberPresence>> {
+        self.inner.presence(group).await
+    }
+}
+
+/// Many streams, a group each, in one processor.
+pub fn many_streams(spec: &Spec) -> anyhow::Result<RunResult> {
+    actix::System::new().block_on(many_streams_async(spec.clone()))
+}
+
+async fn many_streams_async(spec: Spec) -> anyhow::Result<RunResult> {
+    let settings = settings(&spec)?;
+    let probe = Arc::new(Probe {
+        progress: Progress::new(spec.events),
+        sent: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        track_latency: false,
+    });
+    let started = std::time::Instant::now();
+    let redis = RedisBroker::connect(&settings.redis, "bench").await?;
+    let broker = Arc::new(Timed {
+        inner: redis,
+        probe: Arc::clone(&probe),
+    });
+    let mut builder = Processor::builder(settings).broker(broker);
+    for i in 0..spec.streams {
+        let p = Arc::clone(&probe);
+        let handler = handler_fn(move |event: BenchEvent, meta: Meta| {
+            p.handled(&event, meta.entry_id());
+            async { Ok(Outcome::Ack) }
+        });
+        builder = builder.group(
+            Group::new(workload::stream_name(&spec, i), GROUP, handler)
+                .with_start_from(StartFrom::Beginning),
+        );
+    }
+    let processor = builder.start().await?;
+    let startup_s = started.elapsed().as_secs_f64();
+
+    let client = redis::Client::open(spec.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let cpu_before = workload::redis_cpu_seconds(&mut conn).await;
+    let start_us = now_us();
+    workload::publish_many(&mut conn, &spec).await?;
+    probe.progress.wait_all_acked(&spec).await?;
+    let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
+    let (idle_cpu_pct, connections) = workload::idle_cost(&mut conn, &spec).await?;
+    processor.shutdown().await?;
+    let pending_after = workload::pending_many(&mut conn, &spec, GROUP).await?;
+    let mut result = probe
+        .progress
+        .result(&spec, start_us, cpu_after - cpu_before, pending_after);
+    result.startup_s = startup_s;
+    result.idle_cpu_pct = idle_cpu_pct;
+    result.connections = connections;
+    Ok(result)
 }

@@ -51,6 +51,8 @@ fn child(spec: &str) {
         .and_then(|spec| match (spec.scenario, spec.side) {
             (Scenario::Produce, Side::Redstream) => framework::produce(&spec),
             (Scenario::Produce, Side::Baseline) => baseline::produce(&spec),
+            (_, Side::Redstream) if spec.streams > 0 => framework::many_streams(&spec),
+            (_, Side::Baseline) if spec.streams > 0 => baseline::many_streams(&spec),
             (_, Side::Redstream) => framework::run(&spec),
             (_, Side::Baseline) => baseline::run(&spec),
             (_, Side::RedisBenchmark) => anyhow::bail!("redis-benchmark is not a child"),
@@ -77,6 +79,11 @@ struct Sizes {
     many_secs: u64,
     db_events: u64,
     produce: u64,
+    /// Streams of the three many-streams scenarios, their events, and the
+    /// idle time measured after each run.
+    many_streams: [usize; 3],
+    streams_events: u64,
+    idle_secs: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -89,6 +96,9 @@ const FULL: Sizes = Sizes {
     many_secs: 30,
     db_events: 100_000,
     produce: 1_000_000,
+    many_streams: [10, 1_000, 10_000],
+    streams_events: 100_000,
+    idle_secs: 10,
 };
 
 const SMOKE: Sizes = Sizes {
@@ -101,6 +111,9 @@ const SMOKE: Sizes = Sizes {
     many_secs: 2,
     db_events: 2_000,
     produce: 20_000,
+    many_streams: [2, 20, 200],
+    streams_events: 2_000,
+    idle_secs: 1,
 };
 
 fn parent() -> anyhow::Result<()> {
@@ -123,6 +136,9 @@ fn parent() -> anyhow::Result<()> {
         Scenario::Sqlite,
         Scenario::Postgres,
         Scenario::Produce,
+        Scenario::Streams10,
+        Scenario::Streams1k,
+        Scenario::Streams10k,
     ];
     let scenarios: Vec<Scenario> = all
         .into_iter()
@@ -186,6 +202,15 @@ async fn run_scenario(
         Scenario::Sqlite => (sizes.db_events, 0, 4),
         Scenario::Postgres => (sizes.db_events, 0, 8),
         Scenario::Produce => (sizes.produce, 0, 1),
+        Scenario::Streams10 | Scenario::Streams1k | Scenario::Streams10k => {
+            (sizes.streams_events, 0, 1)
+        }
+    };
+    let streams = match scenario {
+        Scenario::Streams10 => sizes.many_streams[0],
+        Scenario::Streams1k => sizes.many_streams[1],
+        Scenario::Streams10k => sizes.many_streams[2],
+        _ => 0,
     };
     let sides: &[Side] = match scenario {
         // The database scenarios have absolute targets; no baseline.
@@ -217,6 +242,8 @@ async fn run_scenario(
                 stream: stream.clone(),
                 database_url: database.as_ref().map(|d| d.url.clone()),
                 track_latency: matches!(scenario, Scenario::Paced | Scenario::Many),
+                streams,
+                idle_secs: sizes.idle_secs,
             };
             let result = match side {
                 Side::RedisBenchmark => redis_benchmark(&spec)?,

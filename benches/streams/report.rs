@@ -28,6 +28,13 @@ pub fn one_line(r: &RunResult) -> String {
             r.peak_rss_mib, r.redis_cpu_s
         );
     }
+    if r.startup_s > 0.0 {
+        let _ = write!(
+            s,
+            ", start-up {:.2} s, idle Redis CPU {:.2} %, {} connections",
+            r.startup_s, r.idle_cpu_pct, r.connections
+        );
+    }
     if !r.check.ok() || r.pending_after > 0 {
         let _ = write!(
             s,
@@ -85,6 +92,9 @@ enum Measure {
     P999,
     Rss,
     RedisCpu,
+    Startup,
+    IdleCpu,
+    Connections,
 }
 
 impl Measure {
@@ -96,6 +106,9 @@ impl Measure {
             Measure::P999 => r.latency_ms.map(|l| l[2]),
             Measure::Rss => (r.peak_rss_mib > 0.0).then_some(r.peak_rss_mib),
             Measure::RedisCpu => Some(r.redis_cpu_s),
+            Measure::Startup => Some(r.startup_s),
+            Measure::IdleCpu => Some(r.idle_cpu_pct),
+            Measure::Connections => Some(r.connections as f64),
         }
     }
 
@@ -107,12 +120,15 @@ impl Measure {
             Measure::P999 => "p99.9 ms",
             Measure::Rss => "peak RSS MiB",
             Measure::RedisCpu => "Redis CPU s",
+            Measure::Startup => "start-up s",
+            Measure::IdleCpu => "idle Redis CPU %",
+            Measure::Connections => "connections",
         }
     }
 
     fn digits(self) -> usize {
         match self {
-            Measure::Throughput => 0,
+            Measure::Throughput | Measure::Connections => 0,
             Measure::Rss => 1,
             _ => 2,
         }
@@ -179,6 +195,16 @@ impl Report {
             Scenario::Produce => vec![
                 (Throughput, Target::RatioAtLeast(Side::RedisBenchmark, 0.8)),
                 (Throughput, Target::None),
+            ],
+            // Issue 18's targets: RSS, idle cost and start-up are absolute
+            // (the baseline's are shown beside them); throughput is held
+            // to the baseline here, and to the 10-stream case below.
+            Scenario::Streams10 | Scenario::Streams1k | Scenario::Streams10k => vec![
+                (Throughput, Target::RatioAtLeast(Side::Baseline, 0.8)),
+                (Rss, Target::AtMost(128.0)),
+                (IdleCpu, Target::AtMost(2.0)),
+                (Startup, Target::AtMost(2.0)),
+                (Connections, Target::None),
             ],
         }
     }
@@ -258,7 +284,30 @@ impl Report {
                 );
             }
         }
+        if let Some(line) = self.streams_scaling() {
+            out.push_str(&line);
+        }
         out
+    }
+
+    /// Throughput at 10,000 streams against 10 streams (redstream, medians).
+    fn streams_scaling(&self) -> Option<String> {
+        let median_of = |wanted: Scenario| {
+            let (_, runs) = self.scenarios.iter().find(|(s, _)| *s == wanted)?;
+            median(
+                runs.iter()
+                    .filter(|(side, r)| *side == Side::Redstream && r.valid())
+                    .map(|(_, r)| r.events_per_s)
+                    .collect(),
+            )
+        };
+        let ten = median_of(Scenario::Streams10)?;
+        let many = median_of(Scenario::Streams10k)?;
+        let ratio = many / ten;
+        Some(format!(
+            "| streams-10000 vs streams-10 | events/s | {many:.0} | redstream at 10 streams {ten:.0} | {ratio:.2} | ≥ 0.8× | {} |\n",
+            if ratio >= 0.8 { "yes" } else { "**no**" }
+        ))
     }
 
     /// BENCHMARKS.md: the table, the machine, the command, every run.

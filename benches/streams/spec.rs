@@ -19,6 +19,12 @@ pub enum Scenario {
     Postgres,
     /// Publishing only.
     Produce,
+    /// Many quiet streams, a group each, in one process: 10 of them.
+    Streams10,
+    /// 1,000 streams.
+    Streams1k,
+    /// 10,000 streams.
+    Streams10k,
 }
 
 impl Scenario {
@@ -30,6 +36,9 @@ impl Scenario {
             Scenario::Sqlite => "idempotent-sqlite",
             Scenario::Postgres => "idempotent-postgres",
             Scenario::Produce => "produce",
+            Scenario::Streams10 => "streams-10",
+            Scenario::Streams1k => "streams-1000",
+            Scenario::Streams10k => "streams-10000",
         }
     }
 
@@ -77,6 +86,13 @@ pub struct Spec {
     pub database_url: Option<String>,
     /// Whether end-to-end latency is recorded per event.
     pub track_latency: bool,
+    /// Streams `<stream>:0` … `<stream>:<n-1>`, a group each (the
+    /// many-streams scenarios); 0: the one stream `<stream>`.
+    #[serde(default)]
+    pub streams: usize,
+    /// Many streams: how long the idle cost is measured after the run.
+    #[serde(default)]
+    pub idle_secs: u64,
 }
 
 /// What one run measured.
@@ -97,6 +113,16 @@ pub struct RunResult {
     pub pending_after: u64,
     /// Why the run has no result.
     pub error: Option<String>,
+    /// Many streams: from start to reading every stream (redstream: until
+    /// `start()` returned), in seconds.
+    #[serde(default)]
+    pub startup_s: f64,
+    /// Many streams: Redis CPU while idle after the run, in % of a core.
+    #[serde(default)]
+    pub idle_cpu_pct: f64,
+    /// Many streams: client connections the run held open at Redis.
+    #[serde(default)]
+    pub connections: u64,
 }
 
 impl RunResult {

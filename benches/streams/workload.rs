@@ -178,7 +178,7 @@ impl Progress {
             redis_cpu_s,
             check: self.tally.check(),
             pending_after,
-            error: None,
+            ..RunResult::default()
         }
     }
 }
@@ -219,4 +219,82 @@ pub async fn redis_cpu_seconds(conn: &mut redis::aio::MultiplexedConnection) -> 
         .filter_map(|l| l.split(':').nth(1))
         .filter_map(|v| v.trim().parse::<f64>().ok())
         .sum()
+}
+
+/// Stream `i` of a many-streams run.
+pub fn stream_name(spec: &Spec, i: usize) -> String {
+    format!("{}:{i}", spec.stream)
+}
+
+/// Publishes every event of a many-streams run, event `seq` to stream
+/// `seq % streams`, in pipelines of 1,000 (the same for both sides).
+pub async fn publish_many(
+    conn: &mut redis::aio::MultiplexedConnection,
+    spec: &Spec,
+) -> anyhow::Result<()> {
+    const PIPELINE: u64 = 1_000;
+    let names: Vec<String> = (0..spec.streams).map(|i| stream_name(spec, i)).collect();
+    let mut seq = 0;
+    while seq < spec.events {
+        let end = (seq + PIPELINE).min(spec.events);
+        let mut pipe = redis::pipe();
+        for s in seq..end {
+            pipe.cmd("XADD")
+                .arg(&names[(s % spec.streams as u64) as usize])
+                .arg("*");
+            for (k, v) in baseline_fields(s, now_us()) {
+                pipe.arg(k).arg(v);
+            }
+            pipe.ignore();
+        }
+        let () = pipe.query_async(conn).await?;
+        seq = end;
+    }
+    Ok(())
+}
+
+/// How long a many-streams run waits after its last ack before measuring
+/// the idle cost: periodic work backs off while groups are quiet, and this
+/// measures where it settles (the longest backoff is 30 s).
+pub const IDLE_SETTLE_SECS: u64 = 35;
+
+/// After a many-streams run: Redis CPU over `spec.idle_secs` of idle, in %
+/// of a core (after `IDLE_SETTLE_SECS`, shorter in a smoke run), and the
+/// clients connected (without the one asking).
+pub async fn idle_cost(
+    conn: &mut redis::aio::MultiplexedConnection,
+    spec: &Spec,
+) -> anyhow::Result<(f64, u64)> {
+    let settle = if spec.idle_secs >= 10 {
+        IDLE_SETTLE_SECS
+    } else {
+        1
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(settle)).await;
+    let before = redis_cpu_seconds(conn).await;
+    tokio::time::sleep(std::time::Duration::from_secs(spec.idle_secs)).await;
+    let after = redis_cpu_seconds(conn).await;
+    let info: String = redis::cmd("INFO").arg("clients").query_async(conn).await?;
+    let clients = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let pct = (after - before) / spec.idle_secs.max(1) as f64 * 100.0;
+    Ok((pct, clients.saturating_sub(1)))
+}
+
+/// Entries still pending over every stream of a many-streams run.
+pub async fn pending_many(
+    conn: &mut redis::aio::MultiplexedConnection,
+    spec: &Spec,
+    group: &str,
+) -> anyhow::Result<u64> {
+    let mut pipe = redis::pipe();
+    for i in 0..spec.streams {
+        pipe.cmd("XPENDING").arg(stream_name(spec, i)).arg(group);
+    }
+    let replies: Vec<(u64, redis::Value, redis::Value, redis::Value)> =
+        pipe.query_async(conn).await?;
+    Ok(replies.iter().map(|r| r.0).sum())
 }
