@@ -19,6 +19,7 @@ mod core;
 mod embed;
 mod identity;
 mod janitor;
+mod many_streams;
 mod market;
 mod observe;
 mod order_saga;
