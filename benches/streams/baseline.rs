@@ -26,10 +26,7 @@ struct Shared {
 }
 
 pub fn run(spec: &Spec) -> anyhow::Result<RunResult> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(run_async(spec))
 }
 
@@ -162,10 +159,7 @@ async fn read_loop(
 /// The producer-only scenario: concurrent publishers, each writing pipelined
 /// batches.
 pub fn produce(spec: &Spec) -> anyhow::Result<RunResult> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(async {
         let client = redis::Client::open(spec.redis_url.as_str())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
@@ -192,10 +186,7 @@ pub fn produce(spec: &Spec) -> anyhow::Result<RunResult> {
 
 /// Many streams, a group each: one reader over all of them.
 pub fn many_streams(spec: &Spec) -> anyhow::Result<RunResult> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(many_streams_async(spec))
 }
 
@@ -296,4 +287,12 @@ async fn read_many(
         shared.progress.acked(n as u64, now_us());
     }
     Ok(())
+}
+
+/// The baseline's runtime: tokio on 2 threads.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }

@@ -48,13 +48,18 @@ async fn two_thousand_streams_share_one_read_and_handle_every_event_once() {
     };
     let settings = ctx.settings();
     let instance = settings.instance.name.clone();
-    let streams: Vec<String> = (0..STREAMS).map(|i| ctx.stream(&format!("tenant:{i}"))).collect();
+    let streams: Vec<String> = (0..STREAMS)
+        .map(|i| ctx.stream(&format!("tenant:{i}")))
+        .collect();
     let seen: Arc<Mutex<HashMap<(String, u64), u32>>> = Arc::default();
     let mut builder = Processor::builder(settings);
     for stream in &streams {
         let seen = Arc::clone(&seen);
         let record = handler_fn(move |event: serde_json::Value, meta: Meta| {
-            let key = (meta.stream().to_owned(), event["n"].as_u64().unwrap_or(u64::MAX));
+            let key = (
+                meta.stream().to_owned(),
+                event["n"].as_u64().unwrap_or(u64::MAX),
+            );
             *seen.lock().unwrap().entry(key).or_default() += 1;
             async { Ok(Outcome::Ack) }
         });
@@ -86,9 +91,14 @@ async fn two_thousand_streams_share_one_read_and_handle_every_event_once() {
         .collect();
     assert!(repeated.is_empty(), "handled more than once: {repeated:?}");
     // One member per group, one group name: one reading connection for all
-    // 2,000 streams.
-    let reads = read_connections(&ctx, &instance).await;
-    assert_eq!(reads.len(), 1, "{reads:?}");
+    // 2,000 streams (a member restarted on a loaded machine may leave its
+    // old hub's connection open for a moment).
+    eventually(Duration::from_secs(10), "one read connection", || async {
+        let reads = read_connections(&ctx, &instance).await;
+        eprintln!("read connections: {reads:?}");
+        reads.len() == 1
+    })
+    .await;
     processor.shutdown().await.unwrap();
 }
 
@@ -103,7 +113,9 @@ async fn a_hot_stream_with_a_backlog_does_not_hold_back_cold_ones() {
         return;
     };
     let hot = ctx.stream("hot");
-    let cold: Vec<String> = (0..COLD).map(|i| ctx.stream(&format!("cold:{i}"))).collect();
+    let cold: Vec<String> = (0..COLD)
+        .map(|i| ctx.stream(&format!("cold:{i}")))
+        .collect();
     let hot_done = Arc::new(AtomicU64::new(0));
     let cold_waits: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let hot_at_last_cold = Arc::new(AtomicU64::new(0));
@@ -145,16 +157,20 @@ async fn a_hot_stream_with_a_backlog_does_not_hold_back_cold_ones() {
         let events = (batch * 1_000..(batch + 1) * 1_000).map(numbered).collect();
         publish_all(&producer, &hot, events).await;
     }
-    eventually(Duration::from_secs(30), "the hot stream under way", || async {
-        hot_done.load(Ordering::Relaxed) > 500
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the hot stream under way",
+        || async { hot_done.load(Ordering::Relaxed) > 500 },
+    )
     .await;
     for stream in &cold {
         publish_all(&producer, stream, vec![numbered(0)]).await;
     }
-    eventually(Duration::from_secs(30), "every cold entry handled", || async {
-        cold_waits.lock().unwrap().len() == COLD
-    })
+    eventually(
+        Duration::from_secs(30),
+        "every cold entry handled",
+        || async { cold_waits.lock().unwrap().len() == COLD },
+    )
     .await;
     let longest = cold_waits.lock().unwrap().iter().copied().max().unwrap();
     let hot_then = hot_at_last_cold.load(Ordering::Relaxed);

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use redstream::StartFrom;
 use redstream::prelude::*;
 
 use crate::support::{TestContext, eventually, numbered, publish_all, start_group};
@@ -206,5 +207,42 @@ async fn adding_and_removing_a_group_under_load_loses_nothing() {
         total,
         "a drained removal hands nothing over twice"
     );
+    processor.shutdown().await.unwrap();
+}
+
+/// A group added to a processor whose shared read has been blocked for a
+/// while (its block time backed off) reads its stream at once: the added
+/// member unblocks the shared read instead of waiting out its block time.
+#[actix_rt::test]
+async fn an_added_group_reads_at_once_though_the_shared_read_is_blocked() {
+    let Some(ctx) = TestContext::new() else {
+        return;
+    };
+    let quiet = ctx.stream("quiet");
+    let mut settings = ctx.settings();
+    settings.consumer.block_ms = 5_000;
+    let processor = start_group(settings, Group::new(&quiet, "same", idle_handler())).await;
+    // Let the shared read of `same` block.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let added = ctx.stream("added-later");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = recorder(Duration::ZERO, &seen);
+    let handle = processor.handle();
+    publish_all(&processor.producer(), &added, vec![numbered(7)]).await;
+    let adding = std::time::Instant::now();
+    handle
+        .add_group(Group::new(&added, "same", record).with_start_from(StartFrom::Beginning))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the added group's entry",
+        || async { !seen.lock().unwrap().is_empty() },
+    )
+    .await;
+    let took = adding.elapsed();
+    eprintln!("an added group handled its first entry {took:?} after add_group was called");
+    // Well below the 5 s block time the shared read was in.
+    assert!(took < Duration::from_millis(1_000), "took {took:?}");
     processor.shutdown().await.unwrap();
 }

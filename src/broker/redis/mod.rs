@@ -159,6 +159,33 @@ fn client_name(parts: &[&str]) -> String {
         .collect()
 }
 
+/// A connection of its own for blocking reads of `group`'s `member`, with
+/// its response timeout, named `redstream:<group>:<member>:read`; returns
+/// it with its client id (for `CLIENT UNBLOCK`).
+async fn open_read_connection(
+    client: &Client,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    group: &str,
+    member: &str,
+) -> Result<(redis::aio::MultiplexedConnection, i64)> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(response_timeout));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let (_, client_id): ((), i64) = redis::pipe()
+        .cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(client_name(&["redstream", group, member, "read"]))
+        .cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn)
+        .await?;
+    Ok((conn, client_id))
+}
+
 struct Inner {
     client: Client,
     conn: ConnectionManager,

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use redis::Value;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Value};
 
 use super::reply::{parse_read_reply, text, unexpected};
 use super::{
     AUTO_ID, MAX_KEPT_ERROR, RedisBroker, STREAM_END, STREAM_START, UNDELIVERED, attempt_fields,
-    attempts_key, client_name, clip, deliveries, entry_ids, retry_key,
+    attempts_key, clip, deliveries, entry_ids, open_read_connection, retry_key,
 };
 use crate::broker::{
     Acks, Capabilities, DeadLetter, Delivery, GroupReader, GroupRef, Interrupt, MemberRef,
@@ -151,22 +151,14 @@ impl Streams for RedisBroker {
         // A server woken for an entry another member took re-blocks with a
         // fresh timeout (redis/redis#12998), so allow twice the block time.
         let response_timeout = block * 2 + Duration::from_secs(1);
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.inner.connect_timeout))
-            .set_response_timeout(Some(response_timeout));
-        let mut conn = self
-            .inner
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let (_, client_id): ((), i64) = redis::pipe()
-            .cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(client_name(&["redstream", group, member, "read"]))
-            .cmd("CLIENT")
-            .arg("ID")
-            .query_async(&mut conn)
-            .await?;
+        let (conn, client_id) = open_read_connection(
+            &self.inner.client,
+            self.inner.connect_timeout,
+            response_timeout,
+            group,
+            member,
+        )
+        .await?;
         Ok(Box::new(RedisReader {
             conn,
             stream,

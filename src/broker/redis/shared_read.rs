@@ -41,11 +41,11 @@ use async_trait::async_trait;
 use futures_util::FutureExt;
 use futures_util::future::Fuse;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Value};
+use redis::{Client, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::reply::{parse_multi_read_reply, parse_read_reply};
-use super::{RedisBroker, UNDELIVERED, client_name, deliveries};
+use super::{RedisBroker, UNDELIVERED, deliveries, open_read_connection};
 use crate::broker::{Delivery, GroupReader, Interrupt, MemberRef, ReadFrom};
 use crate::clock::{millis, quiet_period};
 use crate::error::{Error, Result};
@@ -463,26 +463,14 @@ impl ReadHub {
             return Ok((conn.clone(), *id));
         }
         // Each read sets its own response timeout, after its block time.
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.connect_timeout));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let (_, client_id): ((), i64) = redis::pipe()
-            .cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(client_name(&[
-                "redstream",
-                &self.group,
-                &self.member,
-                "read",
-            ]))
-            .cmd("CLIENT")
-            .arg("ID")
-            .query_async(&mut conn)
-            .await?;
+        let (conn, client_id) = open_read_connection(
+            &self.client,
+            self.connect_timeout,
+            self.connect_timeout,
+            &self.group,
+            &self.member,
+        )
+        .await?;
         self.conn = Some((conn.clone(), client_id));
         Ok((conn, client_id))
     }
