@@ -11,6 +11,24 @@ use redstream::prelude::*;
 
 use crate::support::{TestContext, eventually, numbered, publish_all};
 
+/// Settings for thousands of groups: the periods of the defaults. The fast
+/// timers of `TestContext::settings` (a pending check every 100 ms, a retry
+/// poll every 50 ms, entries reclaimed after 2 s) multiplied by thousands
+/// of groups load a shared CI Redis until acks come later than `min_idle`,
+/// and a reclaimed entry runs twice (at-least-once, as documented).
+fn many_groups_settings(ctx: &TestContext) -> Settings {
+    let mut s = ctx.settings();
+    let d = Settings::default();
+    s.consumer.pending_check_ms = d.consumer.pending_check_ms;
+    s.reclaim.retry_poll_ms = d.reclaim.retry_poll_ms;
+    s.reclaim.interval_ms = d.reclaim.interval_ms;
+    s.reclaim.min_idle_ms = d.reclaim.min_idle_ms;
+    s.reclaim.heartbeat_ms = d.reclaim.heartbeat_ms;
+    s.reclaim.lease_ttl_ms = d.reclaim.lease_ttl_ms;
+    s.reclaim.lease_wait_ms = d.reclaim.lease_wait_ms;
+    s
+}
+
 /// The names of the clients of this instance's shared reads.
 async fn read_connections(ctx: &TestContext, instance: &str) -> Vec<String> {
     let list: String = redis::cmd("CLIENT")
@@ -46,7 +64,7 @@ async fn two_thousand_streams_share_one_read_and_handle_every_event_once() {
     let Some(ctx) = TestContext::new() else {
         return;
     };
-    let settings = ctx.settings();
+    let settings = many_groups_settings(&ctx);
     let instance = settings.instance.name.clone();
     let streams: Vec<String> = (0..STREAMS)
         .map(|i| ctx.stream(&format!("tenant:{i}")))
@@ -131,7 +149,7 @@ async fn a_hot_stream_with_a_backlog_does_not_hold_back_cold_ones() {
             Ok(Outcome::Ack)
         }
     });
-    let mut builder = Processor::builder(ctx.settings())
+    let mut builder = Processor::builder(many_groups_settings(&ctx))
         .group(Group::new(&hot, "work", hot_handler).with_in_flight(16));
     for stream in &cold {
         let (waits, hot_done, at_last) = (
