@@ -251,11 +251,8 @@ impl ProcessorHandle {
     /// the status page's drill-down. `None` when this process does not run
     /// the group or its broker has no operator operations.
     pub async fn group_details(&self, stream: &str, group: &str) -> Result<Option<GroupDetails>> {
-        let runs_it = self
-            .groups()
-            .iter()
-            .any(|g| &*g.stream == stream && &*g.group == group);
-        let Some(admin) = self.inner.admin.as_ref().filter(|_| runs_it) else {
+        // Not served here, or a broker without operator operations.
+        let Ok(admin) = self.admin_of_group(stream, Some(group)) else {
             return Ok(None);
         };
         let pending = admin

@@ -228,6 +228,7 @@ async fn many_streams_async(spec: &Spec) -> anyhow::Result<RunResult> {
     shared.progress.wait_all_acked(spec).await?;
     let cpu_after = workload::redis_cpu_seconds(&mut conn).await;
     let (idle_cpu_pct, connections) = workload::idle_cost(&mut conn, spec).await?;
+    let end_rss_mib = workload::rss_kib() as f64 / 1024.0;
     shared.stop.store(true, Relaxed);
     reader.abort();
     let pending_after = workload::pending_many(&mut conn, spec, GROUP).await?;
@@ -237,6 +238,7 @@ async fn many_streams_async(spec: &Spec) -> anyhow::Result<RunResult> {
     result.startup_s = startup_s;
     result.idle_cpu_pct = idle_cpu_pct;
     result.connections = connections;
+    result.end_rss_mib = end_rss_mib;
     Ok(result)
 }
 

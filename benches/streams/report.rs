@@ -34,6 +34,7 @@ pub fn one_line(r: &RunResult) -> String {
             ", start-up {:.2} s, idle Redis CPU {:.2} %, {} connections",
             r.startup_s, r.idle_cpu_pct, r.connections
         );
+        let _ = write!(s, ", RSS at the end {:.1} MiB", r.end_rss_mib);
     }
     if !r.check.ok() || r.pending_after > 0 {
         let _ = write!(
@@ -91,6 +92,7 @@ enum Measure {
     P50,
     P999,
     Rss,
+    EndRss,
     RedisCpu,
     Startup,
     IdleCpu,
@@ -105,6 +107,7 @@ impl Measure {
             Measure::P99 => r.latency_ms.map(|l| l[1]),
             Measure::P999 => r.latency_ms.map(|l| l[2]),
             Measure::Rss => (r.peak_rss_mib > 0.0).then_some(r.peak_rss_mib),
+            Measure::EndRss => (r.end_rss_mib > 0.0).then_some(r.end_rss_mib),
             Measure::RedisCpu => Some(r.redis_cpu_s),
             Measure::Startup => Some(r.startup_s),
             Measure::IdleCpu => Some(r.idle_cpu_pct),
@@ -119,6 +122,7 @@ impl Measure {
             Measure::P99 => "p99 ms",
             Measure::P999 => "p99.9 ms",
             Measure::Rss => "peak RSS MiB",
+            Measure::EndRss => "RSS at the end MiB",
             Measure::RedisCpu => "Redis CPU s",
             Measure::Startup => "start-up s",
             Measure::IdleCpu => "idle Redis CPU %",
@@ -129,7 +133,7 @@ impl Measure {
     fn digits(self) -> usize {
         match self {
             Measure::Throughput | Measure::Connections => 0,
-            Measure::Rss => 1,
+            Measure::Rss | Measure::EndRss => 1,
             _ => 2,
         }
     }
@@ -196,12 +200,14 @@ impl Report {
                 (Throughput, Target::RatioAtLeast(Side::RedisBenchmark, 0.8)),
                 (Throughput, Target::None),
             ],
-            // Issue 18's targets: RSS, idle cost and start-up are absolute
-            // (the baseline's are shown beside them); throughput is held
-            // to the baseline here, and to the 10-stream case below.
+            // Issue 18's targets: RSS (at the end, as the issue measured
+            // it), idle cost and start-up are absolute (the baseline's are
+            // shown beside them); throughput is held to the baseline here,
+            // and to the 10-stream case below.
             Scenario::Streams10 | Scenario::Streams1k | Scenario::Streams10k => vec![
                 (Throughput, Target::RatioAtLeast(Side::Baseline, 0.8)),
-                (Rss, Target::AtMost(128.0)),
+                (EndRss, Target::AtMost(128.0)),
+                (Rss, Target::None),
                 (IdleCpu, Target::AtMost(2.0)),
                 (Startup, Target::AtMost(2.0)),
                 (Connections, Target::None),

@@ -123,6 +123,10 @@ pub struct RunResult {
     /// Many streams: client connections the run held open at Redis.
     #[serde(default)]
     pub connections: u64,
+    /// Many streams: resident set size at the end of the idle period,
+    /// before shutdown (the peak also counts the largest read reply).
+    #[serde(default)]
+    pub end_rss_mib: f64,
 }
 
 impl RunResult {

@@ -47,7 +47,7 @@ use crate::group::InSpanExt;
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
 /// The longest period of a quiet group's retry poll.
-pub(crate) const QUIET_POLL_MAX: Duration = Duration::from_secs(10);
+const QUIET_POLL_MAX: Duration = Duration::from_secs(10);
 
 /// The longest period of a quiet group's idle scan (and at most half of
 /// `min_idle`, so that an entry left by a dead member waits at most 1.5 ×

@@ -23,12 +23,13 @@
 //! | `settle.rs` | writing decisions: ack batching, retry schedules, dead letters |
 //! | `members.rs` | starting and restarting members, their name leases |
 //! | `pending.rs` | the pending check: backpressure, gauges, recovering a missing group |
+//! | `history.rs` | the recent history the status page draws, kept compact |
 
+mod history;
 mod members;
 mod pending;
 mod settle;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -46,7 +47,7 @@ use crate::broker::{PendingSummary, Receipt, RetrySchedule};
 use crate::clock::{Backoff, millis, now_ms};
 use crate::group::InSpanExt;
 use crate::handler::{Outcome, Verdict};
-use crate::status::{GroupStatus, HISTORY_EVERY_MS, HISTORY_LEN, HistorySample, MemberStatus};
+use crate::status::{GroupStatus, HISTORY_EVERY_MS, HistorySample, MemberStatus};
 use crate::wire::{DeadLetter, DeadLetterReason, DecodeError};
 
 /// Stop the group: members finish by the deadline, decisions are written,
@@ -181,7 +182,7 @@ pub(crate) struct GroupSupervisor {
     /// Since when no member has been running (`None` while one runs).
     no_member_since: Option<Instant>,
     /// The last hour, a sample every `HISTORY_EVERY_MS`.
-    history: VecDeque<HistorySample>,
+    history: history::History,
     /// What the members' records last said, and when they were written.
     last_presence: Option<(u64, Instant)>,
 }
@@ -228,7 +229,7 @@ impl GroupSupervisor {
             counters: Counters::default(),
             // Members start once the first pending check is done.
             no_member_since: Some(Instant::now()),
-            history: VecDeque::with_capacity(HISTORY_LEN),
+            history: history::History::default(),
             last_presence: None,
         }
     }
@@ -529,16 +530,13 @@ impl GroupSupervisor {
         let now = now_ms();
         if self
             .history
-            .back()
-            .is_some_and(|last| now.saturating_sub(last.at_ms) < HISTORY_EVERY_MS)
+            .last_at_ms()
+            .is_some_and(|last| now.saturating_sub(last) < HISTORY_EVERY_MS)
         {
             return;
         }
-        if self.history.len() == HISTORY_LEN {
-            self.history.pop_front();
-        }
         let pending = self.last_pending.as_ref();
-        self.history.push_back(HistorySample {
+        self.history.push(HistorySample {
             at_ms: now,
             acked: self.counters.acked,
             lag: pending.and_then(|p| p.lag),
@@ -552,7 +550,7 @@ impl Handler<GetHistory> for GroupSupervisor {
     type Result = MessageResult<GetHistory>;
 
     fn handle(&mut self, _msg: GetHistory, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.history.iter().copied().collect())
+        MessageResult(self.history.samples())
     }
 }
 
